@@ -1,0 +1,31 @@
+"""Errors samkit raises for bad input. Each message is one line that says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class SamkitError(Exception):
+    """Base class of every error samkit raises on purpose."""
+
+
+class InputError(SamkitError, ValueError):
+    """An image, prompt or option that samkit cannot use."""
+
+
+class ImageError(InputError):
+    """An image that cannot be read or is not 2D RGB/gray."""
+
+
+class PromptError(InputError):
+    """A point, label, box or mask prompt that is malformed or outside the image."""
+
+
+class StateError(SamkitError, RuntimeError):
+    """An operation called in the wrong order, e.g. predict() before set_image()."""
+
+
+class CheckpointError(SamkitError):
+    """A checkpoint that is corrupt, truncated, of another architecture, or of the wrong hash."""
+
+
+class DownloadError(SamkitError):
+    """A model file that could not be fetched from any of its sources."""
