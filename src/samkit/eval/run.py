@@ -1,0 +1,223 @@
+"""`run_eval`: one protocol over one data set with one model, as a JSON-able report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from samkit.errors import InputError
+from samkit.eval import protocols as P
+from samkit.eval.datasets import Dataset, ImageItem, open_dataset
+from samkit.eval.grabcut import GrabCutPredictor
+from samkit.image import load_image
+
+PROTOCOLS = ("single-point", "clicks", "box", "edges", "proposals")
+
+
+class ProtocolError(InputError):
+    """An unknown protocol, or a protocol the data set or model cannot run."""
+
+
+def resolve_model(model: Any) -> tuple[Any, dict[str, Any]]:
+    """A PromptModel and its metadata from a name, a checkpoint path, `"grabcut"`, a model or a predictor.
+
+    None means the default model. A samkit model (nn.Module) is wrapped in `samkit.Predictor`; an object
+    that already has `set_image` and `predict` is used as it is.
+    """
+    if model is not None and hasattr(model, "set_image") and hasattr(model, "predict"):
+        return model, {"model": getattr(model, "name", type(model).__name__), "checkpoint_sha256": None}
+    if isinstance(model, str) and model == "grabcut":
+        return GrabCutPredictor(), {"model": "grabcut", "checkpoint_sha256": None}
+    import samkit
+
+    meta: dict[str, Any] = {"model": None, "checkpoint_sha256": None}
+    if model is None or isinstance(model, (str, Path)):
+        spec = samkit.DEFAULT_MODEL if model is None else str(model)
+        meta["model"] = spec
+        if spec in samkit.registry():
+            meta["checkpoint_sha256"] = samkit.registry()[spec].sha256
+        elif Path(spec).is_file():
+            meta["checkpoint_sha256"] = _sha256(Path(spec))
+        model = samkit.load(spec)
+    else:
+        meta["model"] = getattr(model, "arch", type(model).__name__)
+    return samkit.Predictor(model), meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _proposer(predictor: Any, points_per_side: int | None):
+    """propose(item) -> (masks, scores): samkit's MaskGenerator for SAM models, else grid prompts + NMS."""
+    sam = getattr(predictor, "model", None)
+    try:
+        from samkit import MaskGenerator
+    except ImportError:
+        MaskGenerator = None  # noqa: N806
+    if sam is not None and MaskGenerator is not None:
+        kwargs = {} if points_per_side is None else {"points_per_side": points_per_side}
+        generator = MaskGenerator(sam, **kwargs)
+
+        def propose(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
+            records = generator.generate(load_image(item.image))
+            masks = [np.asarray(r["segmentation"], dtype=bool) for r in records]
+            return masks, np.array([r["predicted_iou"] for r in records], dtype=np.float64)
+
+        return propose
+
+    def propose_grid(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
+        image = load_image(item.image)
+        predictor.set_image(image)
+        keep, scores, masks, _ = P.grid_masks(predictor, *image.shape[:2], points_per_side or 8)
+        return [masks[i] for i in keep], scores[keep]
+
+    return propose_grid
+
+
+def run_eval(
+    protocol: str,
+    data: str | Path | Dataset,
+    model: Any = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    *,
+    max_clicks: int = 20,
+    points_per_side: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `protocol` on the first `limit` items of `data` with `model`; return (and write) the report.
+
+    protocol: one of single-point, clicks, box, edges, proposals. data: a path `open_dataset` understands
+    or a Dataset. model: see `resolve_model`. out: JSON path (written atomically); the clicks protocol
+    also writes its mIoU-vs-clicks curve next to it as `<out stem>.png`. points_per_side: grid of the
+    edges protocol (default 16, the paper's) and of proposals (MaskGenerator's default for SAM models,
+    8 for the grid fallback). Returns {"meta", "summary", "items"}.
+    """
+    if protocol not in PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    if limit is not None and limit < 1:
+        raise ProtocolError(f"--limit must be a positive number of items, got {limit}")
+    dataset = data if isinstance(data, Dataset) else open_dataset(data)
+    predictor, meta = resolve_model(model)
+
+    if protocol == "edges":
+        items = dataset.edges()
+    elif protocol == "proposals":
+        items = dataset.images()
+    else:
+        items = dataset.objects()
+    total = len(dataset) if protocol in ("edges", "proposals") or dataset.kind == "mask-folder" else None
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+
+    results: list[dict[str, Any]] = []
+    counts = []
+    propose = _proposer(predictor, points_per_side) if protocol == "proposals" else None
+    current_image = None
+    bar = tqdm(total=total, desc=f"{protocol} {meta['model']}", unit="item", disable=not progress)
+    for item in items:
+        if limit is not None and len(results) >= limit:
+            break
+        if protocol == "proposals":
+            result = P.proposals(propose, item)
+        else:
+            if item.image != current_image:
+                image = load_image(item.image)
+                predictor.set_image(image)
+                current_image = item.image
+            if protocol == "single-point":
+                result = P.single_point(predictor, item)
+            elif protocol == "clicks":
+                result = P.clicks(predictor, item, max_clicks)
+            elif protocol == "box":
+                result = P.box(predictor, item)
+            else:
+                result, c = P.edges(predictor, item, *image.shape[:2], points_per_side or 16)
+                counts.append(c)
+        results.append({"id": item.id, **result})
+        bar.update(1)
+    bar.close()
+
+    if protocol == "single-point":
+        summary = P.summarize_single_point(results)
+    elif protocol == "clicks":
+        summary = P.summarize_clicks(results, max_clicks)
+    elif protocol == "box":
+        summary = P.summarize_box(results)
+    elif protocol == "edges":
+        summary = P.summarize_edges(counts)
+    else:
+        summary = P.summarize_proposals(results)
+    summary["n_items"] = len(results)
+
+    settings: dict[str, Any] = {"limit": limit}
+    if protocol == "clicks":
+        settings.update(
+            max_clicks=max_clicks, first_click="3-mask output, top score", later_clicks="single mask"
+        )
+    if protocol in ("edges", "proposals"):
+        settings["points_per_side"] = points_per_side
+    report = {
+        "meta": {
+            "protocol": protocol,
+            **meta,
+            "dataset": str(dataset.root),
+            "dataset_kind": dataset.kind,
+            "settings": settings,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+        },
+        "summary": summary,
+        "items": results,
+    }
+    if out is not None:
+        _write_json(Path(out), report)
+        if protocol == "clicks" and summary["mIoU_curve"]:
+            P.plot_click_curve(
+                summary["mIoU_curve"],
+                str(Path(out).with_suffix(".png")),
+                f"{meta['model']} on {dataset.root.name}",
+            )
+    return report
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The summary as a two-column text table (the curve is left to the JSON and the PNG)."""
+    meta = report["meta"]
+    rows = [(k, v) for k, v in report["summary"].items() if not isinstance(v, list)]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{meta['protocol']} | model {meta['model']} | {meta['dataset']}", "-" * (width + 12)]
+    for k, v in rows:
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"{k:<{width}}  {text:>9}")
+    return "\n".join(lines)
