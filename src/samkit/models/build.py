@@ -1,0 +1,79 @@
+"""Builders: an architecture description -> an untrained `Sam`. The architecture numbers live here only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from samkit.models.mask_decoder import MaskDecoder
+from samkit.models.prompt_encoder import PromptEncoder
+from samkit.models.sam import Sam
+from samkit.models.tiny_vit import TinyViT
+from samkit.models.transformer import TwoWayTransformer
+from samkit.models.vit import ImageEncoderViT
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Everything needed to build a SAM-family model. `encoder` is "vit" (SAM) or "tiny_vit" (MobileSAM)."""
+
+    encoder: str
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    tiny_embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    tiny_depths: tuple[int, ...] = (2, 2, 6, 2)
+    tiny_num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    tiny_window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    image_size: int = 1024
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamConfig:
+        known = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in cls.__dataclass_fields__
+        }
+        return cls(**known)
+
+
+VIT_B = SamConfig("vit", 768, 12, 12, (2, 5, 8, 11))
+VIT_L = SamConfig("vit", 1024, 24, 16, (5, 11, 17, 23))
+VIT_H = SamConfig("vit", 1280, 32, 16, (7, 15, 23, 31))
+VIT_T = SamConfig("tiny_vit")
+
+
+def build_sam(cfg: SamConfig) -> Sam:
+    """Build an untrained model (in eval mode) for `cfg`."""
+    if cfg.encoder == "vit":
+        encoder = ImageEncoderViT(
+            img_size=cfg.image_size,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            window_size=cfg.window_size,
+            global_attn_indexes=cfg.global_attn_indexes,
+        )
+    elif cfg.encoder == "tiny_vit":
+        encoder = TinyViT(
+            img_size=cfg.image_size,
+            embed_dims=cfg.tiny_embed_dims,
+            depths=cfg.tiny_depths,
+            num_heads=cfg.tiny_num_heads,
+            window_sizes=cfg.tiny_window_sizes,
+        )
+    else:
+        raise ValueError(f"unknown encoder type {cfg.encoder!r}")
+    grid = cfg.image_size // 16
+    prompt_encoder = PromptEncoder(256, (grid, grid), (cfg.image_size, cfg.image_size), 16)
+    decoder = MaskDecoder(256, TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048))
+    model = Sam(encoder, prompt_encoder, decoder, cfg.image_size, cfg.pixel_mean, cfg.pixel_std)
+    model.config = cfg
+    return model.eval()

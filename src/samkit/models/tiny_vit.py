@@ -1,0 +1,261 @@
+"""TinyViT image encoder as used by MobileSAM (TinyViT-5M, strides changed to give a 64 x 64 embedding).
+
+Input: (B, 3, S, S) normalised image. Output: (B, 256, 64, 64) for S = 1024 (MobileSAM).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samkit.models.common import LayerNorm2d
+
+
+class Conv2dBN(nn.Sequential):
+    """Conv (no bias) followed by BatchNorm; child names `c` and `bn` as in the official checkpoints."""
+
+    def __init__(
+        self, cin: int, cout: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1
+    ) -> None:
+        super().__init__()
+        self.add_module("c", nn.Conv2d(cin, cout, ks, stride, pad, groups=groups, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(cout))
+
+
+class PatchEmbed(nn.Module):
+    """Two stride-2 3x3 convs: (B, 3, S, S) -> (B, C, S/4, S/4)."""
+
+    def __init__(self, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(
+            Conv2dBN(in_chans, embed_dim // 2, 3, 2, 1),
+            nn.GELU(),
+            Conv2dBN(embed_dim // 2, embed_dim, 3, 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block (1x1 expand, 3x3 depthwise, 1x1 project) on (B, C, H, W)."""
+
+    def __init__(self, dim: int, expand_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * expand_ratio)
+        self.conv1 = Conv2dBN(dim, hidden)
+        self.conv2 = Conv2dBN(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.conv3 = Conv2dBN(hidden, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv1(x))
+        y = self.act(self.conv2(y))
+        return self.act(self.conv3(y) + x)
+
+
+class PatchMerging(nn.Module):
+    """Downsampling between stages: tokens (B, H*W, C) or maps (B, C, H, W) -> tokens (B, H'*W', C')."""
+
+    def __init__(self, resolution: int, dim: int, out_dim: int, stride: int) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.conv1 = Conv2dBN(dim, out_dim)
+        self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride, 1, groups=out_dim)
+        self.conv3 = Conv2dBN(out_dim, out_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            b = x.shape[0]
+            x = x.view(b, self.resolution, self.resolution, -1).permute(0, 3, 1, 2)
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        x = self.conv3(x)
+        return x.flatten(2).transpose(1, 2)
+
+
+class ConvLayer(nn.Module):
+    """Stage 0: MBConv blocks, then patch merging."""
+
+    def __init__(self, dim: int, depth: int, expand_ratio: float, downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class WindowAttention(nn.Module):
+    """Attention inside a window with a learned bias per head and per (|dy|, |dx|) offset."""
+
+    def __init__(self, dim: int, num_heads: int, window: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = dim // num_heads
+        self.scale = self.key_dim**-0.5
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        points = list(itertools.product(range(window), range(window)))
+        offsets: dict[tuple[int, int], int] = {}
+        idxs = []
+        for p1 in points:
+            for p2 in points:
+                off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
+                idxs.append(offsets.setdefault(off, len(offsets)))
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
+        n = len(points)
+        self.register_buffer("attention_bias_idxs", torch.tensor(idxs).view(n, n), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) tokens of one window each -> (B, N, C)."""
+        b, n, _ = x.shape
+        x = self.norm(x)
+        q, k, v = self.qkv(x).view(b, n, self.num_heads, 3 * self.key_dim).split(self.key_dim, dim=3)
+        q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class TokenMLP(nn.Module):
+    """Pre-norm feed-forward on tokens."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class TinyViTBlock(nn.Module):
+    """Window attention, a depthwise 3x3 conv on the token map, then the MLP; tokens (B, H*W, C)."""
+
+    def __init__(self, dim: int, resolution: int, num_heads: int, window: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.window = window
+        self.attn = WindowAttention(dim, num_heads, window)
+        self.mlp = TokenMLP(dim, int(dim * mlp_ratio))
+        self.local_conv = Conv2dBN(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = w = self.resolution
+        b, n, c = x.shape
+        ws = self.window
+        if h == ws and w == ws:
+            y = self.attn(x)
+        else:
+            y = x.view(b, h, w, c)
+            pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+            if pad_b or pad_r:
+                y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+            hp, wp = h + pad_b, w + pad_r
+            nh, nw = hp // ws, wp // ws
+            y = y.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+            y = self.attn(y)
+            y = y.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
+            y = y[:, :h, :w].reshape(b, n, c)
+        x = x + y
+        x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
+        return x + self.mlp(x)
+
+
+class BasicLayer(nn.Module):
+    """An attention stage: TinyViT blocks, then optional patch merging."""
+
+    def __init__(
+        self,
+        dim: int,
+        resolution: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        downsample: nn.Module | None,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            TinyViTBlock(dim, resolution, num_heads, window, mlp_ratio) for _ in range(depth)
+        )
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class TinyViT(nn.Module):
+    """TinyViT with MobileSAM's strides and a SAM neck; `head`/`norm_head` are kept only so checkpoints load."""
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        in_chans: int = 3,
+        embed_dims: tuple[int, ...] = (64, 128, 160, 320),
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (2, 4, 5, 10),
+        window_sizes: tuple[int, ...] = (7, 7, 14, 7),
+        mlp_ratio: float = 4.0,
+        mbconv_expand_ratio: float = 4.0,
+        out_chans: int = 256,
+        num_classes: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        res0 = img_size // 4
+        n = len(depths)
+        # MobileSAM keeps the last stage at the third stage's resolution, so the embedding is S/16.
+        resolutions = [res0 // (2 ** (i - 1 if i == n - 1 else i)) for i in range(n)]
+        self.embed_resolution = resolutions[-1]
+        self.layers = nn.ModuleList()
+        for i in range(n):
+            downsample = None
+            if i < n - 1:
+                out_dim = embed_dims[i + 1]
+                stride = 1 if out_dim in (320, 448, 576) else 2
+                downsample = PatchMerging(resolutions[i], embed_dims[i], out_dim, stride)
+            if i == 0:
+                self.layers.append(ConvLayer(embed_dims[0], depths[0], mbconv_expand_ratio, downsample))
+            else:
+                self.layers.append(
+                    BasicLayer(
+                        embed_dims[i],
+                        resolutions[i],
+                        depths[i],
+                        num_heads[i],
+                        window_sizes[i],
+                        mlp_ratio,
+                        downsample,
+                    )
+                )
+        self.norm_head = nn.LayerNorm(embed_dims[-1])
+        self.head = nn.Linear(embed_dims[-1], num_classes)
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, S, S) -> (B, 256, S/16, S/16)."""
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        b, _, c = x.shape
+        r = self.embed_resolution
+        return self.neck(x.view(b, r, r, c).permute(0, 3, 1, 2))

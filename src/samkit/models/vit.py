@@ -1,0 +1,185 @@
+"""SAM's ViT image encoder (MAE-style ViT-B/L/H with windowed and global attention).
+
+Input: (B, 3, 1024, 1024) normalised image. Output: (B, 256, 64, 64) image embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samkit.models.common import LayerNorm2d, MLPBlock
+
+
+class ImageEncoderViT(nn.Module):
+    """A plain ViT backbone with a convolutional neck.
+
+    Blocks whose index is in `global_attn_indexes` attend over the whole 64 x 64 token grid; the others attend
+    inside non-overlapping `window_size` x `window_size` windows (the grid is padded to a multiple of it).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        window_size: int = 14,
+        global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11),
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                window_size=0 if i in global_attn_indexes else window_size,
+                input_size=(grid, grid),
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, S, S) -> (B, 256, S/16, S/16)."""
+        x = self.patch_embed(x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection: (B, 3, H, W) -> (B, H/p, W/p, C)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with windowed (window_size > 0) or global attention."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, input_size: tuple[int, int]
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        attn_size = (window_size, window_size) if window_size > 0 else input_size
+        self.attn = Attention(dim, num_heads, attn_size)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), nn.GELU)
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            h, w = x.shape[1], x.shape[2]
+            x, padded = window_partition(x, self.window_size)
+            x = window_unpartition(self.attn(x), self.window_size, padded, (h, w))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention over a (B, H, W, C) grid with decomposed relative-position bias.
+
+    The bias for query (i, j) and key (k, l) is Rh[i, k] . q + Rw[j, l] . q, added to the logits before
+    softmax. It is passed to fused scaled-dot-product attention as an additive mask, so the (N x N) logits
+    themselves are never materialised by us.
+    """
+
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
+        return self.proj(out)
+
+
+def rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Decomposed relative-position bias.
+
+    q: (B, heads, H*W, C) unscaled queries. Returns (B, heads, H*W, H*W) additive attention bias.
+    """
+    h, w = size
+    rh = get_rel_pos(h, h, rel_pos_h)  # (H, H, C)
+    rw = get_rel_pos(w, w, rel_pos_w)  # (W, W, C)
+    b, heads, _, c = q.shape
+    rq = q.reshape(b, heads, h, w, c)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
+    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, heads, H, W, H, W)
+    return bias.reshape(b, heads, h * w, h * w)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings (q_size, k_size, C), resizing the table linearly if its length differs."""
+    max_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_dist:
+        resized = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_dist, mode="linear"
+        )
+        rel_pos = resized.reshape(-1, max_dist).permute(1, 0)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWindows, window, window, C), padding H and W up to multiples of `window`."""
+    b, h, w, c = x.shape
+    pad_h = (window - h % window) % window
+    pad_w = (window - w % window) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of `window_partition`: (B * nWindows, window, window, C) -> (B, H, W, C)."""
+    hp, wp = padded
+    h, w = size
+    b = windows.shape[0] // (hp * wp // window // window)
+    x = windows.view(b, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :].contiguous() if (hp > h or wp > w) else x

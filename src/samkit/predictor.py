@@ -1,0 +1,271 @@
+"""Predictor: encode an image once with `set_image`, then answer prompts with `predict` in milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samkit.errors import CheckpointError, PromptError, StateError
+from samkit.image import ImageLike, load_image
+from samkit.models.sam import Sam
+from samkit.transforms import ResizeLongestSide
+
+
+class Predictor:
+    """Promptable segmentation of one image at a time.
+
+    Coordinate frames: points are (x, y) and boxes XYXY, both in original-image pixels; masks come back at
+    the original size (H, W). Low-res logits are (256, 256) in the padded model-input frame and can be fed
+    back as `mask_input` on the next call.
+    """
+
+    def __init__(self, model: Sam) -> None:
+        self.model = model
+        self.transform = ResizeLongestSide(model.image_size)
+        self.reset_image()
+
+    # --- image -----------------------------------------------------------------------------------------
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] = (0, 0)
+        self.input_size: tuple[int, int] = (0, 0)
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The image embedding, (1, 256, 64, 64)."""
+        return self._require_image()
+
+    @torch.inference_mode()
+    def set_image(self, image: ImageLike) -> None:
+        """Encode `image`: an (H, W, 3) uint8 RGB or (H, W) gray array, a PIL image, or a path."""
+        arr = load_image(image)
+        resized = self.transform.apply_image(arr)
+        x = torch.from_numpy(np.array(resized)).to(self.model.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(x, (arr.shape[0], arr.shape[1]))
+
+    @torch.inference_mode()
+    def set_torch_image(self, image: torch.Tensor, original_size: tuple[int, int]) -> None:
+        """Encode an already resized image: (1, 3, h, w) RGB 0..255, longest side == model.image_size."""
+        self.reset_image()
+        dtype = next(self.model.image_encoder.parameters()).dtype
+        x = self.model.preprocess(image.float()).to(dtype)
+        self.features = self.model.image_encoder(x).float()
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = (int(image.shape[-2]), int(image.shape[-1]))
+
+    def save_embedding(self, path: str | Path) -> None:
+        """Write the embedding and the frame sizes needed to map prompts back (safetensors)."""
+        from safetensors.torch import save_file
+
+        feats = self._require_image()
+        meta = {
+            "original_size": f"{self.original_size[0]},{self.original_size[1]}",
+            "input_size": f"{self.input_size[0]},{self.input_size[1]}",
+            "arch": self.model.arch,
+            "image_size": str(self.model.image_size),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"embedding": feats.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def load_embedding(self, path: str | Path) -> None:
+        """Load an embedding written by `save_embedding` (by a model of the same architecture)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                feats = f.get_tensor("embedding")
+        except Exception as exc:
+            raise CheckpointError(f"cannot read embedding {path}: {exc}") from None
+        if meta.get("image_size") != str(self.model.image_size) or (
+            meta.get("arch") and self.model.arch and meta["arch"] != self.model.arch
+        ):
+            raise CheckpointError(
+                f"embedding {path} was made by model {meta.get('arch')!r}, not {self.model.arch!r}; re-embed the image"
+            )
+        self.reset_image()
+        self.features = feats.to(self.model.device)
+        self.original_size = tuple(int(v) for v in meta["original_size"].split(","))  # type: ignore[assignment]
+        self.input_size = tuple(int(v) for v in meta["input_size"].split(","))  # type: ignore[assignment]
+
+    # --- prompts ---------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        point_coords: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
+        box: np.ndarray | list | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt.
+
+        point_coords: (N, 2) XY original pixels; point_labels: (N,) 1 = foreground, 0 = background.
+        box: (4,) XYXY original pixels. mask_input: (1, 256, 256) low-res logits from a previous call.
+        Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
+        low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
+        """
+        coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
+        labels = None if point_labels is None else np.asarray(point_labels)[None]
+        boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, dtype=np.float32)
+            if mask_input.shape == (256, 256):
+                mask_input = mask_input[None]
+            mask_input = mask_input[None]
+        masks, scores, logits = self.predict_batch(
+            coords, labels, boxes, mask_input, multimask_output, return_logits
+        )
+        return masks[0], scores[0], logits[0]
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B prompts on the current image at once.
+
+        point_coords: (B, N, 2) XY original pixels; point_labels: (B, N) in {1, 0}, or -1 for padding
+        so prompts with different point counts can share a batch. A -1 point becomes SAM's "not a point"
+        token (the one the reference appends to box-less prompts): its coordinates are ignored, but the
+        decoder still attends to it, so results differ slightly from sending the prompt without it.
+        boxes: (B, 4) XYXY original pixels. mask_input: (B, 1, 256, 256).
+        Returns masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256) as numpy arrays.
+        """
+        self._require_image()
+        coords_t, labels_t, boxes_t, mask_t = self._prompts_to_torch(
+            point_coords, point_labels, boxes, mask_input
+        )
+        masks, scores, logits = self.predict_torch(
+            coords_t, labels_t, boxes_t, mask_t, multimask_output, return_logits
+        )
+        return masks.cpu().numpy(), scores.float().cpu().numpy(), logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Torch API in the model-input frame (use `self.transform.apply_coords_torch` to get there).
+
+        point_coords: (B, N, 2), point_labels: (B, N), boxes: (B, 4), mask_input: (B, 1, 256, 256).
+        Returns masks (B, C, H, W) at the original size, scores (B, C), low-res logits (B, C, 256, 256).
+        """
+        low_res, scores = self.decode_low_res(point_coords, point_labels, boxes, mask_input, multimask_output)
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, scores, low_res
+
+    @torch.inference_mode()
+    def decode_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (B, C, 256, 256) and scores (B, C) only, without upsampling to the image size."""
+        features = self._require_image()
+        pe = self.model.prompt_encoder
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = pe(points, boxes, mask_input)
+        return self.model.mask_decoder(features, pe.get_dense_pe(), sparse, dense, multimask_output)
+
+    # --- validation ------------------------------------------------------------------------------------
+
+    def _require_image(self) -> torch.Tensor:
+        if self.features is None:
+            raise StateError("no image set: call set_image() (or load_embedding()) before predict()")
+        return self.features
+
+    def _prompts_to_torch(
+        self,
+        coords: np.ndarray | None,
+        labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        mask_input: np.ndarray | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        h, w = self.original_size
+        device = self.model.device
+        coords_t = labels_t = boxes_t = mask_t = None
+        if (coords is None) != (labels is None):
+            raise PromptError("point_coords and point_labels must be given together")
+        if coords is None and boxes is None and mask_input is None:
+            raise PromptError("no prompt: give point_coords + point_labels, a box, or a mask_input")
+        if coords is not None and labels is not None:
+            coords = np.asarray(coords, dtype=np.float64)
+            labels = np.asarray(labels)
+            if coords.ndim != 3 or coords.shape[-1] != 2:
+                raise PromptError(
+                    f"point_coords must be (N, 2) XY pixels (batched: (B, N, 2)), got shape {coords.shape}"
+                )
+            if labels.shape != coords.shape[:2]:
+                raise PromptError(
+                    f"point_labels must have one label per point: {labels.shape} vs {coords.shape[:2]}"
+                )
+            bad = ~np.isin(labels, (0, 1, -1))
+            if bad.any():
+                raise PromptError(f"point label {labels[bad][0]} is not 1 (foreground) or 0 (background)")
+            real = coords[labels != -1]
+            outside = (
+                (real[:, 0] < 0)
+                | (real[:, 0] > w)
+                | (real[:, 1] < 0)
+                | (real[:, 1] > h)
+                | ~np.isfinite(real).all(1)
+            )
+            if outside.any():
+                x, y = real[outside][0]
+                raise PromptError(
+                    f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})"
+                )
+            coords_t = torch.as_tensor(
+                self.transform.apply_coords(coords, self.original_size), dtype=torch.float32, device=device
+            )
+            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=device)
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            if (
+                not np.isfinite(boxes).all()
+                or (boxes[:, 2] < boxes[:, 0]).any()
+                or (boxes[:, 3] < boxes[:, 1]).any()
+            ):
+                raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {boxes[0].tolist()}")
+            if (boxes[:, :2] > [w, h]).any() or (boxes[:, 2:] < 0).any():
+                raise PromptError(f"box {boxes[0].tolist()} lies outside the {w}x{h} image")
+            boxes_t = torch.as_tensor(
+                self.transform.apply_boxes(boxes, self.original_size), dtype=torch.float32, device=device
+            )
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, dtype=np.float32)
+            if mask_input.ndim != 4 or mask_input.shape[1:] != (1, 256, 256):
+                raise PromptError(
+                    f"mask_input must be (1, 256, 256) low-res logits, got shape {mask_input.shape[1:]}"
+                )
+            mask_t = torch.as_tensor(mask_input, device=device)
+        sizes = {t.shape[0] for t in (coords_t, boxes_t, mask_t) if t is not None}
+        if len(sizes) > 1:
+            raise PromptError(f"prompt batch sizes differ: {sorted(sizes)}")
+        return coords_t, labels_t, boxes_t, mask_t

@@ -1,0 +1,53 @@
+"""Image <-> model-frame geometry: resize the longest side, and map points/boxes between frames.
+
+The original frame is the user's image, (H, W). The input frame is the image resized so that its longest
+side is the model's `image_size` (1024 for SAM), size (h, w); it is then padded bottom-right to a square.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) of an (height, width) image resized so its longest side is `long_side` (rounded half up)."""
+    scale = long_side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+class ResizeLongestSide:
+    """Resizes images and maps XY coordinates from the original frame to the input frame."""
+
+    def __init__(self, target_length: int) -> None:
+        self.target_length = target_length
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (h, w, 3) uint8, bilinear (PIL) as the reference implementation does."""
+        h, w = preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) XY in the original frame -> the input frame (float64 copy)."""
+        h, w = preprocess_shape(original_size[0], original_size[1], self.target_length)
+        out = np.array(coords, dtype=np.float64, copy=True)
+        out[..., 0] *= w / original_size[1]
+        out[..., 1] *= h / original_size[0]
+        return out
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 4) XYXY in the original frame -> the input frame."""
+        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """Torch version of `apply_coords`: (..., 2) float tensor."""
+        h, w = preprocess_shape(original_size[0], original_size[1], self.target_length)
+        scale = torch.tensor(
+            [w / original_size[1], h / original_size[0]], dtype=torch.float32, device=coords.device
+        )
+        return coords.to(torch.float32) * scale
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """Torch version of `apply_boxes`: (B, 4) -> (B, 4)."""
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)

@@ -1,0 +1,86 @@
+"""Shared fixtures: paths to the shared data sets, and the reference implementations on the refshim stand-ins."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATASETS = SHARED / "datasets"
+REFSHIM = SHARED / "refshim"
+
+# The references import torchvision/timm helpers; the stand-ins must win over anything installed.
+if str(REFSHIM) not in sys.path:
+    sys.path.insert(0, str(REFSHIM))
+
+torch.set_num_threads(2)
+
+PHOTO = DATASETS / "instances" / "coco_mini" / "train" / "images" / "000000000790.jpg"
+PHOTOS = sorted((DATASETS / "instances" / "coco_mini" / "train" / "images").glob("*.jpg"))[:4]
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real 640x422 RGB photo from a train split."""
+    from samkit.image import load_image
+
+    return load_image(PHOTO)
+
+
+def _save_reference(kind: str, path: Path, seed: int, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if kind == "vit_t":
+        from mobile_sam import sam_model_registry as registry
+
+        ref = registry["vit_t"]()
+    elif overrides:
+        from functools import partial
+
+        from segment_anything.build_sam import _build_sam
+
+        ref = partial(_build_sam, **overrides)()
+    else:
+        from segment_anything import sam_model_registry as registry
+
+        ref = registry[kind]()
+    _randomise(ref)
+    torch.save(ref.state_dict(), path)
+    return ref.eval()
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Give zero-initialised tensors (rel-pos tables, pos_embed, BN stats) non-trivial values."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif (
+                "rel_pos" in name
+                or "pos_embed" in name
+                or "attention_biases" in name
+                or name.endswith("running_mean")
+            ):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+
+
+@pytest.fixture(scope="session")
+def ref_checkpoint(tmp_path_factory):
+    """Factory: (kind, **overrides) -> (reference model, path of its saved state_dict). Cached per session."""
+    cache: dict = {}
+
+    def make(kind: str, **overrides):
+        key = (kind, repr(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp("ckpt") / f"{kind}.pth"
+            cache[key] = (_save_reference(kind, path, seed=len(cache), **overrides), path)
+        return cache[key]
+
+    return make
