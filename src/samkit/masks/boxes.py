@@ -1,0 +1,55 @@
+"""Boxes around masks and box tests used when filtering masks. Boxes are XYXY pixel coordinates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes around masks, with inclusive pixel coordinates.
+
+    masks: bool (..., H, W). Returns int64 (..., 4) as (x0, y0, x1, y1) where x1/y1 is the last pixel
+    column/row of the mask (so a one-pixel mask has x0 == x1); an empty mask gives [0, 0, 0, 0].
+    """
+    lead = masks.shape[:-2]
+    if masks.numel() == 0:
+        return torch.zeros(*lead, 4, dtype=torch.int64, device=masks.device)
+    h, w = masks.shape[-2:]
+    # argmax returns the first maximal index, so on 0/1 rows it finds the first True.
+    rows = masks.any(dim=-1).to(torch.uint8)  # (..., H)
+    cols = masks.any(dim=-2).to(torch.uint8)  # (..., W)
+    y0 = rows.argmax(dim=-1)
+    x0 = cols.argmax(dim=-1)
+    y1 = (h - 1) - rows.flip(-1).argmax(dim=-1)
+    x1 = (w - 1) - cols.flip(-1).argmax(dim=-1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1)
+    nonempty = rows.amax(dim=-1).bool()
+    return boxes * nonempty.unsqueeze(-1)
+
+
+def box_xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
+    """XYXY (..., 4) -> XYWH (..., 4) with w = x1 - x0, h = y1 - y0 (a new tensor; the input is unchanged)."""
+    xy = boxes[..., :2]
+    return torch.cat([xy, boxes[..., 2:] - xy], dim=-1)
+
+
+def is_box_near_crop_edge(
+    boxes: torch.Tensor, crop_box: Sequence[int], orig_box: Sequence[int], atol: float = 20.0
+) -> torch.Tensor:
+    """Which boxes touch an edge of their crop that is not also an edge of the image.
+
+    boxes: (N, 4) XYXY in the crop's frame; crop_box and orig_box: XYXY in original-image pixels
+    (orig_box is normally [0, 0, W, H]). A side counts as touching when it is within `atol` pixels.
+    Returns bool (N,).
+    """
+    crop = torch.as_tensor(crop_box, dtype=torch.float32, device=boxes.device)
+    orig = torch.as_tensor(orig_box, dtype=torch.float32, device=boxes.device)
+    shift = torch.as_tensor(
+        [crop_box[0], crop_box[1], crop_box[0], crop_box[1]], dtype=boxes.dtype, device=boxes.device
+    )
+    boxes = (boxes + shift).float()
+    near_crop = torch.isclose(boxes, crop, atol=atol, rtol=0)
+    near_image = torch.isclose(boxes, orig, atol=atol, rtol=0)
+    return (near_crop & ~near_image).any(dim=-1)
