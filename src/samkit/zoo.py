@@ -290,6 +290,33 @@ def save(model: Sam, path: str | Path, name: str | None = None) -> Path:
     return path
 
 
+def describe_models() -> list[dict[str, Any]]:
+    """One row per registered model for `samkit models`: name, params, input, file, size, licence, cached."""
+    from samkit.download import cache_dir
+
+    rows = []
+    for name, e in registry().items():
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_sam(e.config).parameters())
+        source = type(e.sources[0]).__name__.replace("Source", "").lower() + (
+            f" +{len(e.sources) - 1} mirror" if len(e.sources) > 1 else ""
+        )
+        rows.append(
+            {
+                "name": name,
+                "params": f"{params / 1e6:.1f}M",
+                "input": e.config.image_size,
+                "file": e.filename,
+                "size_mb": round(e.size / 1e6, 1),
+                "licence": e.licence,
+                "cached": (cache_dir() / e.filename).is_file(),
+                "source": source,
+                "description": e.description,
+            }
+        )
+    return rows
+
+
 def _entry(name: str) -> ModelEntry:
     if name not in registry():
         raise SamkitError(f"unknown model {name!r}: give one of {', '.join(registry())}")

@@ -1,0 +1,206 @@
+"""The `samkit` command line: parses arguments and calls the public API, nothing more.
+
+Each command is a `_cmd_<name>(args)` function registered in `_build_parser`; errors that samkit raises on
+purpose are printed on one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from samkit.errors import SamkitError
+
+
+def _point(text: str) -> tuple[float, float, int]:
+    parts = text.split(",")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"point must be X,Y or X,Y,LABEL, got {text!r}")
+    try:
+        x, y = float(parts[0]), float(parts[1])
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"point must be numbers X,Y[,LABEL], got {text!r}") from None
+    return x, y, label
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"box must be X0,Y0,X1,Y1 numbers, got {text!r}") from None
+    if len(vals) != 4:
+        raise argparse.ArgumentTypeError(f"box must be X0,Y0,X1,Y1, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="zoo name (see `samkit models`) or checkpoint path; default vit_t"
+    )
+
+
+def _cmd_segment(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    import samkit
+    from samkit.formats import atomic_write_json, save_overlay, write_mask_pngs
+
+    if not args.point and args.box is None:
+        raise SamkitError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
+    image = samkit.load_image(args.image)
+    pred = samkit.Predictor(samkit.load(args.model))
+    pred.set_image(image)
+    coords = np.array([p[:2] for p in args.point], dtype=float) if args.point else None
+    labels = np.array([p[2] for p in args.point]) if args.point else None
+    masks, scores, _ = pred.predict(coords, labels, args.box, multimask_output=not args.single)
+    order = np.argsort(-scores)
+    masks, scores = masks[order], scores[order]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).stem
+    files = write_mask_pngs(out, list(masks), prefix=f"{stem}_mask")
+    atomic_write_json(
+        out / f"{stem}_scores.json",
+        {
+            "image": str(args.image),
+            "model": pred.model.arch,
+            "masks": [
+                {"file": Path(f).name, "predicted_iou": float(s), "area": int(m.sum())}
+                for f, s, m in zip(files, scores, masks, strict=True)
+            ],
+        },
+    )
+    boxes = [args.box] if args.box else None
+    save_overlay(
+        out / f"{stem}_overlay.png", image, [masks[0]], points=coords, point_labels=labels, boxes=boxes
+    )
+    print(f"{len(masks)} mask(s) -> {out} (best predicted IoU {scores[0]:.3f})")
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    import samkit
+    from samkit.engine.inputs import list_images
+
+    pred = samkit.Predictor(samkit.load(args.model))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = failed = 0
+    for path in list_images(args.input):
+        target = out / f"{path.stem}.safetensors"
+        if target.exists() and not args.overwrite:
+            continue
+        try:
+            pred.set_image(path)
+        except SamkitError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        pred.save_embedding(target)
+        done += 1
+    print(f"embedded {done} image(s) into {out}; {failed} failed")
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from samkit.zoo import checkpoint_path
+
+    for name in args.names:
+        print(f"{name}: {checkpoint_path(name)}")
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from samkit.zoo import describe_models
+
+    rows = describe_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    cols = ["name", "params", "input", "file", "size_mb", "licence", "cached", "source"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+EXAMPLES = {
+    "segment": "samkit segment photo.jpg --point 400,300 --out out/\n"
+    "  samkit segment photo.jpg --point 400,300 --point 420,80,0 --box 10,10,600,400 --single --out out/",
+    "embed": "samkit embed photos/ --out embeddings/",
+    "download": "samkit download vit_t",
+    "models": "samkit models",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samkit",
+        description="Segment Anything for real users.",
+        epilog="examples:\n  " + "\n  ".join(v for v in EXAMPLES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog="example:\n  " + EXAMPLES.get(name, ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command(
+        "segment", "segment one object from point/box prompts; writes mask PNGs, scores JSON, overlay"
+    )
+    p.add_argument("image")
+    p.add_argument(
+        "--point",
+        action="append",
+        type=_point,
+        default=[],
+        metavar="X,Y[,LABEL]",
+        help="(x, y) in image pixels; LABEL 1 = foreground (default), 0 = background; repeatable",
+    )
+    p.add_argument("--box", type=_box, default=None, metavar="X0,Y0,X1,Y1", help="box in image pixels (XYXY)")
+    p.add_argument("--single", action="store_true", help="one mask instead of 3 candidates")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    _add_model(p)
+    p.set_defaults(func=_cmd_segment)
+
+    p = command(
+        "embed", "precompute image embeddings (safetensors, one per image) for clients and the annotator"
+    )
+    p.add_argument("input", help="an image, a folder (recursive) or a text file listing image paths")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    _add_model(p)
+    p.set_defaults(func=_cmd_embed)
+
+    p = command("download", "download model checkpoints into $SAMKIT_HOME ahead of time")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=_cmd_download)
+
+    p = command("models", "list every model: parameters, input size, file size, licence, source, cached")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SamkitError as exc:
+        print(f"samkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Running samkit over many images: input listing, resumable local runs, and Ray."""
