@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite on a fresh machine: install samkit, the test-only references and tools, then lint and test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q torch==2.13.0
+pip install -q -e ".[test]"
+# Test-only references (Meta's segment-anything, MobileSAM), run on ../shared/refshim's stand-ins.
+pip install -q --no-deps segment-anything mobilesam-mirror
+ruff check src tests benchmarks
+ruff format --check src tests benchmarks
+python -m pytest -q "$@"
