@@ -259,8 +259,9 @@ def edge_map(model: PromptModel, height: int, width: int, points_per_side: int =
     """The SAM paper's zero-shot edge map (appendix D.2), (H, W) float in [0, 1]. Image already set.
 
     16 x 16 grid of foreground points -> 768 masks -> box NMS (0.7) -> Sobel of each kept mask's
-    unthresholded probability map -> per-pixel max over masks -> scaled so the image's maximum is 1 ->
-    structured-edge NMS (Dollar's `edgesNms`, via pyEdgeEval, r=1 s=5 m=1.01). A model without soft
+    unthresholded probability map -> per-pixel max over masks -> structured-edge NMS (Dollar's `edgesNms`,
+    via pyEdgeEval, r=1 s=5 m=1.01) -> scaled so the image's maximum is 1 (the benchmark's thresholds
+    span [0, 1]). A model without soft
     output (`provides_logits = False`, e.g. GrabCut) uses its binary masks as probabilities.
     """
     from pyEdgeEval.preprocess import fast_nms
@@ -273,7 +274,8 @@ def edge_map(model: PromptModel, height: int, width: int, points_per_side: int =
         np.maximum(edges, sobel_magnitude(prob), out=edges)
     if edges.max() <= 0:
         return edges.astype(np.float64)
-    return np.clip(fast_nms(edges.astype(np.float64) / float(edges.max()), r=1, s=5, m=1.01), 0.0, 1.0)
+    thin = np.clip(fast_nms(edges.astype(np.float64) / float(edges.max()), r=1, s=5, m=1.01), 0.0, None)
+    return thin / thin.max() if thin.max() > 0 else thin
 
 
 def edges(model: PromptModel, item: EdgeItem, height: int, width: int, points_per_side: int = 16) -> tuple:

@@ -1,0 +1,216 @@
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samkit.eval import GrabCutPredictor, ProtocolError, format_table, run_eval
+from samkit.eval.datasets import EdgeItem, ImageItem, MaskFolder, ObjectItem
+from samkit.eval.metrics import boundary_summary
+from samkit.eval.protocols import clicks, edge_map, edges, point_grid, proposals, single_point, tight_box
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/work/shared/datasets")
+GRABCUT = DATA / "interactive" / "GrabCut"
+REFSHIM = Path("/work/shared/refshim")
+needs_data = pytest.mark.skipif(not GRABCUT.is_dir(), reason="shared datasets not present")
+
+
+class DiskModel:
+    """A fake PromptModel: always the disk of radius 10 at (32, 24) in a 48 x 64 image, logits to match."""
+
+    name = "disk"
+
+    def __init__(self):
+        yy, xx = np.mgrid[:48, :64]
+        self.mask = (xx - 32) ** 2 + (yy - 24) ** 2 <= 100
+        self.calls = []
+
+    def set_image(self, image):
+        self.image = image
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True):
+        self.calls.append((point_coords, point_labels, box, mask_input, multimask_output))
+        n = 3 if multimask_output else 1
+        scale = 256 / 64
+        yy, xx = np.mgrid[:256, :256] + 0.5
+        d = np.hypot(xx / scale - 32, yy / scale - 24)
+        logits = np.repeat(((10 - d) * 2)[None].astype(np.float32), n, axis=0)
+        return np.repeat(self.mask[None], n, axis=0), np.linspace(0.9, 0.7, n), logits
+
+
+def _disk_item(ignore=None):
+    return ObjectItem("disk", Path("x.png"), DiskModel().mask, ignore)
+
+
+def test_single_point_clicks_deepest_point_and_scores_three_outputs():
+    model = DiskModel()
+    r = single_point(model, _disk_item())
+    assert r["click"] == [32, 24]
+    assert r["iou_top"] == r["iou_oracle"] == r["iou_single"] == 1.0
+    assert [c[4] for c in model.calls] == [True, False]
+
+
+def test_clicks_feed_back_logits_and_use_single_mask_after_first():
+    gt = DiskModel().mask.copy()
+    gt[:, 40:] = False  # the model over-segments the right side: the simulator must click negative there
+    model = DiskModel()
+    r = clicks(model, ObjectItem("d", Path("x"), gt, None), max_clicks=3)
+    assert len(r["ious"]) == 3 and r["labels"][0] == 1 and r["labels"][1] == 0
+    multimask = [c[4] for c in model.calls]
+    assert multimask == [True, False, False]
+    assert model.calls[0][3] is None and model.calls[1][3].shape == (1, 256, 256)
+    assert len(model.calls[2][0]) == 3  # all clicks so far are given
+
+
+def test_box_is_tight_xyxy():
+    m = np.zeros((10, 10), dtype=bool)
+    m[2:5, 3:9] = True
+    np.testing.assert_array_equal(tight_box(m), [3, 2, 8, 4])
+
+
+def test_point_grid_cell_centres():
+    g = point_grid(2, 100, 200)
+    np.testing.assert_allclose(g, [[50, 25], [150, 25], [50, 75], [150, 75]])
+
+
+def test_edge_map_finds_the_disk_boundary():
+    model = DiskModel()
+    e = edge_map(model, 48, 64, points_per_side=2)
+    assert len(model.calls) == 4 and e.max() == pytest.approx(1.0)
+    yy, xx = np.mgrid[:48, :64]
+    d = np.hypot(xx - 32, yy - 24)
+    assert e[np.abs(d - 10) < 1.5].mean() > 5 * e[np.abs(d - 10) > 4].mean()
+    ring = np.abs(d - 10) < 0.75
+    result, counts = edges(model, EdgeItem("d", Path("x"), [ring]), 48, 64, points_per_side=2)
+    assert boundary_summary([counts])["ODS"] > 0.5 and result["OIS_F"] > 0.5
+
+
+def test_proposals_rank_by_score_and_cut_to_budget():
+    gt = DiskModel().mask
+    other = np.zeros_like(gt)
+    other[:5, :5] = True
+    item = ImageItem("i", Path("x"), [gt, other], None)
+    r = proposals(lambda _: ([other, gt], np.array([0.1, 0.9])), item)
+    assert r["best_iou@100"] == [1.0, 1.0] and r["areas"] == [int(gt.sum()), 25]
+
+
+@needs_data
+def test_grabcut_baseline_end_to_end(tmp_path):
+    out = tmp_path / "clicks.json"
+    report = run_eval("clicks", GRABCUT, "grabcut", limit=2, out=out, max_clicks=3, progress=False)
+    assert out.is_file() and out.with_suffix(".png").is_file()
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["model"] == "grabcut" and saved["meta"]["settings"]["max_clicks"] == 3
+    assert [it["id"] for it in saved["items"]] == ["106024", "124080"]
+    s = report["summary"]
+    assert s["n_items"] == 2 and 0.5 < s["mIoU@3"] <= 1.0 and 1 <= s["NoC@90"] <= 3
+    box = run_eval("box", GRABCUT, GrabCutPredictor(), limit=2, progress=False)
+    assert box["summary"]["mIoU"] > 0.8  # GrabCut from a tight box is good on its own benchmark
+    assert "mIoU" in format_table(box)
+
+
+def test_grabcut_is_repeatable_and_repeats_its_mask():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 60, (40, 50, 3), dtype=np.uint8)
+    img[10:30, 15:35] += 150
+    p = GrabCutPredictor()
+    p.set_image(img)
+    masks, scores, logits = p.predict(box=np.array([12, 8, 37, 32]))
+    assert masks.shape == (3, 40, 50) and logits.shape == (3, 256, 256) and (scores == 1).all()
+    assert (masks[0] == masks[1]).all() and masks[0][20, 25] and not masks[0][2, 2]
+    again, _, _ = p.predict(box=np.array([12, 8, 37, 32]), multimask_output=False)
+    np.testing.assert_array_equal(again[0], masks[0])
+    pts, _, _ = p.predict(
+        point_coords=np.array([[25, 20]]), point_labels=np.array([1]), multimask_output=False
+    )
+    assert pts.shape == (1, 40, 50) and pts[0][20, 25]
+
+
+def test_bad_protocol_and_limit_are_one_line_errors():
+    with pytest.raises(ProtocolError, match="unknown protocol"):
+        run_eval("nope", ".", "grabcut")
+    with pytest.raises(ProtocolError, match="limit"):
+        run_eval("box", ".", "grabcut", limit=0)
+
+
+# --- reference equality ----------------------------------------------------------------------------------
+
+
+def _samkit_predictor_or_skip():
+    try:
+        from samkit import Predictor, load
+    except ImportError as exc:
+        pytest.skip(f"samkit.Predictor is not importable yet ({exc})")
+    return Predictor, load
+
+
+class _EncodeOnce:
+    """Wraps a predictor so that the three protocol runs encode each image once (keeps the test fast)."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.embeddings = {}
+
+    def set_image(self, image):
+        key = hash(image.tobytes())
+        if key not in self.embeddings:
+            self.predictor.set_image(image)
+            self.embeddings[key] = self.predictor.__dict__.copy()
+        self.predictor.__dict__.update(self.embeddings[key])
+
+    def predict(self, **kwargs):
+        return self.predictor.predict(**kwargs)
+
+
+@needs_data
+@pytest.mark.skipif(not REFSHIM.is_dir(), reason="reference shims not present")
+def test_harness_gives_the_same_numbers_on_reference_and_samkit(tmp_path):
+    """Same random checkpoint, reference SamPredictor vs samkit Predictor: the same per-item results."""
+    Predictor, load = _samkit_predictor_or_skip()
+    sys.path.insert(0, str(REFSHIM))
+    try:
+        from mobile_sam.modeling import MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer
+        from mobile_sam.predictor import SamPredictor
+    finally:
+        sys.path.remove(str(REFSHIM))
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    # MobileSAM's architecture with one block per stage: a cheap random model samkit.load detects by keys.
+    encoder = TinyViT(
+        img_size=1024,
+        embed_dims=[64, 128, 160, 320],
+        depths=[1, 1, 1, 1],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+    )
+    prompt = PromptEncoder(
+        embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    ref_model = Sam(encoder, prompt, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]).eval()
+    ckpt = tmp_path / "random_tiny.pt"
+    torch.save(ref_model.state_dict(), ckpt)
+    ours = _EncodeOnce(Predictor(load(ckpt)))
+    ref = _EncodeOnce(SamPredictor(ref_model))
+
+    ds = MaskFolder(GRABCUT)
+    for protocol, kwargs in (("single-point", {}), ("box", {}), ("clicks", {"max_clicks": 3})):
+        a = run_eval(protocol, ds, ref, limit=1, progress=False, **kwargs)
+        b = run_eval(protocol, ds, ours, limit=1, progress=False, **kwargs)
+        for ia, ib in zip(a["items"], b["items"], strict=True):
+            for key, va in ia.items():
+                if isinstance(va, float):
+                    assert ib[key] == pytest.approx(va, abs=1e-3), (protocol, key)
+                else:
+                    assert ib[key] == va, (protocol, key)
+        for key, va in a["summary"].items():
+            assert b["summary"][key] == pytest.approx(va, abs=1e-3), (protocol, key)
