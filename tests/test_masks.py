@@ -67,6 +67,13 @@ def test_stability_score_matches_reference():
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
+def test_stability_score_torch_path_matches_reference():
+    # bfloat16 takes the torch (non-numpy) path, the one accelerators use.
+    logits = (torch.randn(3, 40, 50) * 3).bfloat16()
+    ref = amg.calculate_stability_score(logits, 0.0, 1.0)
+    torch.testing.assert_close(stability_score(logits, 0.0, 1.0), ref, rtol=0, atol=0)
+
+
 def test_stability_score_nan_when_empty_and_one_when_saturated():
     logits = torch.stack([torch.full((8, 8), -10.0), torch.full((8, 8), 10.0)])
     score = stability_score(logits, 0.0, 1.0)
@@ -85,6 +92,8 @@ def test_masks_to_boxes_matches_reference(masks):
     assert torch.equal(masks_to_boxes(masks.view(3, 4, 37, 53)), ref.view(3, 4, 4))
     assert torch.equal(masks_to_boxes(masks[5]), ref[5])
     assert masks_to_boxes(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0, 4)
+    transposed = masks.transpose(1, 2)  # a non-contiguous view
+    assert torch.equal(masks_to_boxes(transposed), amg.batched_mask_to_box(transposed.contiguous()))
 
 
 def test_box_xyxy_to_xywh():

@@ -17,9 +17,8 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     if masks.numel() == 0:
         return torch.zeros(*lead, 4, dtype=torch.int64, device=masks.device)
     h, w = masks.shape[-2:]
+    rows, cols = _occupied_rows_cols(masks)
     # argmax returns the first maximal index, so on 0/1 rows it finds the first True.
-    rows = masks.any(dim=-1).to(torch.uint8)  # (..., H)
-    cols = masks.any(dim=-2).to(torch.uint8)  # (..., W)
     y0 = rows.argmax(dim=-1)
     x0 = cols.argmax(dim=-1)
     y1 = (h - 1) - rows.flip(-1).argmax(dim=-1)
@@ -27,6 +26,18 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     boxes = torch.stack([x0, y0, x1, y1], dim=-1)
     nonempty = rows.amax(dim=-1).bool()
     return boxes * nonempty.unsqueeze(-1)
+
+
+def _occupied_rows_cols(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (..., H) and (..., W): whether each row / column of each mask has a True pixel."""
+    if masks.device.type == "cpu":
+        # numpy's any() is ~10x faster than torch's on CPU; the two share memory, so nothing is copied.
+        arr = masks.detach().bool().numpy()
+        return torch.from_numpy(arr.any(axis=-1)).to(torch.uint8), torch.from_numpy(arr.any(axis=-2)).to(
+            torch.uint8
+        )
+    as_u8 = masks.bool().view(torch.uint8)
+    return as_u8.amax(dim=-1), as_u8.amax(dim=-2)
 
 
 def box_xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
