@@ -23,7 +23,7 @@ class Predictor:
 
     def __init__(self, model: Sam) -> None:
         self.model = model
-        self.transform = ResizeLongestSide(model.image_size)
+        self.transform = ResizeLongestSide(model.image_size, model.resize)
         self.reset_image()
 
     # --- image -----------------------------------------------------------------------------------------
@@ -71,6 +71,7 @@ class Predictor:
             "input_size": f"{self.input_size[0]},{self.input_size[1]}",
             "arch": self.model.arch,
             "image_size": str(self.model.image_size),
+            "model_config": _config_id(self.model),
         }
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -87,9 +88,7 @@ class Predictor:
                 feats = f.get_tensor("embedding")
         except Exception as exc:
             raise CheckpointError(f"cannot read embedding {path}: {exc}") from None
-        if meta.get("image_size") != str(self.model.image_size) or (
-            meta.get("arch") and self.model.arch and meta["arch"] != self.model.arch
-        ):
+        if meta.get("model_config") != _config_id(self.model):
             raise CheckpointError(
                 f"embedding {path} was made by model {meta.get('arch')!r}, not {self.model.arch!r}; re-embed the image"
             )
@@ -269,3 +268,14 @@ class Predictor:
         if len(sizes) > 1:
             raise PromptError(f"prompt batch sizes differ: {sorted(sizes)}")
         return coords_t, labels_t, boxes_t, mask_t
+
+
+def _config_id(model: Sam) -> str:
+    """A short id of the model's architecture: embeddings are only valid for the architecture that made them."""
+    import hashlib
+    import json
+
+    text = json.dumps(
+        model.config.to_dict() if model.config is not None else model.image_size, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,166 @@
+"""Predictor behaviour and its one-line errors for bad input (fast: a random vit_t, no reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import samkit
+from samkit.errors import CheckpointError, ImageError, PromptError, SamkitError, StateError
+from samkit.masks import stability_score
+
+
+@pytest.fixture(scope="module")
+def model(ref_checkpoint):
+    _, path = ref_checkpoint("vit_t")
+    return samkit.load(path)
+
+
+@pytest.fixture(scope="module")
+def pred(model, photo):
+    p = samkit.Predictor(model)
+    p.set_image(photo)
+    return p
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_predict_before_set_image(model):
+    with pytest.raises(StateError) as exc:
+        samkit.Predictor(model).predict([[1, 1]], [1])
+    assert "set_image" in _one_line(exc)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(point_coords=[[700, 10]], point_labels=[1]), "outside"),
+        (dict(point_coords=[[10, -1]], point_labels=[1]), "outside"),
+        (dict(point_coords=[[10, 10]], point_labels=[2]), "label"),
+        (dict(point_coords=[[10, 10]], point_labels=[1, 0]), "one label per point"),
+        (dict(point_coords=[[10, 10]]), "together"),
+        (dict(box=[300, 10, 100, 200]), "x1 >= x0"),
+        (dict(box=[1000, 900, 1100, 950]), "outside"),
+        (dict(mask_input=np.zeros((64, 64))), "mask_input"),
+        (dict(), "no prompt"),
+    ],
+)
+def test_bad_prompts(pred, kwargs, fragment):
+    with pytest.raises(PromptError) as exc:
+        pred.predict(**kwargs)
+    assert fragment in _one_line(exc)
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros((4, 5, 6, 3), np.uint8), np.zeros((10, 10, 2), np.uint8), "missing.jpg"]
+)
+def test_bad_images(model, bad):
+    with pytest.raises(ImageError) as exc:
+        samkit.Predictor(model).set_image(bad)
+    _one_line(exc)
+
+
+def test_corrupt_image_file(model, tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageError) as exc:
+        samkit.Predictor(model).set_image(path)
+    assert "broken.jpg" in _one_line(exc)
+
+
+def test_gray_pil_and_path_inputs_agree(model, photo, tmp_path):
+    gray = np.asarray(Image.fromarray(photo).convert("L"))
+    p = samkit.Predictor(model)
+    p.set_image(gray)
+    a = p.embedding.clone()
+    path = tmp_path / "gray.png"
+    Image.fromarray(gray).save(path)
+    p.set_image(path)
+    assert torch.equal(a, p.embedding)
+    p.set_image(Image.fromarray(gray))
+    assert torch.equal(a, p.embedding)
+
+
+def test_shapes_and_single_mask(pred, photo):
+    h, w = photo.shape[:2]
+    masks, scores, logits = pred.predict([[300, 200]], [1])
+    assert masks.shape == (3, h, w) and masks.dtype == bool
+    assert scores.shape == (3,) and logits.shape == (3, 256, 256)
+    masks, scores, logits = pred.predict(box=[100, 100, 400, 300], multimask_output=False)
+    assert masks.shape == (1, h, w) and scores.shape == (1,) and logits.shape == (1, 256, 256)
+    raw, _, _ = pred.predict(box=[100, 100, 400, 300], multimask_output=False, return_logits=True)
+    assert np.array_equal(raw > 0, masks)
+
+
+def test_embedding_round_trip(pred, model, tmp_path):
+    path = tmp_path / "emb.safetensors"
+    pred.save_embedding(path)
+    other = samkit.Predictor(model)
+    other.load_embedding(path)
+    assert other.original_size == pred.original_size and other.input_size == pred.input_size
+    a = pred.predict([[300, 200], [50, 40]], [1, 0])
+    b = other.predict([[300, 200], [50, 40]], [1, 0])
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_embedding_from_other_architecture_refused(pred, tmp_path, ref_checkpoint):
+    path = tmp_path / "emb.safetensors"
+    pred.save_embedding(path)
+    _, vb = ref_checkpoint(
+        "vit_b", encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1]
+    )
+    other = samkit.Predictor(samkit.load(vb))
+    other.model.arch = "custom"
+    with pytest.raises(CheckpointError):
+        other.load_embedding(path)
+
+
+def test_stability_score_helper():
+    logits = torch.tensor([[[-2.0, -0.5, 0.5, 2.0]]])
+    # threshold 0, offset 1: high mask {2.0} (1 px), low mask {-0.5, 0.5, 2.0} (3 px) -> 1/3
+    assert stability_score(logits, 0.0, 1.0).item() == pytest.approx(1 / 3)
+
+
+def test_checkpoint_errors(tmp_path, ref_checkpoint):
+    _, path = ref_checkpoint("vit_t")
+    data = path.read_bytes()
+    truncated = tmp_path / "trunc.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as exc:
+        samkit.load(truncated)
+    assert "corrupt or truncated" in _one_line(exc)
+
+    sd = torch.load(path, weights_only=True)
+    sd.pop("mask_decoder.iou_token.weight")
+    sd["image_encoder.extra.weight"] = torch.zeros(1)
+    wrong = tmp_path / "wrong.pth"
+    torch.save(sd, wrong)
+    with pytest.raises(CheckpointError) as exc:
+        samkit.load(wrong)
+    msg = _one_line(exc)
+    assert "mask_decoder.iou_token.weight" in msg and "image_encoder.extra.weight" in msg
+
+    other = tmp_path / "other.pth"
+    torch.save({"backbone.weight": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError) as exc:
+        samkit.load(other)
+    assert "not a SAM checkpoint" in _one_line(exc)
+
+    with pytest.raises(SamkitError) as exc:
+        samkit.load("vit_zz")
+    assert "vit_t" in _one_line(exc)
+
+
+def test_safetensors_round_trip(model, tmp_path, photo):
+    path = samkit.save(model, tmp_path / "m.safetensors")
+    again = samkit.load(path)
+    assert again.config == model.config
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
