@@ -214,3 +214,18 @@ def test_harness_gives_the_same_numbers_on_reference_and_samkit(tmp_path):
                     assert ib[key] == va, (protocol, key)
         for key, va in a["summary"].items():
             assert b["summary"][key] == pytest.approx(va, abs=1e-3), (protocol, key)
+
+
+@needs_data
+def test_cli_eval_prints_table_and_writes_report(tmp_path, capsys):
+    from samkit.cli import main
+
+    out = tmp_path / "r.json"
+    assert (
+        main(["eval", "box", "--data", str(GRABCUT), "--model", "grabcut", "--limit", "1", "--out", str(out)])
+        == 0
+    )
+    assert "mIoU" in capsys.readouterr().out
+    assert json.loads(out.read_text())["summary"]["n_items"] == 1
+    assert main(["eval", "box", "--data", str(tmp_path / "none"), "--model", "grabcut"]) == 2
+    assert "data set not found" in capsys.readouterr().err

@@ -124,12 +124,30 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from samkit.eval import format_table, run_eval
+
+    report = run_eval(
+        args.protocol,
+        args.data,
+        args.model,
+        limit=args.limit,
+        out=args.out,
+        max_clicks=args.max_clicks,
+        points_per_side=args.points_per_side,
+    )
+    print(format_table(report))
+    if args.out:
+        print(f"report -> {args.out}")
+
+
 EXAMPLES = {
     "segment": "samkit segment photo.jpg --point 400,300 --out out/\n"
     "  samkit segment photo.jpg --point 400,300 --point 420,80,0 --box 10,10,600,400 --single --out out/",
     "embed": "samkit embed photos/ --out embeddings/",
     "download": "samkit download vit_t",
     "models": "samkit models",
+    "eval": "samkit eval clicks --data ../shared/datasets/interactive/GrabCut --model grabcut --limit 10 --out gc.json",
 }
 
 
@@ -185,6 +203,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p = command("models", "list every model: parameters, input size, file size, licence, source, cached")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
+
+    p = command(
+        "eval", "measure a model with the SAM paper's zero-shot protocols; prints a table, writes JSON"
+    )
+    p.add_argument("protocol", choices=["single-point", "clicks", "box", "edges", "proposals"])
+    p.add_argument(
+        "--data", required=True, help="RITM folder, COCO json/folder, BSDS500 root or SA-1B folder"
+    )
+    p.add_argument("--model", default=None, help="zoo name, checkpoint path, or `grabcut`; default vit_t")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (quick runs)")
+    p.add_argument("--out", default=None, help="report JSON path (clicks also writes <out>.png)")
+    p.add_argument("--max-clicks", type=int, default=20, help="clicks protocol: clicks per object")
+    p.add_argument("--points-per-side", type=int, default=None, help="edges/proposals: prompt grid size")
+    p.set_defaults(func=_cmd_eval)
 
     return parser
 
