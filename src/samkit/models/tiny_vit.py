@@ -1,6 +1,7 @@
 """TinyViT image encoder as used by MobileSAM (TinyViT-5M, strides changed to give a 64 x 64 embedding).
 
-Input: (B, 3, S, S) normalised image. Output: (B, 256, 64, 64) for S = 1024 (MobileSAM).
+Input: (B, 3, S, S) normalised image. Output: (B, 256, 64, 64) for S = 1024 (MobileSAM, patch stride 4)
+and for S = 256 (LiteMedSAM, patch stride 1).
 """
 
 from __future__ import annotations
@@ -26,14 +27,21 @@ class Conv2dBN(nn.Sequential):
 
 
 class PatchEmbed(nn.Module):
-    """Two stride-2 3x3 convs: (B, 3, S, S) -> (B, C, S/4, S/4)."""
+    """Stem: (B, 3, S, S) -> (B, C, S/stride, S/stride).
 
-    def __init__(self, in_chans: int, embed_dim: int) -> None:
+    stride 4: two stride-2 3x3 convs (TinyViT, MobileSAM); stride 1: two 1x1 convs (LiteMedSAM, whose
+    256 x 256 input is not downsampled here so that the embedding is still 64 x 64).
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, stride: int = 4) -> None:
         super().__init__()
+        if stride not in (1, 4):
+            raise ValueError(f"TinyViT patch stride must be 1 or 4, got {stride}")
+        ks, step, pad = (3, 2, 1) if stride == 4 else (1, 1, 0)
         self.seq = nn.Sequential(
-            Conv2dBN(in_chans, embed_dim // 2, 3, 2, 1),
+            Conv2dBN(in_chans, embed_dim // 2, ks, step, pad),
             nn.GELU(),
-            Conv2dBN(embed_dim // 2, embed_dim, 3, 2, 1),
+            Conv2dBN(embed_dim // 2, embed_dim, ks, step, pad),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +206,11 @@ class BasicLayer(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """TinyViT with MobileSAM's strides and a SAM neck; `head`/`norm_head` are kept only so checkpoints load."""
+    """TinyViT with MobileSAM's strides and a SAM neck.
+
+    `patch_stride` 4 is MobileSAM (1024 input), 1 is LiteMedSAM (256 input); both give a 64 x 64 embedding.
+    `head`/`norm_head` (unused) exist only when `classifier_head`, so that MobileSAM's checkpoint loads.
+    """
 
     def __init__(
         self,
@@ -212,11 +224,13 @@ class TinyViT(nn.Module):
         mbconv_expand_ratio: float = 4.0,
         out_chans: int = 256,
         num_classes: int = 1000,
+        patch_stride: int = 4,
+        classifier_head: bool = True,
     ) -> None:
         super().__init__()
         self.img_size = img_size
-        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        res0 = img_size // 4
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0], patch_stride)
+        res0 = img_size // patch_stride
         n = len(depths)
         # MobileSAM keeps the last stage at the third stage's resolution, so the embedding is S/16.
         resolutions = [res0 // (2 ** (i - 1 if i == n - 1 else i)) for i in range(n)]
@@ -242,8 +256,9 @@ class TinyViT(nn.Module):
                         downsample,
                     )
                 )
-        self.norm_head = nn.LayerNorm(embed_dims[-1])
-        self.head = nn.Linear(embed_dims[-1], num_classes)
+        if classifier_head:
+            self.norm_head = nn.LayerNorm(embed_dims[-1])
+            self.head = nn.Linear(embed_dims[-1], num_classes)
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
             LayerNorm2d(out_chans),
