@@ -135,6 +135,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         out=args.out,
         max_clicks=args.max_clicks,
         points_per_side=args.points_per_side,
+        thresholds=args.thresholds,
     )
     print(format_table(report))
     if args.out:
@@ -216,6 +217,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report JSON path (clicks also writes <out>.png)")
     p.add_argument("--max-clicks", type=int, default=20, help="clicks protocol: clicks per object")
     p.add_argument("--points-per-side", type=int, default=None, help="edges/proposals: prompt grid size")
+    p.add_argument(
+        "--thresholds", type=int, default=99, help="edges: threshold levels (BSDS: 99; fewer is faster)"
+    )
     p.set_defaults(func=_cmd_eval)
 
     return parser

@@ -278,12 +278,21 @@ def edge_map(model: PromptModel, height: int, width: int, points_per_side: int =
     return thin / thin.max() if thin.max() > 0 else thin
 
 
-def edges(model: PromptModel, item: EdgeItem, height: int, width: int, points_per_side: int = 16) -> tuple:
-    """Edge map of one BSDS image scored against its annotators. Image already set.
+def edges(
+    model: PromptModel,
+    item: EdgeItem,
+    height: int,
+    width: int,
+    points_per_side: int = 16,
+    thresholds: int = 99,
+) -> tuple:
+    """Edge map of one BSDS image scored against its annotators at `thresholds` levels. Image already set.
 
-    Returns (per-item result with the image's OIS-style best F, BoundaryCounts for the summary).
+    99 thresholds is the benchmark's setting; fewer are a faster approximation (each costs one
+    correspondence per annotator). Returns (per-item result with the image's best F, BoundaryCounts).
     """
-    counts = boundary_counts(edge_map(model, height, width, points_per_side), item.boundaries)
+    levels = np.linspace(1.0 / (thresholds + 1), 1.0 - 1.0 / (thresholds + 1), thresholds)
+    counts = boundary_counts(edge_map(model, height, width, points_per_side), item.boundaries, levels)
     return {"OIS_F": boundary_summary([counts])["OIS"]}, counts
 
 

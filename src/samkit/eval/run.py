@@ -97,6 +97,7 @@ def run_eval(
     *,
     max_clicks: int = 20,
     points_per_side: int | None = None,
+    thresholds: int = 99,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run `protocol` on the first `limit` items of `data` with `model`; return (and write) the report.
@@ -105,10 +106,13 @@ def run_eval(
     or a Dataset. model: see `resolve_model`. out: JSON path (written atomically); the clicks protocol
     also writes its mIoU-vs-clicks curve next to it as `<out stem>.png`. points_per_side: grid of the
     edges protocol (default 16, the paper's) and of proposals (MaskGenerator's default for SAM models,
-    8 for the grid fallback). Returns {"meta", "summary", "items"}.
+    8 for the grid fallback). thresholds: edge
+    thresholds (99 as in BSDS; fewer is faster and approximate). Returns {"meta", "summary", "items"}.
     """
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    if thresholds < 1:
+        raise ProtocolError(f"--thresholds must be at least 1, got {thresholds}")
     if limit is not None and limit < 1:
         raise ProtocolError(f"--limit must be a positive number of items, got {limit}")
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
@@ -146,7 +150,7 @@ def run_eval(
             elif protocol == "box":
                 result = P.box(predictor, item)
             else:
-                result, c = P.edges(predictor, item, *image.shape[:2], points_per_side or 16)
+                result, c = P.edges(predictor, item, *image.shape[:2], points_per_side or 16, thresholds)
                 counts.append(c)
         results.append({"id": item.id, **result})
         bar.update(1)
@@ -171,6 +175,8 @@ def run_eval(
         )
     if protocol in ("edges", "proposals"):
         settings["points_per_side"] = points_per_side
+    if protocol == "edges":
+        settings["thresholds"] = thresholds
     report = {
         "meta": {
             "protocol": protocol,
