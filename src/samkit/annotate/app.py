@@ -1,0 +1,251 @@
+"""The web app: a JSON API over `Project` and the static front end (plain HTML/JS/CSS, no build step).
+
+Errors that samkit raises on purpose become 4xx responses `{"error": "<one line>"}`: unknown ids and paths
+outside the images folder 404, missing image files 410, bad prompts 422, an image still embedding 503.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from samkit.annotate.project import MissingImageError, NotFoundError, Project, Prompt
+from samkit.errors import InputError, SamkitError, StateError
+
+# Formats browsers display as they are; others (TIFF) are sent as PNG.
+_BROWSER_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class PromptBody(BaseModel):
+    points: list[Any] = Field(default_factory=list, description="[[x, y, label]] image pixels; 1 fg, 0 bg")
+    box: list[Any] | None = Field(default=None, description="[x0, y0, x1, y1] image pixels (XYXY)")
+    multimask: bool | None = None
+
+
+class AcceptBody(PromptBody):
+    candidate: int = 0
+    label: str = "object"
+    annotator: str = ""
+    duration_ms: float | None = None
+
+
+class LabelBody(BaseModel):
+    label: str
+    annotator: str = ""
+
+
+class StatusBody(BaseModel):
+    status: str
+    annotator: str = ""
+
+
+class AutoBody(BaseModel):
+    points_per_side: int = 16
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    label: str = "object"
+    annotator: str = ""
+
+
+class EventBody(BaseModel):
+    kind: str = Field(min_length=1, max_length=40)
+    image_id: int | None = None
+    annotator: str = ""
+    duration_ms: float | None = None
+    detail: dict[str, Any] | None = None
+
+
+def _status_of(exc: SamkitError) -> int:
+    if isinstance(exc, MissingImageError):
+        return 410
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, StateError):
+        return 503
+    if isinstance(exc, InputError):
+        return 422
+    return 400
+
+
+def create_app(project: Project) -> FastAPI:
+    """The FastAPI app serving `project`; `project.start()` is called when the server starts."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        project.start()
+        yield
+        project.embeddings.stop()
+
+    app = FastAPI(
+        title="samkit annotate", docs_url="/api/docs", openapi_url="/api/openapi.json", lifespan=lifespan
+    )
+    static = Path(str(resources.files("samkit.annotate") / "static"))
+
+    @app.exception_handler(SamkitError)
+    def _samkit_error(_: Request, exc: SamkitError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = f"malformed request: {where + ': ' if where else ''}{first.get('msg', 'invalid input')}"
+        return JSONResponse({"error": msg}, status_code=422)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/api/project")
+    def project_info() -> dict[str, Any]:
+        return {
+            "images_dir": str(project.root),
+            "db": str(project.store.path),
+            "model": project.model_name or "default",
+            "progress": project.embeddings.progress(),
+            "stats": project.store.stats(),
+        }
+
+    @app.get("/api/progress")
+    def progress() -> dict[str, Any]:
+        return project.embeddings.progress()
+
+    @app.get("/api/images")
+    def images() -> list[dict[str, Any]]:
+        return project.images()
+
+    @app.get("/api/images/{image_id}")
+    def image(image_id: int) -> dict[str, Any]:
+        im = project.image(image_id)
+        missing = not (project.root / im["path"]).is_file()
+        objects = [o.as_json() for o in project.store.objects(image_id)]
+        return {
+            **im,
+            "missing": missing,
+            "embedded": project.embeddings.is_ready(image_id),
+            "objects": objects,
+        }
+
+    @app.get("/api/images/{image_id}/file")
+    def image_file(image_id: int) -> Response:
+        return _send_image(project.image_file(image_id))
+
+    @app.get("/files/{rel:path}")
+    def file_by_path(rel: str) -> Response:
+        return _send_image(project.resolve(rel))
+
+    @app.post("/api/images/{image_id}/open")
+    def open_image(image_id: int, annotator: str = "") -> dict[str, Any]:
+        project.open_image(image_id, annotator)
+        return {"ok": True, "embedded": project.embeddings.is_ready(image_id)}
+
+    @app.post("/api/images/{image_id}/predict")
+    def predict(image_id: int, body: PromptBody) -> dict[str, Any]:
+        started = time.perf_counter()
+        prompt = Prompt.parse(body.points, body.box)
+        cands = project.predict(image_id, prompt, body.multimask)
+        return {
+            "candidates": [
+                {
+                    "rle": c.rle,
+                    "bbox": c.bbox,
+                    "area": c.area,
+                    "score": c.score,
+                    "stability_score": c.stability_score,
+                }
+                for c in cands
+            ],
+            "server_ms": (time.perf_counter() - started) * 1000.0,
+        }
+
+    @app.post("/api/images/{image_id}/objects")
+    def accept(image_id: int, body: AcceptBody) -> dict[str, Any]:
+        prompt = Prompt.parse(body.points, body.box)
+        obj = project.accept(
+            image_id, prompt, body.candidate, body.label, body.annotator, body.duration_ms, body.multimask
+        )
+        return obj.as_json()
+
+    @app.patch("/api/objects/{object_id}")
+    def relabel(object_id: int, body: LabelBody) -> dict[str, Any]:
+        if project.store.object(object_id) is None:
+            raise NotFoundError(f"no object with id {object_id}")
+        return project.store.relabel_object(object_id, body.label, body.annotator).as_json()
+
+    @app.delete("/api/objects/{object_id}")
+    def delete(object_id: int, annotator: str = "") -> dict[str, Any]:
+        if project.store.object(object_id) is None:
+            raise NotFoundError(f"no object with id {object_id} (deleted already?)")
+        return project.store.delete_object(object_id, annotator).as_json()
+
+    @app.post("/api/images/{image_id}/status")
+    def set_status(image_id: int, body: StatusBody) -> dict[str, Any]:
+        project.image(image_id)
+        project.store.set_status(image_id, body.status, body.annotator)
+        return {"ok": True, "status": body.status}
+
+    @app.post("/api/images/{image_id}/auto")
+    def auto(image_id: int, body: AutoBody) -> dict[str, Any]:
+        started = time.perf_counter()
+        objs = project.auto(
+            image_id,
+            body.points_per_side,
+            body.pred_iou_thresh,
+            body.stability_score_thresh,
+            body.label,
+            body.annotator,
+        )
+        return {"objects": [o.as_json() for o in objs], "seconds": time.perf_counter() - started}
+
+    @app.post("/api/events")
+    def event(body: EventBody) -> dict[str, Any]:
+        if body.image_id is not None:
+            project.image(body.image_id)
+        project.store.log_event(body.kind, body.image_id, None, body.annotator, body.duration_ms, body.detail)
+        return {"ok": True}
+
+    return app
+
+
+def _send_image(path: Path) -> Response:
+    if path.suffix.lower() in _BROWSER_SUFFIXES:
+        return FileResponse(path)
+    from PIL import Image
+
+    from samkit.image import load_image
+
+    buf = io.BytesIO()
+    Image.fromarray(load_image(path)).save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png")
+
+
+def serve(project: Project, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the app with uvicorn until interrupted, printing its URL first."""
+    import uvicorn
+
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"
+    n = len(project.store.images())
+    print(f"samkit annotate: {url}  ({n} images, database {project.store.path})", flush=True)
+    uvicorn.run(create_app(project), host=host, port=port, log_level="warning")

@@ -1,0 +1,393 @@
+"""An annotation project: the images folder, the SQLite store, the model and its cached embeddings.
+
+Everything the web app does goes through `Project`, so it can be driven (and tested) without a browser.
+Coordinates: points (x, y) and boxes XYXY in original-image pixels; stored bboxes XYWH (COCO, SA-1B).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from samkit.annotate.embeddings import EmbeddingCache
+from samkit.annotate.store import ObjectRecord, Store
+from samkit.errors import InputError, PromptError, SamkitError
+from samkit.image import IMAGE_SUFFIXES
+
+# Auto mode keeps a generated mask only if it overlaps every existing object by less than this IoU.
+AUTO_OVERLAP_IOU = 0.5
+
+
+class NotFoundError(InputError):
+    """An image or object id, or a path, that the project does not have."""
+
+
+class MissingImageError(NotFoundError):
+    """An image the project knows whose file is gone from disk."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One proposed mask. rle: COCO RLE of the (H, W) mask; bbox XYWH; score: predicted IoU."""
+
+    rle: dict[str, Any]
+    bbox: list[float]
+    area: int
+    score: float
+    stability_score: float
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Points [(x, y, label)] with label 1 = foreground, 0 = background, and/or a box XYXY, in image pixels."""
+
+    points: tuple[tuple[float, float, int], ...] = ()
+    box: tuple[float, float, float, float] | None = None
+
+    @classmethod
+    def parse(cls, points: Any, box: Any) -> Prompt:
+        """Validate JSON-ish input: points [[x, y, label], ...], box [x0, y0, x1, y1] or None."""
+        parsed = []
+        for p in points or []:
+            if not isinstance(p, (list, tuple)) or len(p) != 3:
+                raise PromptError(f"each point must be [x, y, label], got {p!r}")
+            x, y, label = p
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y, label)):
+                raise PromptError(f"point values must be numbers, got {p!r}")
+            if label not in (0, 1):
+                raise PromptError(f"point label must be 1 (foreground) or 0 (background), got {label!r}")
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise PromptError(f"point coordinates must be finite numbers, got {p!r}")
+            parsed.append((float(x), float(y), int(label)))
+        b = None
+        if box is not None:
+            if (
+                not isinstance(box, (list, tuple))
+                or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+            ):
+                raise PromptError(f"box must be [x0, y0, x1, y1] numbers, got {box!r}")
+            if not all(math.isfinite(v) for v in box):
+                raise PromptError(f"box coordinates must be finite numbers, got {box!r}")
+            b = tuple(float(v) for v in box)
+        if not parsed and b is None:
+            raise PromptError("empty prompt: give at least one point or a box")
+        if len(parsed) > 64:
+            raise PromptError(f"too many points ({len(parsed)}); 64 at most")
+        return cls(tuple(parsed), b)  # type: ignore[arg-type]
+
+    def check_inside(self, width: int, height: int) -> None:
+        """Refuse points or boxes outside a width x height image (pixels)."""
+        for x, y, _ in self.points:
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise PromptError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if x1 < x0 or y1 < y0:
+                raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {list(self.box)}")
+            if x0 > width or y0 > height or x1 < 0 or y1 < 0:
+                raise PromptError(f"box {list(self.box)} lies outside the {width}x{height} image")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"points": [list(p) for p in self.points], "box": None if self.box is None else list(self.box)}
+
+
+class Project:
+    """The images under `images_dir`, annotated into the SQLite file `db_path` with `model`.
+
+    model: a zoo name or checkpoint path for `samkit.load` (None: the default model), or a model already
+    loaded with `samkit.load`. Embeddings are cached
+    in `<db stem>.embeddings/` next to the database.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        db_path: str | Path,
+        model: str | Path | Any = None,
+        log: Callable[[str], None] | None = None,
+        lru_size: int = 4,
+    ) -> None:
+        import samkit
+
+        self.store = Store(db_path)
+        self.root = register_images(self.store, images_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if model is None or isinstance(model, (str, Path)):
+            self.model_name = None if model is None else str(model)
+            self.model = samkit.load(model)
+        else:  # an already loaded model, e.g. shared by several projects in one process
+            self.model_name = str(getattr(model, "arch", "model"))
+            self.model = model
+        self._sam = samkit
+        db = Path(db_path).resolve()
+        self.embeddings = EmbeddingCache(
+            db.parent / f"{db.stem}.embeddings",
+            lambda: samkit.Predictor(self.model),
+            model_tag=_model_tag(self.model.arch, self.model_name),
+            lru_size=lru_size,
+            log=self.log,
+        )
+        self._auto_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start embedding every image present on disk, in listing order."""
+        images = [(im["id"], self.root / im["path"]) for im in self.store.images()]
+        self.embeddings.start([(i, p) for i, p in images if p.is_file()])
+
+    def close(self) -> None:
+        self.embeddings.stop()
+        self.store.close()
+
+    # --- images ----------------------------------------------------------------------------------------
+
+    def images(self) -> list[dict[str, Any]]:
+        """Images with status, object count, whether the file is missing and whether it is embedded."""
+        out = []
+        for im in self.store.images():
+            missing = not (self.root / im["path"]).is_file()
+            out.append({**im, "missing": missing, "embedded": self.embeddings.is_ready(im["id"])})
+        return out
+
+    def image(self, image_id: int) -> dict[str, Any]:
+        im = self.store.image(image_id)
+        if im is None:
+            raise NotFoundError(f"no image with id {image_id} in this project")
+        return im
+
+    def resolve(self, rel: str) -> Path:
+        """The file of a path relative to the images folder; refuses anything outside it or not an image."""
+        candidate = (self.root / rel).resolve()
+        if not candidate.is_relative_to(self.root):
+            raise NotFoundError(f"path {rel!r} is outside the images folder; only files under it are served")
+        if candidate.suffix.lower() not in IMAGE_SUFFIXES:
+            raise NotFoundError(f"{rel!r} is not an image ({', '.join(IMAGE_SUFFIXES)})")
+        if not candidate.is_file():
+            raise MissingImageError(f"image file {rel!r} is missing from the images folder")
+        return candidate
+
+    def image_file(self, image_id: int) -> Path:
+        return self.resolve(self.image(image_id)["path"])
+
+    def open_image(self, image_id: int, annotator: str = "") -> None:
+        """The annotator looks at this image: embed it next and log the event."""
+        self.image_file(image_id)
+        self.embeddings.prioritize(image_id)
+        self.store.log_event("open", image_id, annotator=annotator)
+
+    # --- prompts ---------------------------------------------------------------------------------------
+
+    def predict(self, image_id: int, prompt: Prompt, multimask: bool | None = None) -> list[Candidate]:
+        """Candidate masks for a prompt, best predicted IoU first.
+
+        multimask None: 3 candidates for a single point or a lone box (ambiguous), else 1 (SAM's advice).
+        """
+        self.image_file(image_id)
+        pred = self.embeddings.predictor(image_id)
+        if multimask is None:
+            multimask = len(prompt.points) + (prompt.box is not None) == 1
+        h, w = pred.original_size
+        prompt.check_inside(w, h)
+        coords = labels = boxes = None
+        if prompt.points:
+            xy = np.array([[p[:2] for p in prompt.points]], dtype=np.float64)
+            coords = torch.as_tensor(pred.transform.apply_coords(xy, (h, w)), dtype=torch.float32)
+            labels = torch.tensor([[p[2] for p in prompt.points]], dtype=torch.int64)
+        if prompt.box is not None:
+            box = np.array([prompt.box], dtype=np.float64)
+            boxes = torch.as_tensor(pred.transform.apply_boxes(box, (h, w)), dtype=torch.float32)
+        low_res, scores = pred.decode_low_res(coords, labels, boxes, None, multimask)
+        logits = _upscale(low_res[0].cpu().numpy(), pred.model.image_size, pred.input_size, (h, w))
+        scores = scores[0].float().cpu().numpy()
+        return _candidates(logits, scores)
+
+    def accept(
+        self,
+        image_id: int,
+        prompt: Prompt,
+        candidate: int = 0,
+        label: str = "object",
+        annotator: str = "",
+        duration_ms: float | None = None,
+        multimask: bool | None = None,
+    ) -> ObjectRecord:
+        """Recompute the prompt's masks and store candidate `candidate` (index in `predict`'s order)."""
+        cands = self.predict(image_id, prompt, multimask)
+        if not 0 <= candidate < len(cands):
+            raise PromptError(f"candidate must be 0..{len(cands) - 1} for this prompt, got {candidate}")
+        c = cands[candidate]
+        if c.area == 0:
+            raise PromptError("the chosen mask is empty; add a point or pick another candidate")
+        return self.store.add_object(
+            image_id,
+            c.rle,
+            c.bbox,
+            c.area,
+            label=_label(label),
+            predicted_iou=c.score,
+            stability_score=c.stability_score,
+            prompt=prompt.as_json(),
+            source="manual",
+            annotator=annotator,
+            duration_ms=duration_ms,
+        )
+
+    # --- auto mode -------------------------------------------------------------------------------------
+
+    def auto(
+        self,
+        image_id: int,
+        points_per_side: int = 16,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        label: str = "object",
+        annotator: str = "",
+    ) -> list[ObjectRecord]:
+        """Stage 2 of the data engine: run the automatic generator and pre-fill its confident masks.
+
+        Replaces this image's earlier auto objects; skips masks overlapping a manual or imported object
+        (IoU >= 0.5). Returns the new objects.
+        """
+        generator_cls = getattr(self._sam, "MaskGenerator", None)
+        if generator_cls is None:
+            raise SamkitError("auto mode needs samkit.MaskGenerator, which this samkit version lacks")
+        if not 1 <= points_per_side <= 64:
+            raise InputError(f"points_per_side must be 1..64, got {points_per_side}")
+        for name, v in (
+            ("pred_iou_thresh", pred_iou_thresh),
+            ("stability_score_thresh", stability_score_thresh),
+        ):
+            if not 0.0 <= v <= 1.0:
+                raise InputError(f"{name} must be in 0..1, got {v}")
+        path = self.image_file(image_id)
+        generator = generator_cls(
+            self.model,
+            points_per_side=points_per_side,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            output_mode="coco_rle",
+        )
+        with self._auto_lock:  # one generator run at a time: it takes all the cores
+            records = generator.generate(self._sam.load_image(path))
+        keep_against = [o.rle for o in self.store.objects(image_id) if o.source != "auto"]
+        items = []
+        for r in sorted(records, key=lambda r: -float(r["predicted_iou"])):
+            rle = _coco_rle(r["segmentation"])
+            if keep_against and _max_iou(rle, keep_against) >= AUTO_OVERLAP_IOU:
+                continue
+            items.append(
+                {
+                    "rle": rle,
+                    "bbox": [float(v) for v in r["bbox"]],
+                    "area": int(r["area"]),
+                    "label": _label(label),
+                    "predicted_iou": float(r["predicted_iou"]),
+                    "stability_score": float(r["stability_score"]),
+                    "prompt": {
+                        "points": [[*map(float, p), 1] for p in r.get("point_coords", [])],
+                        "box": None,
+                    },
+                }
+            )
+        return self.store.add_objects(
+            image_id, items, source="auto", annotator=annotator, replace_source=True
+        )
+
+
+def register_images(store: Store, images_dir: str | Path) -> Path:
+    """Add the images under `images_dir` (recursive) to the store; returns the folder, resolved."""
+    from samkit.engine.inputs import list_images
+
+    root = Path(images_dir).resolve()
+    if not root.is_dir():
+        raise InputError(f"images folder not found: {images_dir} (give a folder of images)")
+    entries = []
+    for path in list_images(root):
+        rel = path.resolve().relative_to(root).as_posix()
+        entries.append((rel, *_image_size(path)))
+    store.sync_images(entries)
+    store.set_meta("images_dir", str(root))
+    return root
+
+
+def _model_tag(arch: str, name: str | None) -> str:
+    """Cache key of a model: its architecture, plus the file name when it was loaded from a path
+    (a fine-tuned checkpoint must not reuse the embeddings of the official one)."""
+    if name and Path(name).is_file():
+        return f"{arch}-{Path(name).name}"
+    return arch
+
+
+def _image_size(path: Path) -> tuple[int | None, int | None]:
+    """(width, height) from the file header, or (None, None) if the file cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return int(im.size[0]), int(im.size[1])
+    except (OSError, ValueError, SyntaxError):
+        return None, None
+
+
+def _label(label: Any) -> str:
+    if not isinstance(label, str) or not label.strip() or len(label) > 200:
+        raise InputError("a label must be a string of 1 to 200 characters")
+    return label.strip()
+
+
+def _upscale(
+    low_res: np.ndarray, image_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> np.ndarray:
+    """Low-res logits (C, 256, 256) in the padded model frame -> (C, H, W) logits at the original size.
+
+    The same two bilinear steps as the model's postprocessing (to the padded square, crop the unpadded
+    part, to the original size), done by OpenCV: equal to ~1e-4 in the logits and several times faster
+    than torch on CPU, which matters for the click-to-mask latency.
+    """
+    x = np.ascontiguousarray(low_res.transpose(1, 2, 0), dtype=np.float32)
+    big = cv2.resize(x, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    big = big.reshape(image_size, image_size, -1)[: input_size[0], : input_size[1]]
+    out = cv2.resize(
+        np.ascontiguousarray(big), (original_size[1], original_size[0]), interpolation=cv2.INTER_LINEAR
+    )
+    return out.reshape(original_size[0], original_size[1], -1).transpose(2, 0, 1)
+
+
+def _candidates(logits: np.ndarray, scores: np.ndarray) -> list[Candidate]:
+    """Masks (C, H, W) float logits and scores (C,) -> candidates sorted by predicted IoU."""
+    from samkit.masks import masks_to_coco_rle, stability_score
+
+    masks = logits > 0.0
+    stability = np.nan_to_num(stability_score(torch.from_numpy(logits), 0.0, 1.0).numpy())
+    rles = masks_to_coco_rle(masks)
+    encoded = [{"size": r["size"], "counts": r["counts"].encode()} for r in rles]
+    boxes = mask_utils.toBbox(encoded) if encoded else np.zeros((0, 4))
+    areas = mask_utils.area(encoded) if encoded else np.zeros(0)
+    out = [
+        Candidate(rles[i], [float(v) for v in boxes[i]], int(areas[i]), float(scores[i]), float(stability[i]))
+        for i in range(len(rles))
+    ]
+    return sorted(out, key=lambda c: -c.score)
+
+
+def _coco_rle(segmentation: Any) -> dict[str, Any]:
+    from samkit.masks import to_coco_rle
+
+    return to_coco_rle(segmentation)
+
+
+def _max_iou(rle: dict[str, Any], others: Sequence[dict[str, Any]]) -> float:
+    def enc(r: dict[str, Any]) -> dict[str, Any]:
+        return {"size": r["size"], "counts": r["counts"].encode()}
+
+    ious = mask_utils.iou([enc(rle)], [enc(o) for o in others], [0] * len(others))
+    return float(np.max(ious)) if np.size(ious) else 0.0
