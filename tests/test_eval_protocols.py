@@ -229,3 +229,23 @@ def test_cli_eval_prints_table_and_writes_report(tmp_path, capsys):
     assert json.loads(out.read_text())["summary"]["n_items"] == 1
     assert main(["eval", "box", "--data", str(tmp_path / "none"), "--model", "grabcut"]) == 2
     assert "data set not found" in capsys.readouterr().err
+
+
+def test_objects_inside_ignore_regions_are_skipped(tmp_path):
+    from PIL import Image
+
+    from samkit.eval.datasets import Dataset
+
+    model = DiskModel()
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48)).save(image)
+
+    class Two(Dataset):
+        kind = "test"
+
+        def objects(self):
+            yield ObjectItem("hidden", image, model.mask, model.mask.copy())
+            yield ObjectItem("seen", image, model.mask, None)
+
+    report = run_eval("box", Two(Path(".")), model, progress=False)
+    assert [it["id"] for it in report["items"]] == ["seen"] and report["summary"]["n_skipped"] == 1

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from samkit.errors import InputError
 from samkit.eval import protocols as P
-from samkit.eval.datasets import Dataset, ImageItem, open_dataset
+from samkit.eval.datasets import Dataset, ImageItem, ObjectItem, open_dataset
 from samkit.eval.grabcut import GrabCutPredictor
 from samkit.image import load_image
 
@@ -132,10 +132,15 @@ def run_eval(
     counts = []
     propose = _proposer(predictor, points_per_side) if protocol == "proposals" else None
     current_image = None
+    skipped: list[str] = []
     bar = tqdm(total=total, desc=f"{protocol} {meta['model']}", unit="item", disable=not progress)
     for item in items:
         if limit is not None and len(results) >= limit:
             break
+        if protocol in ("single-point", "clicks", "box") and not _has_valid_pixels(item):
+            # An object entirely inside an ignore region (e.g. under a COCO crowd) cannot be prompted.
+            skipped.append(item.id)
+            continue
         if protocol == "proposals":
             result = P.proposals(propose, item)
         else:
@@ -167,6 +172,8 @@ def run_eval(
     else:
         summary = P.summarize_proposals(results)
     summary["n_items"] = len(results)
+    if skipped:
+        summary["n_skipped"] = len(skipped)
 
     settings: dict[str, Any] = {"limit": limit}
     if protocol == "clicks":
@@ -199,6 +206,10 @@ def run_eval(
                 f"{meta['model']} on {dataset.root.name}",
             )
     return report
+
+
+def _has_valid_pixels(item: ObjectItem) -> bool:
+    return bool(item.mask.any() if item.ignore is None else (item.mask & ~item.ignore).any())
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
