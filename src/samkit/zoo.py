@@ -272,6 +272,14 @@ def load_checkpoint(path: Path, config: SamConfig | None = None) -> Sam:
             else detect_config(sd)
         )
     model = build_sam(config)
+    own = model.state_dict()
+    shapes = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if shapes:
+        k = shapes[0]
+        raise CheckpointError(
+            f"checkpoint {path} does not match the {config.encoder} architecture: {k} is "
+            f"{tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in the model ({len(shapes)} such tensors)"
+        )
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
