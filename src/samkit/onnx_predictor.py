@@ -1,0 +1,337 @@
+"""OnnxPredictor: the `Predictor` API on onnxruntime, for machines without PyTorch.
+
+Needs only numpy, pillow and onnxruntime (`pip install samkit[onnx]`), plus safetensors for
+save/load_embedding. Reads a folder written by `samkit export onnx` (encoder.onnx, decoder.onnx,
+samkit_onnx.json); a folder with only decoder.onnx works with `set_embedding` / `load_embedding`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from samkit.errors import CheckpointError, InputError, PromptError, StateError
+from samkit.image import ImageLike, load_image
+
+SPEC_NAME = "samkit_onnx.json"  # the same name as samkit.export.SPEC_NAME, which needs torch to import
+
+
+class OnnxPredictor:
+    """Promptable segmentation of one image at a time with the exported ONNX graphs.
+
+    Coordinate frames as in `Predictor`: points (x, y) and boxes XYXY in original-image pixels; masks at
+    the original size (H, W); low-res logits (256, 256) in the padded model-input frame.
+    """
+
+    def __init__(
+        self, model_dir: str | Path, *, num_threads: int | None = None, providers: list[str] | None = None
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        spec_path = self.model_dir / SPEC_NAME
+        if not spec_path.is_file():
+            raise CheckpointError(
+                f"{self.model_dir} has no {SPEC_NAME}: export a model with `samkit export onnx --out DIR`"
+            )
+        try:
+            self.spec: dict[str, Any] = json.loads(spec_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {spec_path}: {exc}; export the model again") from None
+        self.image_size = int(self.spec["image_size"])
+        self.mask_threshold = float(self.spec.get("mask_threshold", 0.0))
+        pre = self.spec["preprocess"]
+        self._mean = np.asarray(pre["pixel_mean"], dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(pre["pixel_std"], dtype=np.float32).reshape(3, 1, 1)
+        self._mask_size = tuple(self.spec["mask_input_size"])
+        self._embedding_shape = tuple(self.spec["embedding_shape"])
+        self._num_threads = num_threads
+        self._providers = providers or ["CPUExecutionProvider"]
+        self._encoder: Any = None
+        self._decoder = self._session(self.spec["decoder"]["file"])
+        self.reset_image()
+
+    # --- sessions --------------------------------------------------------------------------------------
+
+    def _session(self, name: str) -> Any:
+        import onnxruntime as ort
+
+        path = self.model_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: export the model again with `samkit export onnx`")
+        opts = ort.SessionOptions()
+        if self._num_threads:
+            opts.intra_op_num_threads = self._num_threads
+            opts.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(str(path), opts, providers=self._providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for a damaged file
+            raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+    # --- image -----------------------------------------------------------------------------------------
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.features: np.ndarray | None = None
+        self.original_size: tuple[int, int] = (0, 0)
+        self.input_size: tuple[int, int] = (0, 0)
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The image embedding, (1, 256, 64, 64) float32."""
+        return self._require_image()
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (1, 3, S, S) float32: resized, normalised, padded bottom-right."""
+        h, w = resized_shape(image.shape[0], image.shape[1], self.image_size)
+        pre = self.spec["preprocess"]
+        if pre.get("resize", "bilinear") == "area":
+            try:
+                import cv2
+            except ImportError:
+                raise StateError(
+                    "this model resizes with OpenCV INTER_AREA: pip install opencv-python-headless"
+                ) from None
+            resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+        else:
+            resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR), dtype=np.float32)
+        x = resized.transpose(2, 0, 1)
+        if pre.get("normalize", "mean_std") == "minmax":
+            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
+        else:
+            x = (x - self._mean) / self._std
+        out = np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32)
+        out[0, :, :h, :w] = x
+        return out
+
+    def set_image(self, image: ImageLike) -> None:
+        """Encode `image`: an (H, W, 3) uint8 RGB or (H, W) gray array, a PIL image, or a path."""
+        arr = load_image(image)
+        if self._encoder is None:
+            self._encoder = self._session(self.spec["encoder"]["file"])
+        (features,) = self._encoder.run(None, {"image": self.preprocess(arr)})
+        self.set_embedding(features, (arr.shape[0], arr.shape[1]))
+
+    def set_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
+        """Use a precomputed embedding (1, 256, 64, 64) of an image of size (H, W)."""
+        emb = np.ascontiguousarray(embedding, dtype=np.float32)
+        if emb.ndim == 3:
+            emb = emb[None]
+        if emb.shape != self._embedding_shape:
+            raise InputError(
+                f"embedding must be {self._embedding_shape}, got {emb.shape}; re-embed the image"
+            )
+        self.reset_image()
+        self.features = emb
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = resized_shape(*self.original_size, self.image_size)
+
+    def save_embedding(self, path: str | Path) -> None:
+        """Write the embedding as `Predictor.save_embedding` does (safetensors), readable by either."""
+        from safetensors.numpy import save_file
+
+        feats = self._require_image()
+        meta = {
+            "original_size": f"{self.original_size[0]},{self.original_size[1]}",
+            "input_size": f"{self.input_size[0]},{self.input_size[1]}",
+            "arch": self.spec.get("model") or "",
+            "image_size": str(self.image_size),
+            "model_config": self.spec.get("model_config_id", ""),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"embedding": feats}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def load_embedding(self, path: str | Path) -> None:
+        """Load an embedding written by `Predictor.save_embedding` or `OnnxPredictor.save_embedding`."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                feats = f.get_tensor("embedding")
+            size = tuple(int(v) for v in meta["original_size"].split(","))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read embedding {path}: {exc}") from None
+        arch = self.spec.get("model")
+        if meta.get("model_config") != self.spec.get("model_config_id"):
+            raise CheckpointError(
+                f"embedding {path} was made by model {meta.get('arch')!r}, not {arch!r}; re-embed the image"
+            )
+        self.set_embedding(feats, size)  # type: ignore[arg-type]
+
+    # --- prompts ---------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        point_coords: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
+        box: np.ndarray | list | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt, exactly as `Predictor.predict`.
+
+        point_coords: (N, 2) XY original pixels; point_labels: (N,) 1 = foreground, 0 = background.
+        box: (4,) XYXY original pixels. mask_input: (1, 256, 256) low-res logits from a previous call.
+        Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
+        low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
+        """
+        coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
+        labels = None if point_labels is None else np.asarray(point_labels)[None]
+        boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, dtype=np.float32)
+            if mask_input.shape == self._mask_size:
+                mask_input = mask_input[None]
+            mask_input = mask_input[None]
+        masks, scores, logits = self.predict_batch(
+            coords, labels, boxes, mask_input, multimask_output, return_logits
+        )
+        return masks[0], scores[0], logits[0]
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B prompts on the current image, one decoder run each (the graph takes one prompt).
+
+        point_coords: (B, N, 2) XY original pixels; point_labels: (B, N) in {1, 0, -1 padding};
+        boxes: (B, 4) XYXY original pixels; mask_input: (B, 1, 256, 256).
+        Returns masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256).
+        """
+        features = self._require_image()
+        coords, labels, boxes, mask_input, batch = self._check_prompts(
+            point_coords, point_labels, boxes, mask_input
+        )
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        outs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for i in range(batch):
+            feed = self._decoder_feed(
+                features,
+                None if coords is None else coords[i],
+                None if labels is None else labels[i],
+                None if boxes is None else boxes[i],
+                None if mask_input is None else mask_input[i],
+            )
+            masks, iou, low_res = self._decoder.run(None, feed)
+            masks = masks[0, sel]
+            outs.append(
+                (masks if return_logits else masks > self.mask_threshold, iou[0, sel], low_res[0, sel])
+            )
+        return tuple(np.stack(parts) for parts in zip(*outs, strict=True))  # type: ignore[return-value]
+
+    def _decoder_feed(
+        self,
+        features: np.ndarray,
+        coords: np.ndarray | None,
+        labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """One prompt in original pixels -> the decoder's inputs in the model-input frame."""
+        h, w = self.original_size
+        scale = np.array([self.input_size[1] / w, self.input_size[0] / h])
+        pts: list[np.ndarray] = []
+        labs: list[np.ndarray] = []
+        if coords is not None and labels is not None:
+            pts.append(coords * scale)
+            labs.append(labels.astype(np.float64))
+        if box is not None:
+            pts.append(box.reshape(2, 2) * scale)
+            labs.append(np.array([2.0, 3.0]))
+        elif coords is not None:
+            # SAM's "not a point" token stands in for the missing box, as in the torch prompt encoder.
+            pts.append(np.zeros((1, 2)))
+            labs.append(np.array([-1.0]))
+        pc = np.concatenate(pts) if pts else np.zeros((0, 2))
+        pl = np.concatenate(labs) if labs else np.zeros((0,))
+        has_mask = mask is not None
+        return {
+            "image_embeddings": features,
+            "point_coords": pc[None].astype(np.float32),
+            "point_labels": pl[None].astype(np.float32),
+            "mask_input": (mask if has_mask else np.zeros((1, *self._mask_size)))[None].astype(np.float32),
+            "has_mask_input": np.array([1.0 if has_mask else 0.0], dtype=np.float32),
+            "orig_im_size": np.array(self.original_size, dtype=np.float32),
+        }
+
+    # --- validation ------------------------------------------------------------------------------------
+
+    def _require_image(self) -> np.ndarray:
+        if self.features is None:
+            raise StateError("no image set: call set_image() (or load_embedding()) before predict()")
+        return self.features
+
+    def _check_prompts(
+        self,
+        coords: np.ndarray | None,
+        labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        mask_input: np.ndarray | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
+        h, w = self.original_size
+        if (coords is None) != (labels is None):
+            raise PromptError("point_coords and point_labels must be given together")
+        if coords is None and boxes is None and mask_input is None:
+            raise PromptError("no prompt: give point_coords + point_labels, a box, or a mask_input")
+        sizes = set()
+        if coords is not None and labels is not None:
+            coords = np.asarray(coords, dtype=np.float64)
+            labels = np.asarray(labels)
+            if coords.ndim != 3 or coords.shape[-1] != 2:
+                raise PromptError(
+                    f"point_coords must be (N, 2) XY pixels (batched: (B, N, 2)), got shape {coords.shape}"
+                )
+            if labels.shape != coords.shape[:2]:
+                raise PromptError(
+                    f"point_labels must have one label per point: {labels.shape} vs {coords.shape[:2]}"
+                )
+            bad = ~np.isin(labels, (0, 1, -1))
+            if bad.any():
+                raise PromptError(f"point label {labels[bad][0]} is not 1 (foreground) or 0 (background)")
+            real = coords[labels != -1]
+            outside = ~np.isfinite(real).all(1) | (real < 0).any(1) | (real[:, 0] > w) | (real[:, 1] > h)
+            if outside.any():
+                x, y = real[outside][0]
+                raise PromptError(
+                    f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})"
+                )
+            sizes.add(coords.shape[0])
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
+                raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {boxes[0].tolist()}")
+            if (boxes[:, :2] > [w, h]).any() or (boxes[:, 2:] < 0).any():
+                raise PromptError(f"box {boxes[0].tolist()} lies outside the {w}x{h} image")
+            sizes.add(boxes.shape[0])
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, dtype=np.float32)
+            if mask_input.ndim != 4 or mask_input.shape[1:] != (1, *self._mask_size):
+                raise PromptError(
+                    f"mask_input must be (1, {self._mask_size[0]}, {self._mask_size[1]}) low-res logits, "
+                    f"got shape {mask_input.shape[1:]}"
+                )
+            sizes.add(mask_input.shape[0])
+        if len(sizes) > 1:
+            raise PromptError(f"prompt batch sizes differ: {sorted(sizes)}")
+        return coords, labels, boxes, mask_input, sizes.pop()
+
+
+def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) after resizing the longest side to `long_side`, rounded half up (as samkit.transforms)."""
+    scale = long_side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
