@@ -259,9 +259,6 @@ class Project:
         Replaces this image's earlier auto objects; skips masks overlapping a manual or imported object
         (IoU >= 0.5). Returns the new objects.
         """
-        generator_cls = getattr(self._sam, "MaskGenerator", None)
-        if generator_cls is None:
-            raise SamkitError("auto mode needs samkit.MaskGenerator, which this samkit version lacks")
         if not 1 <= points_per_side <= 64:
             raise InputError(f"points_per_side must be 1..64, got {points_per_side}")
         for name, v in (
@@ -271,6 +268,9 @@ class Project:
             if not 0.0 <= v <= 1.0:
                 raise InputError(f"{name} must be in 0..1, got {v}")
         path = self.image_file(image_id)
+        generator_cls = getattr(self._sam, "MaskGenerator", None)
+        if generator_cls is None:
+            raise SamkitError("auto mode needs samkit.MaskGenerator, which this samkit version lacks")
         generator = generator_cls(
             self.model,
             points_per_side=points_per_side,

@@ -147,6 +147,8 @@ class Store:
         """
         now = time.time()
         with self._tx() as db:
+            # Images no longer listed (missing files) go after the listed ones, in their old order.
+            db.execute("UPDATE images SET position = position + 1000000000")
             for pos, (rel, w, h) in enumerate(entries):
                 db.execute(
                     "INSERT INTO images (path, width, height, position, added_at) VALUES (?, ?, ?, ?, ?) "
