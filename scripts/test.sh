@@ -8,6 +8,10 @@ pip install -q torch==2.13.0
 pip install -q -e ".[test]"
 # Test-only references (Meta's segment-anything, MobileSAM), run on ../shared/refshim's stand-ins.
 pip install -q --no-deps segment-anything mobilesam-mirror
+# Debian's chromium for the annotator's browser tests (driven by Playwright; never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 python -m pytest -q "$@"
