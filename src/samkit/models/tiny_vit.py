@@ -83,7 +83,8 @@ class PatchMerging(nn.Module):
         x = self.act(self.conv1(x))
         x = self.act(self.conv2(x))
         x = self.conv3(x)
-        return x.flatten(2).transpose(1, 2)
+        # (B, C, H, W) -> (B, H*W, C); free when x is channels_last, as it is in `TinyViT.forward`.
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
 class ConvLayer(nn.Module):
@@ -128,9 +129,20 @@ class WindowAttention(nn.Module):
         x = self.norm(x)
         q, k, v = self.qkv(x).view(b, n, self.num_heads, 3 * self.key_dim).split(self.key_dim, dim=3)
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn += self._bias().to(q.dtype)  # (heads, N, N) broadcast over windows
+        out = torch.softmax(attn, dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _bias(self) -> torch.Tensor:
+        """The (heads, N, N) bias; in eval mode gathered once and reused until the parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return self.attention_biases[:, self.attention_bias_idxs]
+        key = (self.attention_biases._version, self.attention_biases.data_ptr(), self.attention_biases.device)
+        if getattr(self, "_bias_key", None) != key:
+            self._bias_cache = self.attention_biases[:, self.attention_bias_idxs].detach()
+            self._bias_key = key
+        return self._bias_cache
 
 
 class TokenMLP(nn.Module):
@@ -268,7 +280,8 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, S, S) -> (B, 256, S/16, S/16)."""
-        x = self.patch_embed(x)
+        # Channels-last lets the conv stages run without layout reorders between convs and token views.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
         b, _, c = x.shape

@@ -104,10 +104,13 @@ class Block(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention over a (B, H, W, C) grid with decomposed relative-position bias.
 
-    The bias for query (i, j) and key (k, l) is Rh[i, k] . q + Rw[j, l] . q, added to the logits before
-    softmax. It is passed to fused scaled-dot-product attention as an additive mask, so the (N x N) logits
-    themselves are never materialised by us.
+    The bias for query (i, j) and key (k, l) is q . Rh[i, k] + q . Rw[j, l]. It is added in place to the
+    logits of a block of query rows at a time, so global attention never holds the full (N x N) logits of
+    every head at once (the reference holds them, plus two copies while adding the bias).
     """
+
+    # Query rows per block for global attention: 16 rows x 64 columns = 1024 queries per block.
+    rows_per_block = 16
 
     def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]) -> None:
         super().__init__()
@@ -122,29 +125,22 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # each (B*heads, N, head_dim)
+        rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (H, H, C)
+        rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (W, W, C)
+        out = torch.empty_like(q)
+        kt = k.transpose(1, 2)
+        rq = q.reshape(-1, h, w, q.shape[-1])
+        for r0 in range(0, h, self.rows_per_block):
+            r1 = min(h, r0 + self.rows_per_block)
+            qb = rq[:, r0:r1]  # (B*heads, rows, W, C)
+            attn = (qb * self.scale).reshape(qb.shape[0], -1, qb.shape[-1]) @ kt  # (B*heads, rows*W, N)
+            grid = attn.view(-1, r1 - r0, w, h, w)
+            grid.add_(torch.einsum("bhwc,hkc->bhwk", qb, rh[r0:r1])[..., None])
+            grid.add_(torch.einsum("bhwc,wkc->bhwk", qb, rw)[..., None, :])
+            out[:, r0 * w : r1 * w] = torch.softmax(attn, dim=-1) @ v
+        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
-
-
-def rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """Decomposed relative-position bias.
-
-    q: (B, heads, H*W, C) unscaled queries. Returns (B, heads, H*W, H*W) additive attention bias.
-    """
-    h, w = size
-    rh = get_rel_pos(h, h, rel_pos_h)  # (H, H, C)
-    rw = get_rel_pos(w, w, rel_pos_w)  # (W, W, C)
-    b, heads, _, c = q.shape
-    rq = q.reshape(b, heads, h, w, c)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
-    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, heads, H, W, H, W)
-    return bias.reshape(b, heads, h * w, h * w)
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
