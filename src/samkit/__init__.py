@@ -11,6 +11,7 @@ from samkit.image import load_image
 
 if TYPE_CHECKING:
     from samkit.onnx_predictor import OnnxPredictor
+    from samkit.everything import MaskGenerator
     from samkit.predictor import Predictor
     from samkit.zoo import DEFAULT_MODEL, load, registry, save
 
@@ -22,22 +23,29 @@ _LAZY = {
     "registry": "samkit.zoo",
     "save": "samkit.zoo",
     "Predictor": "samkit.predictor",
+    "MaskGenerator": "samkit.everything",
     "OnnxPredictor": "samkit.onnx_predictor",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'samkit' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    try:  # `samkit.zoo` etc. without importing the submodule first, as when all of it was imported eagerly
+        return importlib.import_module(f"samkit.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"samkit.{name}":
+            raise
+    raise AttributeError(f"module 'samkit' has no attribute {name!r}")
 
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MaskGenerator",
     "OnnxPredictor",
     "Predictor",
     "SamkitError",

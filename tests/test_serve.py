@@ -1,0 +1,211 @@
+"""`samkit serve` in a real uvicorn process on 127.0.0.1: embed, predict (50 concurrent), limits, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PHOTO, ROOT
+
+import samkit
+from samkit.errors import ImageError
+from samkit.masks import rle_to_mask
+from samkit.serve.app import decode_upload
+from samkit.serve.cache import EmbeddingCache
+
+httpx = pytest.importorskip("httpx")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, embedding cache folder) of a `samkit serve --model vit_t` subprocess with a 1 MiB body limit."""
+    try:
+        samkit.zoo.checkpoint_path("vit_t", progress=False)
+    except samkit.SamkitError as exc:
+        pytest.skip(f"vit_t weights not available: {exc}")
+    cache = tmp_path_factory.mktemp("serve_cache")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "samkit.cli", "serve", "--model", "vit_t", "--port", str(port)]
+    cmd += ["--cache-dir", str(cache), "--max-upload-mb", "1", "--max-embeddings", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            pytest.fail(f"server did not start: {out[-2000:]}")
+        time.sleep(0.5)
+    yield base, cache
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def embedded(server):
+    base, cache = server
+    data = PHOTO.read_bytes()
+    r = httpx.post(base + "/embed", files={"file": ("photo.jpg", data, "image/jpeg")}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_models_and_openapi(server) -> None:
+    base, _ = server
+    assert httpx.get(base + "/health").json()["model"] == "vit_t"
+    models = httpx.get(base + "/models").json()
+    assert models["serving"] == "vit_t" and "vit_b" in {m["name"] for m in models["models"]}
+    paths = httpx.get(base + "/openapi.json").json()["paths"]
+    assert {"/embed", "/predict", "/everything", "/models", "/health"} <= set(paths)
+
+
+def test_embed_is_cached_by_content(server, embedded) -> None:
+    base, cache = server
+    assert (embedded["height"], embedded["width"]) == (422, 640)
+    assert (cache / f"{embedded['embedding_id']}.safetensors").is_file()
+    again = httpx.post(base + "/embed", files={"file": ("x.jpg", PHOTO.read_bytes())}, timeout=60).json()
+    assert again["embedding_id"] == embedded["embedding_id"] and again["cached"] is True
+    raw = httpx.get(base + f"/embeddings/{embedded['embedding_id']}")
+    assert raw.headers["x-image-size"] == "422,640"
+    assert len(raw.content) == 256 * 64 * 64 * 4
+
+
+def test_50_concurrent_predicts_match_the_predictor(server, embedded) -> None:
+    base, cache = server
+    key = embedded["embedding_id"]
+    rng = np.random.default_rng(0)
+    distinct = np.stack([rng.uniform(0, 640, 10), rng.uniform(0, 422, 10)], axis=1).round(1)
+    clicks = np.concatenate([distinct] * 5)  # 50 requests; repeats must get the same answer
+    pred = samkit.Predictor(samkit.load("vit_t", progress=False))
+    pred.load_embedding(cache / f"{key}.safetensors")
+    expected = [pred.predict(c[None], [1]) for c in distinct] * 5
+
+    def ask(click: np.ndarray) -> dict:
+        body = {"embedding_id": key, "points": [click.tolist()], "labels": [1]}
+        r = client.post(base + "/predict", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with httpx.Client() as client, ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(ask, clicks))
+    for (masks, scores, _), answer in zip(expected, answers, strict=True):
+        assert len(answer["masks"]) == 3
+        got = [m["predicted_iou"] for m in answer["masks"]]
+        assert got == sorted(got, reverse=True)
+        for m in answer["masks"]:
+            i = m["candidate"]
+            decoded = rle_to_mask(m["segmentation"])
+            assert decoded.shape == (422, 640) and m["area"] == int(decoded.sum())
+            assert (decoded == masks[i]).mean() >= 0.999
+            assert abs(m["predicted_iou"] - float(scores[i])) < 1e-4
+
+
+def test_box_prompt_and_single_mask(server, embedded) -> None:
+    base, _ = server
+    body = {"embedding_id": embedded["embedding_id"], "box": [100, 80, 420, 330], "multimask": False}
+    answer = httpx.post(base + "/predict", json=body, timeout=120).json()
+    assert len(answer["masks"]) == 1 and answer["masks"][0]["area"] > 0
+
+
+def test_oversize_upload_is_413(server) -> None:
+    base, _ = server
+    big = b"\xff\xd8" + os.urandom(3 * 2**20 // 2)
+    r = httpx.post(base + "/embed", files={"file": ("big.jpg", big)}, timeout=60)
+    assert r.status_code == 413 and "1 MiB limit" in r.json()["detail"]
+
+    def chunks():  # a valid multipart body without Content-Length: the limit applies while streaming
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n\r\n'
+        for _ in range(24):
+            yield b"x" * 65536
+        yield b"\r\n--b--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    r = httpx.post(base + "/embed", content=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 413 and "1 MiB limit" in r.json()["detail"]
+
+
+def test_corrupt_or_missing_images_are_400(server) -> None:
+    base, _ = server
+    r = httpx.post(base + "/embed", files={"file": ("a.jpg", b"this is not an image")}, timeout=60)
+    assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
+    truncated = PHOTO.read_bytes()[:3000]
+    r = httpx.post(base + "/embed", files={"file": ("t.jpg", truncated)}, timeout=60)
+    assert r.status_code == 400 and "corrupt or truncated" in r.json()["detail"]
+    assert httpx.post(base + "/embed", timeout=60).status_code == 422  # no file field
+
+
+def test_bad_prompts_and_unknown_ids(server, embedded) -> None:
+    base, _ = server
+    r = httpx.post(base + "/predict", json={"embedding_id": "0" * 32, "points": [[1, 1]], "labels": [1]})
+    assert r.status_code == 404 and "POST the image to /embed" in r.json()["detail"]
+    body = {"embedding_id": embedded["embedding_id"], "points": [[900, 10]], "labels": [1]}
+    r = httpx.post(base + "/predict", json=body, timeout=60)
+    assert r.status_code == 400 and "outside the 640x422 image" in r.json()["detail"]
+    r = httpx.post(base + "/predict", json={"embedding_id": embedded["embedding_id"]}, timeout=60)
+    assert r.status_code == 400 and "no prompt" in r.json()["detail"]
+
+
+def test_everything_returns_sa1b(server) -> None:
+    base, _ = server
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(samkit.load_image(PHOTO)).resize((320, 211)).save(buf, "PNG")
+    r = httpx.post(
+        base + "/everything?points_per_side=4", files={"file": ("s.png", buf.getvalue())}, timeout=300
+    )
+    if r.status_code == 501:
+        pytest.skip(r.json()["detail"])
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["image"]["width"] == 320 and doc["image"]["file_name"] == "s.png"
+    for ann in doc["annotations"]:
+        assert set(ann) >= {"segmentation", "bbox", "area", "predicted_iou", "point_coords", "crop_box"}
+        assert rle_to_mask(ann["segmentation"]).shape == (211, 320)
+
+
+def test_embedding_cache_evicts_least_recently_used(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path, max_items=2)
+    for i, key in enumerate("abc"):
+        cache.path(key).write_bytes(b"x")
+        os.utime(cache.path(key), ns=(i * 10**9, i * 10**9))
+        if key == "b":
+            assert cache.get("a") is not None  # "a" becomes the most recently used
+        cache.added(key)
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert len(cache) == 2
+
+
+def test_decode_upload_limits_pixels() -> None:
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (300, 200)).save(buf, "PNG")
+    assert decode_upload(buf.getvalue(), 60_000).shape == (200, 300, 3)
+    with pytest.raises(ImageError, match="accepts up to 50000"):
+        decode_upload(buf.getvalue(), 50_000)
+    with pytest.raises(ImageError, match="empty"):
+        decode_upload(b"", 10)
