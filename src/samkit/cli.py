@@ -142,6 +142,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"report -> {args.out}")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from samkit.train import train
+
+    values = {"out": args.out} if args.out else {}
+    result = train(args.config, args.set, resume=args.resume, **values)
+    val = result["val"]
+    score = f"; validation 1-point mIoU {val['mIoU_top']:.3f}" if val else ""
+    print(f"trained {result['steps']} steps -> {result['model']}{score}")
+
+
 EXAMPLES = {
     "segment": "samkit segment photo.jpg --point 400,300 --out out/\n"
     "  samkit segment photo.jpg --point 400,300 --point 420,80,0 --box 10,10,600,400 --single --out out/",
@@ -149,6 +159,8 @@ EXAMPLES = {
     "download": "samkit download vit_t",
     "models": "samkit models",
     "eval": "samkit eval clicks --data ../shared/datasets/interactive/GrabCut --model grabcut --limit 10 --out gc.json",
+    "train": "samkit train configs/finetune_decoder.yaml --set optim.steps=500 --out runs/ft\n"
+    "  samkit train configs/finetune_decoder.yaml --out runs/ft --resume",
 }
 
 
@@ -221,6 +233,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--thresholds", type=int, default=99, help="edges: threshold levels (BSDS: 99; fewer is faster)"
     )
     p.set_defaults(func=_cmd_eval)
+
+    p = command("train", "train, fine-tune or distill a model from a YAML config (see configs/)")
+    p.add_argument("config", help="YAML config file (see configs/ and the README)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, dotted keys (e.g. optim.lr=1e-4); repeatable",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
+    p.set_defaults(func=_cmd_train)
 
     return parser
 
