@@ -142,6 +142,8 @@ def load(
     Files may be official `.pth`/`.pt` state_dicts (keys `image_encoder.*`, `prompt_encoder.*`,
     `mask_decoder.*`) or samkit `.safetensors` checkpoints; the architecture is detected from the keys.
     `None` loads the default model (`vit_t`, MobileSAM). Returns the model in eval mode on `device`.
+    `dtype` ("bf16", "fp16" or a torch dtype) sets the image encoder's precision (bf16 is ~2-3x faster on
+    CPUs with AVX512-BF16 / AMX and on GPUs); the prompt encoder and mask decoder stay fp32.
     """
     name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
     text = str(name_or_path)
@@ -156,7 +158,9 @@ def load(
         raise SamkitError(f"unknown model {text!r}: give one of {known} or the path of a checkpoint file")
     model = model.to(device)
     if dtype is not None:
-        model = model.to(_dtype(dtype))
+        # Only the heavy image encoder runs in reduced precision; the prompt encoder and the decoder are
+        # cheap and keep fp32 so masks and scores stay comparable.
+        model.image_encoder.to(_dtype(dtype))
     return model.eval()
 
 
