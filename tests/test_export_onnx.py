@@ -234,7 +234,7 @@ def test_cli_export_onnx_of_a_checkpoint(vit_b_small, tmp_path) -> None:
     from samkit.cli import main
 
     ckpt = samkit.save(vit_b_small[0], tmp_path / "small.safetensors")
-    assert main(["export", "onnx", "--model", str(ckpt), "--out", str(tmp_path / "o"), "--opset", "18"]) == 0
+    assert main(["export", "onnx", "--model", str(ckpt), "--out", str(tmp_path / "o"), "--opset", "19"]) == 0
     spec = json.loads((tmp_path / "o" / SPEC_NAME).read_text())
-    assert spec["opset"] == 18 and (tmp_path / "o" / "encoder.onnx").is_file()
+    assert spec["opset"] == 19 and (tmp_path / "o" / "encoder.onnx").is_file()
     assert main(["export", "onnx", "--model", str(ckpt), "--out", str(tmp_path / "p"), "--opset", "9"]) == 2

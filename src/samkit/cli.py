@@ -152,10 +152,39 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {result['steps']} steps -> {result['model']}{score}")
 
 
+def _cmd_everything(args: argparse.Namespace) -> None:
+    import samkit
+    from samkit.engine.inputs import list_images
+    from samkit.engine.local import run_local
+
+    images = list_images(args.input)
+    generator = samkit.MaskGenerator(
+        samkit.load(args.model),
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        stability_score_offset=args.stability_score_offset,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        crop_nms_thresh=args.crop_nms_thresh,
+        crop_overlap_ratio=args.crop_overlap_ratio,
+        crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
+        min_mask_region_area=args.min_mask_region_area,
+        output_mode="coco_rle",
+    )
+    summary = run_local(
+        images, generator, args.out, overwrite=args.overwrite, overlay=args.overlay, coco=args.coco
+    )
+    print(summary.text(), file=sys.stderr if summary.failed else sys.stdout)
+    print(f"SA-1B JSON per image -> {args.out}" + (f"; COCO -> {args.coco}" if args.coco else ""))
+
 EXAMPLES = {
     "segment": "samkit segment photo.jpg --point 400,300 --out out/\n"
     "  samkit segment photo.jpg --point 400,300 --point 420,80,0 --box 10,10,600,400 --single --out out/",
     "embed": "samkit embed photos/ --out embeddings/",
+    "everything": "samkit everything photos/ --out masks/ --overlay\n"
+    "  samkit everything list.txt --out masks/ --model vit_b --points-per-side 16 --crop-n-layers 1 --coco coco.json",
     "download": "samkit download vit_t",
     "models": "samkit models",
     "eval": "samkit eval clicks --data ../shared/datasets/interactive/GrabCut --model grabcut --limit 10 --out gc.json",
@@ -208,6 +237,36 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_model(p)
     p.set_defaults(func=_cmd_embed)
+
+    p = command(
+        "everything",
+        "segment everything in images: one SA-1B JSON per image, resumable (a rerun skips finished images)",
+    )
+    p.add_argument("input", help="an image, a folder (recursive) or a text file listing image paths")
+    p.add_argument("--out", required=True, help="output folder; mirrors the input's subfolders")
+    _add_model(p)
+    g = p.add_argument_group("generator options (as in SAM's automatic mask generator)")
+    g.add_argument("--points-per-side", type=int, default=32, help="prompt grid is N x N (default 32)")
+    g.add_argument("--points-per-batch", type=int, default=64, help="prompts decoded at once (default 64)")
+    g.add_argument("--pred-iou-thresh", type=float, default=0.88, help="keep masks above this predicted IoU")
+    g.add_argument(
+        "--stability-score-thresh", type=float, default=0.95, help="keep masks at least this stable"
+    )
+    g.add_argument("--stability-score-offset", type=float, default=1.0, help="logit shift for stability")
+    g.add_argument("--box-nms-thresh", type=float, default=0.7, help="box IoU for removing duplicates")
+    g.add_argument("--crop-n-layers", type=int, default=0, help="extra layers of image crops (default 0)")
+    g.add_argument("--crop-nms-thresh", type=float, default=0.7, help="box IoU for duplicates between crops")
+    g.add_argument(
+        "--crop-overlap-ratio", type=float, default=512 / 1500, help="overlap of neighbouring crops"
+    )
+    g.add_argument(
+        "--crop-n-points-downscale-factor", type=int, default=1, help="fewer points per crop layer"
+    )
+    g.add_argument("--min-mask-region-area", type=int, default=0, help="remove holes/islands below this area")
+    p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg next to each JSON")
+    p.add_argument("--overwrite", action="store_true", help="redo images that already have a JSON")
+    p.add_argument("--coco", default=None, metavar="FILE.json", help="also write one COCO instances file")
+    p.set_defaults(func=_cmd_everything)
 
     p = command("download", "download model checkpoints into $SAMKIT_HOME ahead of time")
     p.add_argument("names", nargs="+")

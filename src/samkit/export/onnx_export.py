@@ -1,13 +1,19 @@
 """`export_onnx`: a `Sam` -> encoder.onnx + decoder.onnx + samkit_onnx.json, optionally int8-quantized.
 
-Uses torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): in torch 2.13 the dynamo
-exporter emits opset-18 graphs it cannot convert down to 17 (no `Pad` adapter), writes weights to side
-files, and cannot express the decoder's crop-and-resize to a size given at run time without symbolic
-shapes. The TorchScript exporter reproduces `samkit.Predictor` to ~1e-4 (see tests/test_export_onnx.py).
+Two exporters, each where it gives the right numbers (torch 2.13):
+- encoder: the dynamo exporter (`torch.export`), which functionalises in-place updates of views. The
+  TorchScript exporter drops them: the ViT attention adds its relative-position bias with `add_` on a
+  view of the logits, and its TorchScript export silently loses the bias (embedding off by ~0.1).
+  The dynamo exporter emits opset 18 and cannot convert down (no `Pad` adapter), hence opset >= 18.
+- decoder: the TorchScript exporter (`dynamo=False`), which traces the crop-and-resize to a size given
+  at run time (`orig_im_size`) and a dynamic number of points without symbolic-shape guards.
+Both reproduce `samkit.Predictor` to ~1e-4 (tests/test_export_onnx.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -26,7 +32,11 @@ from samkit.predictor import _config_id
 SPEC_NAME = "samkit_onnx.json"
 ENCODER_NAME = "encoder.onnx"
 DECODER_NAME = "decoder.onnx"
-MIN_OPSET, MAX_OPSET = 14, 20  # SDPA with a float mask needs 14; 20 is the TorchScript exporter's last.
+MIN_OPSET, MAX_OPSET = 18, 20  # 18: the dynamo exporter's floor; 20: the TorchScript exporter's last.
+DEFAULT_OPSET = 18
+# Above this many bytes of weights the encoder is written with its weights in encoder.onnx.data
+# (protobuf files are limited to 2 GiB): vit_h.
+EXTERNAL_DATA_BYTES = 1_500_000_000
 QUANTIZE_CHOICES = ("int8",)
 INT8_DOC = "int8: onnxruntime quantize_dynamic, MatMul/Gemm weights QInt8 per channel, convolutions fp32"
 
@@ -48,7 +58,7 @@ def export_onnx(
     out_dir: str | Path,
     *,
     quantize: str | None = None,
-    opset: int = 17,
+    opset: int = DEFAULT_OPSET,
     parts: tuple[str, ...] = ("encoder", "decoder"),
 ) -> Path:
     """Write `encoder.onnx`, `decoder.onnx` and `samkit_onnx.json` into `out_dir`; return the JSON path.
@@ -57,7 +67,9 @@ def export_onnx(
     parts: export only some of the two graphs (the JSON still describes both).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise InputError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (default 17)")
+        raise InputError(
+            f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})"
+        )
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise InputError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZE_CHOICES)}")
     unknown = set(parts) - {"encoder", "decoder"}
@@ -75,9 +87,9 @@ def export_onnx(
         _write_spec(tmp, describe(model, None, opset))
         if quantize == "int8":
             return quantize_export(tmp, out)
-        for name in (ENCODER_NAME, DECODER_NAME):
-            if (tmp / name).exists():
-                (tmp / name).replace(out / name)
+        for f in tmp.iterdir():  # the graphs, and encoder.onnx.data for a model over 2 GiB
+            if f.name != SPEC_NAME:
+                f.replace(out / f.name)
         return _write_spec(out, describe(model, None, opset))
 
 
@@ -117,30 +129,35 @@ def quantize_int8(src: Path, dst: Path) -> None:
     root.disabled = True
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            tmp_out = Path(tmp) / dst.name
             quantize_dynamic(
                 src,
-                tmp_out,
+                Path(tmp) / dst.name,
                 op_types_to_quantize=["MatMul", "Gemm"],
                 per_channel=True,
                 weight_type=QuantType.QInt8,
+                use_external_data_format=src.with_name(src.name + ".data").exists(),
             )
-            shutil.move(str(tmp_out), dst)
+            for f in Path(tmp).iterdir():
+                shutil.move(str(f), dst.parent / f.name)
     finally:
         root.disabled = was_disabled
 
 
 def _export_encoder(model: Sam, path: Path, opset: int) -> None:
     s = model.image_size
-    _export(
-        EncoderForExport(model).eval(),
-        (torch.zeros(1, 3, s, s),),
-        path,
-        opset,
-        ENCODER_INPUTS,
-        ENCODER_OUTPUTS,
-        dynamic_axes=None,
-    )
+    big = sum(p.numel() * p.element_size() for p in model.image_encoder.parameters()) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            EncoderForExport(model).eval(),
+            (torch.zeros(1, 3, s, s),),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=ENCODER_INPUTS,
+            output_names=ENCODER_OUTPUTS,
+            external_data=big,
+        )
 
 
 def _export_decoder(model: Sam, path: Path, opset: int) -> None:
@@ -160,10 +177,12 @@ def _export_decoder(model: Sam, path: Path, opset: int) -> None:
         "point_labels": {1: "num_points"},
         "masks": {2: "height", 3: "width"},
     }
-    _export(DecoderForExport(model).eval(), example, path, opset, DECODER_INPUTS, DECODER_OUTPUTS, dynamic)
+    _export_torchscript(
+        DecoderForExport(model).eval(), example, path, opset, DECODER_INPUTS, DECODER_OUTPUTS, dynamic
+    )
 
 
-def _export(
+def _export_torchscript(
     module: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
     path: Path,
