@@ -1,0 +1,215 @@
+"""Segment everything over many images on this machine: resumable, one SA-1B JSON per image.
+
+Each image's JSON is written atomically, so a JSON that exists is complete; a rerun skips those
+images (resume after Ctrl-C or a crash) unless `overwrite` is set. `manifest.jsonl` in the output
+folder logs one line per image processed or failed. Unreadable images are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from samkit.errors import InputError
+from samkit.everything import MaskGenerator
+from samkit.formats import read_sa1b, save_overlay, write_coco, write_sa1b
+from samkit.image import load_image
+
+MANIFEST = "manifest.jsonl"
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class ImageResult:
+    """What happened to one image: status, masks written, seconds spent, and why it failed."""
+
+    path: Path
+    json_path: Path
+    status: Status
+    n_masks: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class RunSummary:
+    """Results of a run, one per input image, in input order."""
+
+    results: list[ImageResult] = field(default_factory=list)
+
+    def count(self, status: Status) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[ImageResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def text(self) -> str:
+        """A few human-readable lines: counts, then one line per failed image."""
+        lines = [
+            f"done {self.count('done')}, skipped {self.count('skipped')} (already done), "
+            f"failed {self.count('failed')}"
+        ]
+        lines += [f"  failed: {r.path}: {r.reason}" for r in self.failed]
+        return "\n".join(lines)
+
+
+def output_paths(images: Sequence[Path]) -> list[Path]:
+    """Relative JSON path for each image, mirroring its path under the images' common folder.
+
+    `sub/a.jpg` -> `sub/a.json`; when two images would share a JSON (`a.jpg` and `a.png` side by side)
+    both keep their suffix instead (`a.jpg.json`, `a.png.json`).
+    """
+    if not images:
+        return []
+    resolved = [Path(os.path.abspath(p)) for p in images]
+    root = Path(os.path.commonpath([p.parent for p in resolved]))
+    rel = [p.relative_to(root) for p in resolved]
+    plain = [r.with_suffix(".json") for r in rel]
+    seen: dict[Path, int] = {}
+    for p in plain:
+        seen[p] = seen.get(p, 0) + 1
+    return [p if seen[p] == 1 else r.with_name(r.name + ".json") for p, r in zip(plain, rel, strict=True)]
+
+
+def process_image(
+    path: Path,
+    generator: MaskGenerator,
+    out_dir: Path,
+    json_rel: Path,
+    image_id: int,
+    overlay: bool = False,
+) -> ImageResult:
+    """Segment everything in one image and write `out_dir / json_rel` (SA-1B), plus an overlay picture
+    next to it (`<name>.overlay.jpg`) when asked. Never raises for a bad image: returns status "failed"
+    with the reason instead. The engine for many machines calls this once per image."""
+    target = out_dir / json_rel
+    start = time.perf_counter()
+    try:
+        image = load_image(path)
+        records = generator.generate(image)
+        h, w = image.shape[:2]
+        info = {"image_id": image_id, "width": w, "height": h, "file_name": Path(path).name}
+        if overlay:
+            save_overlay(target.with_name(target.stem + ".overlay.jpg"), image, records)
+        # The JSON last: its existence is what marks the image done.
+        write_sa1b(target, info, records)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # one bad image must not end a run over thousands
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return ImageResult(Path(path), target, "failed", seconds=time.perf_counter() - start, reason=reason)
+    return ImageResult(Path(path), target, "done", len(records), time.perf_counter() - start)
+
+
+def run_local(
+    images: Sequence[Path],
+    generator: MaskGenerator,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    overlay: bool = False,
+    coco: str | Path | None = None,
+    progress: bool = True,
+    on_result: Callable[[ImageResult], None] | None = None,
+) -> RunSummary:
+    """Run `process_image` over `images`, skipping those whose JSON exists unless `overwrite`.
+
+    Appends a line per processed or failed image to `out_dir/manifest.jsonl`. With `coco`, also writes
+    a COCO instances file of every image that has a JSON (from this run or an earlier one).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / MANIFEST
+    logged = _logged_done(manifest)
+    rels = output_paths(images)
+    summary = RunSummary()
+    bar = _progress(len(images), progress)
+    try:
+        for i, (path, rel) in enumerate(zip(images, rels, strict=True)):
+            target = out / rel
+            if target.exists() and not overwrite:
+                if str(rel) not in logged:
+                    # Killed between writing the JSON and logging it: log it now, do not redo it.
+                    _append(
+                        manifest, {"image": str(path), "json": str(rel), "status": "done", "recovered": True}
+                    )
+                result = ImageResult(Path(path), target, "skipped")
+            else:
+                result = process_image(Path(path), generator, out, rel, image_id=i, overlay=overlay)
+                entry: dict[str, Any] = {"image": str(path), "json": str(rel), "status": result.status}
+                if result.status == "done":
+                    entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))
+                else:
+                    entry["reason"] = result.reason
+                _append(manifest, entry)
+            summary.results.append(result)
+            if on_result is not None:
+                on_result(result)
+            bar.update(1)
+    finally:
+        bar.close()
+    if coco is not None:
+        write_coco_for(Path(coco), images, [out / r for r in rels])
+    return summary
+
+
+def write_coco_for(path: Path, images: Sequence[Path], json_paths: Sequence[Path]) -> Path:
+    """One COCO instances file from the SA-1B JSONs of a run (images without a JSON are left out)."""
+    infos, anns = [], []
+    for i, (image, jp) in enumerate(zip(images, json_paths, strict=True)):
+        if not jp.exists():
+            continue
+        data = read_sa1b(jp)
+        meta = data["image"]
+        infos.append({"id": i, "file_name": str(image), "width": meta["width"], "height": meta["height"]})
+        anns.append(data["annotations"])
+    if not infos:
+        raise InputError("no image was segmented, so there is nothing to write to the COCO file")
+    return write_coco(path, infos, anns)
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """Entries of a manifest.jsonl; a last line cut short by a crash is ignored."""
+    entries = []
+    p = Path(path)
+    if not p.exists():
+        return entries
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def _logged_done(manifest: Path) -> set[str]:
+    return {e["json"] for e in read_manifest(manifest) if e.get("status") == "done" and "json" in e}
+
+
+def _append(manifest: Path, entry: dict[str, Any]) -> None:
+    # One write per line, flushed to disk, so a crash loses at most the line being written.
+    with open(manifest, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="everything", dynamic_ncols=True)

@@ -1,0 +1,326 @@
+"""MaskGenerator: every mask in an image, from a grid of point prompts over the image and its crops.
+
+The same masks as the reference's SamAutomaticMaskGenerator, computed without ever holding full-size
+logits: masks are filtered by predicted IoU on the low-res logits, stability scores and binary masks
+come from `Upscaler` (exact up to float rounding), and only the survivors of each batch are turned into
+full-size masks, encoded to COCO RLE right away. Duplicates are removed with vectorised NMS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from samkit.errors import InputError
+from samkit.everything.cleanup import clean_mask
+from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
+from samkit.everything.upscale import Upscaler
+from samkit.image import ImageLike, load_image
+from samkit.masks import (
+    batched_nms,
+    box_xyxy_to_xywh,
+    is_box_near_crop_edge,
+    mask_to_rle,
+    masks_to_boxes,
+)
+from samkit.models.sam import Sam
+from samkit.predictor import Predictor
+
+OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
+_OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+# Bytes of full-size masks built at once before RLE encoding (bounds the temporary memory).
+_MASK_BYTES = 64 << 20
+
+
+@dataclass
+class _Masks:
+    """Masks found so far, all in the original-image frame.
+
+    rles: COCO RLEs ({"size": [H, W], "counts": bytes}); boxes: int64 (N, 4) XYXY pixels (inclusive);
+    iou_preds, stability: float32 (N,); points: float64 (N, 2) (x, y) pixels of the prompt that made each
+    mask; crop_boxes: int64 (N, 4) XYXY of the crop each mask came from.
+    """
+
+    rles: list[dict[str, Any]]
+    boxes: torch.Tensor
+    iou_preds: torch.Tensor
+    stability: torch.Tensor
+    points: torch.Tensor
+    crop_boxes: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def select(self, index: torch.Tensor) -> _Masks:
+        """The masks at `index` (int64 indices or a bool mask), in that order."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        idx = index.cpu()
+        return _Masks(
+            [self.rles[i] for i in idx.tolist()],
+            self.boxes[idx],
+            self.iou_preds[idx],
+            self.stability[idx],
+            self.points[idx],
+            self.crop_boxes[idx],
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[_Masks]) -> _Masks:
+        return _Masks(
+            [r for p in parts for r in p.rles],
+            torch.cat([p.boxes for p in parts]),
+            torch.cat([p.iou_preds for p in parts]),
+            torch.cat([p.stability for p in parts]),
+            torch.cat([p.points for p in parts]),
+            torch.cat([p.crop_boxes for p in parts]),
+        )
+
+    @staticmethod
+    def empty() -> _Masks:
+        return _Masks(
+            [],
+            torch.zeros(0, 4, dtype=torch.int64),
+            torch.zeros(0),
+            torch.zeros(0),
+            torch.zeros(0, 2, dtype=torch.float64),
+            torch.zeros(0, 4, dtype=torch.int64),
+        )
+
+
+class MaskGenerator:
+    """Segment everything: prompts a grid of points over the image (and over crops of it) and keeps the
+    good, distinct masks.
+
+    model: a `Sam` (from `samkit.load`). points_per_side: grid side n (n * n points over the image);
+    None when `point_grids` is given instead (one (P, 2) array of (x, y) in [0, 1] per crop layer).
+    points_per_batch: prompts decoded at once. pred_iou_thresh: keep masks whose predicted IoU is above
+    it. stability_score_thresh / stability_score_offset: keep masks whose IoU between the masks
+    thresholded at +offset and -offset is at least this. box_nms_thresh: box IoU above which the lower
+    scored of two masks from one crop is dropped. crop_n_layers: extra layers of crops (layer i has
+    (2**i)**2 crops overlapping by crop_overlap_ratio, scaled down per layer), with
+    int(points_per_side / crop_n_points_downscale_factor**i) points per side; crop_nms_thresh: box NMS
+    between crops, smaller crops preferred. min_mask_region_area: if > 0, holes and islands smaller
+    than this many pixels are removed and duplicates re-suppressed. output_mode: "binary_mask" (bool
+    (H, W) arrays), "uncompressed_rle" or "coco_rle" (pycocotools, JSON-ready).
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Sequence[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: OutputMode = "binary_mask",
+    ) -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise InputError(
+                "give exactly one of points_per_side and point_grids (set points_per_side=None "
+                "when passing point_grids)"
+            )
+        if output_mode not in _OUTPUT_MODES:
+            raise InputError(f"output_mode must be one of {', '.join(_OUTPUT_MODES)}, got {output_mode!r}")
+        if points_per_batch < 1:
+            raise InputError(f"points_per_batch must be at least 1, got {points_per_batch}")
+        if crop_n_layers < 0:
+            raise InputError(f"crop_n_layers must be 0 or more, got {crop_n_layers}")
+        if points_per_side is not None:
+            self.point_grids = layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
+        else:
+            grids = [np.asarray(g, dtype=np.float64) for g in point_grids or ()]
+            if len(grids) < crop_n_layers + 1 or any(g.ndim != 2 or g.shape[1] != 2 for g in grids):
+                raise InputError(
+                    f"point_grids must hold one (P, 2) array of (x, y) in [0, 1] per crop layer "
+                    f"({crop_n_layers + 1} for crop_n_layers={crop_n_layers})"
+                )
+            self.point_grids = grids
+        self.predictor = Predictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+
+    @torch.inference_mode()
+    def generate(self, image: ImageLike) -> list[dict[str, Any]]:
+        """All masks of `image` ((H, W, 3) uint8 RGB, gray, PIL image or path), one record per mask:
+
+        segmentation (per output_mode, H x W), area (pixels), bbox (XYWH pixels), predicted_iou,
+        point_coords ([[x, y]] original-image pixels), stability_score, crop_box (XYWH pixels).
+        """
+        arr = load_image(image)
+        masks = self._generate_masks(arr)
+        if self.min_mask_region_area > 0:
+            masks = self._remove_small_regions(masks)
+        return self._records(masks)
+
+    # --- stages --------------------------------------------------------------------------------------
+
+    def _generate_masks(self, image: np.ndarray) -> _Masks:
+        size = (image.shape[0], image.shape[1])
+        crops = crop_boxes(size, self.crop_n_layers, self.crop_overlap_ratio)
+        masks = _Masks.cat([self._process_crop(image, crop, size) for crop in crops])
+        if len(crops) > 1 and len(masks):
+            # Between crops, prefer the mask from the smaller crop.
+            cb = masks.crop_boxes.float()
+            scores = 1 / ((cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1]))
+            keep = batched_nms(masks.boxes.float(), scores, torch.zeros(len(masks)), self.crop_nms_thresh)
+            masks = masks.select(keep)
+        return masks
+
+    def _process_crop(self, image: np.ndarray, crop: Crop, image_size: tuple[int, int]) -> _Masks:
+        x0, y0, x1, y1 = crop.box
+        cropped = image[y0:y1, x0:x1]
+        crop_size = (cropped.shape[0], cropped.shape[1])
+        pred = self.predictor
+        pred.set_image(cropped)
+        model = pred.model
+        upscaler = Upscaler(
+            model.image_size,
+            model.prompt_encoder.mask_input_size[0],
+            pred.input_size,
+            crop_size,
+            device=model.device,
+        )
+        points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
+        parts = [
+            self._process_batch(points[i : i + self.points_per_batch], crop, crop_size, image_size, upscaler)
+            for i in range(0, len(points), self.points_per_batch)
+        ]
+        pred.reset_image()
+        masks = _Masks.cat(parts) if parts else _Masks.empty()
+        keep = batched_nms(masks.boxes.float(), masks.iou_preds, torch.zeros(len(masks)), self.box_nms_thresh)
+        masks = masks.select(keep)
+        # Boxes were in the crop's frame (the NMS above and the reference's order depend on it).
+        masks.boxes = masks.boxes + torch.tensor([x0, y0, x0, y0])
+        masks.points = masks.points + torch.tensor([x0, y0], dtype=torch.float64)
+        return masks
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        crop: Crop,
+        crop_size: tuple[int, int],
+        image_size: tuple[int, int],
+        upscaler: Upscaler,
+    ) -> _Masks:
+        """Masks for one batch of points (P, 2) (x, y) in the crop's pixels; boxes in the crop's frame."""
+        pred = self.predictor
+        device = pred.model.device
+        coords = torch.as_tensor(pred.transform.apply_coords(points, crop_size), device=device)
+        labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
+        low_res, iou = pred.decode_low_res(coords[:, None, :], labels, multimask_output=True)
+        n_out = low_res.shape[1]
+        low_res = low_res.flatten(0, 1).float()
+        iou = iou.flatten(0, 1).float()
+        pts = torch.as_tensor(points, dtype=torch.float64).repeat_interleave(n_out, 0)
+
+        keep = torch.arange(len(iou), device=device)
+        if self.pred_iou_thresh > 0.0:
+            keep = keep[iou[keep] > self.pred_iou_thresh]
+        low_res = low_res[keep]
+        threshold = pred.model.mask_threshold
+        offset = self.stability_score_offset
+        counts = upscaler.count(low_res, (threshold + offset, threshold - offset))
+        # Integer counts divided as the reference does (int32 / int32 -> float32).
+        c = counts.to(torch.int32)
+        stability = c[:, 0] / c[:, 1]
+        if self.stability_score_thresh > 0.0:
+            passed = stability >= self.stability_score_thresh
+            keep, low_res, stability = keep[passed], low_res[passed], stability[passed]
+
+        masks = upscaler.masks(low_res, threshold)
+        boxes = upscaler.boxes(masks).cpu()
+        h, w = image_size
+        ok = ~is_box_near_crop_edge(boxes, crop.box, [0, 0, w, h])
+        kept = ok.nonzero().flatten()
+        x0, y0 = crop.box[0], crop.box[1]
+        rles: list[dict[str, Any]] = []
+        chunk = max(1, _MASK_BYTES // (h * w))
+        for start in range(0, len(kept), chunk):
+            which = kept[start : start + chunk].to(device)
+            dest = torch.zeros(len(which), w, h, dtype=torch.uint8, device=device)
+            upscaler.paste_colmajor(masks, which, dest, x0, y0)
+            # (D, W, H) in C order is (H, W, D) in Fortran order, the layout pycocotools encodes.
+            rles.extend(mask_utils.encode(dest.cpu().numpy().transpose(2, 1, 0)))
+        idx = keep.cpu()[kept]
+        return _Masks(
+            rles,
+            boxes[kept],
+            iou.cpu()[idx],
+            stability.cpu()[kept],
+            pts[idx],
+            torch.tensor(crop.box, dtype=torch.int64).expand(len(kept), 4),
+        )
+
+    def _remove_small_regions(self, masks: _Masks) -> _Masks:
+        """Fill small holes and drop small islands, then suppress duplicates again, preferring masks
+        that needed no change."""
+        if not len(masks):
+            return masks
+        area = self.min_mask_region_area
+        new_boxes, unchanged, new_rles = [], [], {}
+        for i, rle in enumerate(masks.rles):
+            mask = mask_utils.decode(rle).astype(bool)
+            cleaned, changed = clean_mask(mask, area)
+            new_boxes.append(masks_to_boxes(torch.from_numpy(np.ascontiguousarray(cleaned))[None])[0])
+            unchanged.append(not changed)
+            if changed:
+                new_rles[i] = mask_utils.encode(np.asfortranarray(cleaned, dtype=np.uint8))
+        boxes = torch.stack(new_boxes)
+        scores = torch.tensor(unchanged, dtype=torch.float32)
+        nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
+        keep = batched_nms(boxes.float(), scores, torch.zeros(len(boxes)), nms_thresh)
+        for i in keep.tolist():
+            if i in new_rles:
+                masks.rles[i] = new_rles[i]
+                masks.boxes[i] = boxes[i]
+        return masks.select(keep)
+
+    def _records(self, masks: _Masks) -> list[dict[str, Any]]:
+        areas = mask_utils.area(masks.rles).tolist() if len(masks) else []
+        bboxes = box_xyxy_to_xywh(masks.boxes).tolist()
+        crops = box_xyxy_to_xywh(masks.crop_boxes).tolist()
+        records = []
+        for i, rle in enumerate(masks.rles):
+            records.append(
+                {
+                    "segmentation": self._segmentation(rle),
+                    "area": int(areas[i]),
+                    "bbox": bboxes[i],
+                    "predicted_iou": masks.iou_preds[i].item(),
+                    "point_coords": [masks.points[i].tolist()],
+                    "stability_score": masks.stability[i].item(),
+                    "crop_box": crops[i],
+                }
+            )
+        return records
+
+    def _segmentation(self, rle: dict[str, Any]) -> Any:
+        if self.output_mode == "coco_rle":
+            return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("utf-8")}
+        mask = np.ascontiguousarray(mask_utils.decode(rle), dtype=bool)
+        if self.output_mode == "binary_mask":
+            return mask
+        return mask_to_rle(mask[None])[0]

@@ -1,0 +1,214 @@
+"""Thresholded full-size masks from low-res logits, without materialising the full-size logits.
+
+`Sam.postprocess_masks` upsamples (256, 256) logits bilinearly to the model-input square, crops the
+padding and upsamples again to the image size; every output pixel is therefore a convex combination
+of a few low-res logits (a 2-4 x 2-4 neighbourhood), with separable weights: full = A @ low @ B.T where
+A is (H, 256) and B is (W, 256). The image is cut into square blocks of output pixels; a block whose
+low-res support is entirely above (or below) a threshold is above (below) it at every pixel, so only
+blocks that straddle a threshold are computed exactly, as small (T x K) @ (K x K) @ (K x T) products.
+For the masks segment-everything produces this touches a few percent of the pixels.
+
+The values computed here equal PyTorch's two-stage interpolation up to float rounding (~1e-7 relative),
+so a pixel can only come out differently when its logit is within ~1e-6 of a threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# A block is decided without computing its pixels only when its support clears the threshold by this
+# fraction of its largest |logit|: the float32 rounding of the interpolation is below 1e-6 of that.
+_REL_TOL = 1e-5
+
+
+@dataclass
+class BlockMasks:
+    """S full-size masks `postprocess_masks(logits) > threshold`, kept as blocks.
+
+    full: bool (S, n_rb, n_cb), blocks wholly inside the mask. exact_index: int64 (M, 3) rows (mask,
+    row block, column block) of the blocks computed pixel by pixel; exact_bits: bool (M, T, T) their
+    pixels (pixels past the image edge are False).
+    """
+
+    full: torch.Tensor
+    exact_index: torch.Tensor
+    exact_bits: torch.Tensor
+
+
+class _Axis:
+    """The interpolation weights along one axis, cut into blocks of `block` output pixels.
+
+    Each block reads a window of K consecutive low-res positions starting at `start` (K is the widest
+    block's support; narrower blocks get a few extra positions, whose weights are zero).
+    """
+
+    def __init__(self, weights: torch.Tensor, block: int) -> None:
+        # weights: (n_out, n_low) float64 with a few contiguous non-zeros per row.
+        n_out, n_low = weights.shape
+        positions = torch.arange(n_low)
+        nonzero = weights != 0
+        lo = torch.where(nonzero, positions, n_low).amin(1)
+        hi = torch.where(nonzero, positions, -1).amax(1)
+        self.n_blocks = -(-n_out // block)
+        pad = self.n_blocks * block - n_out
+        lo = torch.cat([lo, lo[-1:].expand(pad)]).view(self.n_blocks, block).amin(1)
+        hi = torch.cat([hi, hi[-1:].expand(pad)]).view(self.n_blocks, block).amax(1)
+        self.k = int((hi - lo).max()) + 1
+        self.start = torch.clamp(lo, max=n_low - self.k)  # (n_blocks,)
+        window = self.start[:, None] + torch.arange(self.k)  # (n_blocks, K)
+        rows = torch.arange(self.n_blocks * block).view(self.n_blocks, block)
+        w = weights[rows.clamp(max=n_out - 1)[:, :, None], window[:, None, :]]  # (n_blocks, T, K)
+        # Padding pixels beyond the image get NaN weights: NaN compares False with every threshold.
+        w[rows >= n_out] = float("nan")
+        self.weights = w.float()
+        self.window = window
+        self.sizes = torch.clamp(n_out - rows[:, 0], max=block)  # real pixels per block
+
+
+def _interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix of `F.interpolate(..., mode="bilinear", align_corners=False)` along
+    one axis, read off PyTorch itself so the weights are the ones it uses."""
+    eye = torch.eye(n_in, dtype=torch.float32)[None, None]  # rows = input positions
+    out = F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)
+    return out[0, 0].double()
+
+
+class Upscaler:
+    """Counts and masks of `postprocess_masks(logits) > t` for low-res logits (N, L, L) of one image frame.
+
+    model_size: the model-input square side (1024); input_size: (h, w) of the resized image inside it;
+    original_size: (H, W) of the image (or crop) the masks are for. `block` is the side T of the square
+    blocks of output pixels.
+    """
+
+    def __init__(
+        self,
+        model_size: int,
+        low_res: int,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        block: int = 32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.block = block
+        stage1 = _interp_matrix(low_res, model_size)
+        rows = _interp_matrix(input_size[0], original_size[0]) @ stage1[: input_size[0]]
+        cols = _interp_matrix(input_size[1], original_size[1]) @ stage1[: input_size[1]]
+        self.rows = _Axis(rows, block)
+        self.cols = _Axis(cols, block)
+        self.device = torch.device(device)
+        for axis in (self.rows, self.cols):
+            axis.start = axis.start.to(self.device)
+            axis.window = axis.window.to(self.device)
+            axis.weights = axis.weights.to(self.device)
+            axis.sizes = axis.sizes.to(self.device)
+        self.block_pixels = self.rows.sizes[:, None] * self.cols.sizes[None, :]  # (n_rb, n_cb)
+
+    def _block_range(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of each block's low-res window: (N, n_rb, n_cb) each."""
+        rows = logits[:, self.rows.window]  # (N, n_rb, K, L)
+        lo, hi = rows.amin(2), rows.amax(2)
+        cw = self.cols.window
+        return lo[:, :, cw].amin(-1), hi[:, :, cw].amax(-1)
+
+    def exact_values(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Full-size logits of the blocks `index` (M, 3) = (mask, row block, column block): (M, T, T).
+
+        Pixels outside the image (in the last row/column of blocks) are NaN.
+        """
+        n, rb, cb = index.unbind(1)
+        rw, cw = self.rows.window, self.cols.window
+        patches = logits[n[:, None, None], rw[rb][:, :, None], cw[cb][:, None, :]]  # (M, K, K)
+        return torch.bmm(torch.bmm(self.rows.weights[rb], patches), self.cols.weights[cb].transpose(1, 2))
+
+    def _classify(
+        self, logits: torch.Tensor, thresholds: Sequence[float]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per threshold, the blocks surely above it (N, n_rb, n_cb); and the blocks that straddle any."""
+        bmin, bmax = self._block_range(logits)
+        tol = _REL_TOL * torch.maximum(torch.maximum(bmin.abs(), bmax.abs()), torch.ones_like(bmin))
+        lo, hi = bmin - tol, bmax + tol
+        above = [lo > t for t in thresholds]
+        exact = torch.zeros_like(above[0])
+        for t, a in zip(thresholds, above, strict=True):
+            exact |= ~a & (hi >= t)
+        return above, exact
+
+    def count(self, logits: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+        """int64 (N, n_thresholds): pixels of each full-size mask above each threshold.
+
+        logits: (N, L, L). Equals `(postprocess_masks(logits) > t).sum()` up to pixels within float
+        rounding of a threshold.
+        """
+        above, exact = self._classify(logits, thresholds)
+        counts = torch.stack([((a & ~exact) * self.block_pixels).sum((1, 2)) for a in above], 1)
+        index = exact.nonzero()
+        if index.shape[0]:
+            values = self.exact_values(logits, index)
+            per_block = torch.stack([_count_true(values > t) for t in thresholds], 1)
+            counts.index_add_(0, index[:, 0], per_block)
+        return counts
+
+    def masks(self, logits: torch.Tensor, threshold: float) -> BlockMasks:
+        """The full-size masks `> threshold` of logits (S, L, L), as blocks."""
+        (above,), exact = self._classify(logits, [threshold])
+        index = exact.nonzero()
+        bits = self.exact_values(logits, index) > threshold
+        return BlockMasks(above & ~exact, index, bits)
+
+    def boxes(self, masks: BlockMasks) -> torch.Tensor:
+        """int64 (S, 4) XYXY inclusive boxes of the masks; [0, 0, 0, 0] for an empty mask."""
+        t = self.block
+        h, w = self.original_size
+        s, n_rb, n_cb = masks.full.shape
+        m, rb, cb = masks.exact_index.unbind(1)
+        rows = torch.zeros(s, n_rb, t, dtype=torch.int32, device=masks.full.device)
+        cols = torch.zeros(s, n_cb, t, dtype=torch.int32, device=masks.full.device)
+        rows += masks.full.any(2)[:, :, None]
+        cols += masks.full.any(1)[:, :, None]
+        rows.index_put_((m, rb), masks.exact_bits.any(2).to(torch.int32), accumulate=True)
+        cols.index_put_((m, cb), masks.exact_bits.any(1).to(torch.int32), accumulate=True)
+        rows_any = rows.view(s, -1)[:, :h] > 0
+        cols_any = cols.view(s, -1)[:, :w] > 0
+        y0 = rows_any.to(torch.uint8).argmax(1)
+        y1 = (h - 1) - rows_any.flip(1).to(torch.uint8).argmax(1)
+        x0 = cols_any.to(torch.uint8).argmax(1)
+        x1 = (w - 1) - cols_any.flip(1).to(torch.uint8).argmax(1)
+        boxes = torch.stack([x0, y0, x1, y1], 1).to(torch.int64)
+        return boxes * rows_any.any(1, keepdim=True)
+
+    def paste_colmajor(
+        self, masks: BlockMasks, which: torch.Tensor, dest: torch.Tensor, x0: int, y0: int
+    ) -> None:
+        """Write masks `which` (D,) into dest, uint8 (D, W_img, H_img) laid out column-major (pixel (x, y)
+        of mask d is dest[d, x, y]), with this frame's top-left corner at (x0, y0). dest must be zeros."""
+        t = self.block
+        h, w = self.original_size
+        d = which.shape[0]
+        n_rb, n_cb = self.rows.n_blocks, self.cols.n_blocks
+        local = torch.zeros(d, n_cb * t, n_rb * t, dtype=torch.uint8, device=masks.full.device)
+        blocks = local.view(d, n_cb, t, n_rb, t).permute(0, 1, 3, 2, 4)  # (D, n_cb, n_rb, T cols, T rows)
+        blocks[masks.full[which].transpose(1, 2)] = 1
+        position = torch.full((masks.full.shape[0],), -1, dtype=torch.int64, device=which.device)
+        position[which] = torch.arange(d, device=which.device)
+        idx = masks.exact_index
+        sel = position[idx[:, 0]] >= 0
+        if sel.any():
+            bits = masks.exact_bits[sel].transpose(1, 2).to(torch.uint8)
+            blocks[position[idx[sel, 0]], idx[sel, 2], idx[sel, 1]] = bits
+        dest[:, x0 : x0 + w, y0 : y0 + h] = local[:, :w, :h]
+
+
+def _count_true(bits: torch.Tensor) -> torch.Tensor:
+    """int64 (M,): True entries of bool (M, ...) per row."""
+    if bits.device.type == "cpu":
+        # numpy counts bytes several times faster than torch sums bools on CPU; the memory is shared.
+        arr = bits.numpy()
+        return torch.from_numpy(arr.reshape(len(arr), -1).view(np.uint8).sum(1, dtype=np.int64))
+    return bits.flatten(1).sum(1)
