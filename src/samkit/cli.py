@@ -124,6 +124,18 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from samkit.serve import ServeConfig, serve
+
+    config = ServeConfig(
+        model=args.model,
+        cache_dir=args.cache_dir,
+        max_embeddings=args.max_embeddings,
+        max_upload_mb=args.max_upload_mb,
+    )
+    serve(config, host=args.host, port=args.port, workers=args.workers)
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from samkit.eval import format_table, run_eval
 
@@ -187,6 +199,7 @@ EXAMPLES = {
     "  samkit everything list.txt --out masks/ --model vit_b --points-per-side 16 --crop-n-layers 1 --coco coco.json",
     "download": "samkit download vit_t",
     "models": "samkit models",
+    "serve": "samkit serve --model vit_t --port 8000 --workers 2   (OpenAPI docs at /docs)",
     "eval": "samkit eval clicks --data ../shared/datasets/interactive/GrabCut --model grabcut --limit 10 --out gc.json",
     "train": "samkit train configs/finetune_decoder.yaml --set optim.steps=500 --out runs/ft\n"
     "  samkit train configs/finetune_decoder.yaml --out runs/ft --resume",
@@ -305,6 +318,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
     p.set_defaults(func=_cmd_train)
+
+    p = command("serve", "HTTP service: POST /embed, /predict, /everything; GET /models, /health, /docs")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="processes, each with its own model (default 1)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default $SAMKIT_HOME/serve/MODEL)")
+    p.add_argument("--max-embeddings", type=int, default=256, help="LRU bound of the embedding cache")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger requests get 413")
+    p.set_defaults(func=_cmd_serve)
 
     return parser
 
