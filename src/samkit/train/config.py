@@ -95,6 +95,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; a user means the number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key.strip().split("."), value
 
 

@@ -235,7 +235,7 @@ def build_source(spec: dict[str, Any], base: Path | None = None) -> Source:
 
     coco: `path` (annotations JSON or the folder holding annotations.json), optional `images`.
     sa1b / masks / bsds500: `path` (a folder; bsds500 also `splits`, default [train, val]).
-    synthetic: `count`, `size` (longest side), `seed`. copy_paste: `objects` and `backgrounds` (specs),
+    synthetic: `count`, `size` (longest side), `seed`, `max_shapes`, `textured`. copy_paste: `objects` and `backgrounds` (specs),
     `count`, `max_objects`, `seed`. Any file source takes `range: [start, stop]` (a slice of its sorted
     images), which is how a held-out validation part of a train split is named.
     """
@@ -246,7 +246,11 @@ def build_source(spec: dict[str, Any], base: Path | None = None) -> Source:
     kind = spec["type"]
     if kind == "synthetic":
         return SyntheticSource(
-            int(spec.get("count", 64)), int(spec.get("size", 256)), int(spec.get("seed", 0))
+            int(spec.get("count", 64)),
+            int(spec.get("size", 256)),
+            int(spec.get("seed", 0)),
+            int(spec.get("max_shapes", 6)),
+            bool(spec.get("textured", True)),
         )
     if kind == "copy_paste":
         return CopyPasteSource(

@@ -13,11 +13,13 @@ from samkit.train.data import Sample, Source, _stack
 MIN_AREA = 30  # pixels; smaller (mostly occluded) objects are dropped
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """An (h, w, 3) float texture: flat colour, stripes, checker or smooth noise, plus pixel noise."""
+def _texture(rng: np.random.Generator, h: int, w: int, textured: bool = True) -> np.ndarray:
+    """An (h, w, 3) float texture: flat colour, stripes, checker or smooth noise, plus pixel noise.
+
+    Without `textured`, a flat colour with mild noise."""
     base = rng.uniform(0, 255, 3)
     other = rng.uniform(0, 255, 3)
-    kind = rng.integers(4)
+    kind = rng.integers(4) if textured else 0
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == 0:
         t = np.zeros((h, w), np.float32)
@@ -57,20 +59,21 @@ def _shape(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def synthetic_scene(
-    rng: np.random.Generator, size: int, max_shapes: int = 6
+    rng: np.random.Generator, size: int, max_shapes: int = 6, textured: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A textured background with 1..`max_shapes` textured shapes painted in order (later ones occlude).
+    """A background with 1..`max_shapes` shapes painted in order (later ones occlude), each with a random
+    texture (`textured`) or a flat colour.
 
     Returns the image (h, w, 3) uint8 with longest side `size`, and the visible part of every shape
     (N, h, w) bool.
     """
     aspect = rng.uniform(0.6, 1.0)
     h, w = (size, int(size * aspect)) if rng.random() < 0.5 else (int(size * aspect), size)
-    image = _texture(rng, h, w)
+    image = _texture(rng, h, w, textured)
     masks: list[np.ndarray] = []
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         shape = _shape(rng, h, w)
-        image[shape] = _texture(rng, h, w)[shape]
+        image[shape] = _texture(rng, h, w, textured)[shape]
         masks = [m & ~shape for m in masks]
         masks.append(shape)
     kept = [m for m in masks if m.sum() >= MIN_AREA]
@@ -80,15 +83,20 @@ def synthetic_scene(
 class SyntheticSource(Source):
     """`count` synthetic scenes of longest side `size`; scene i is drawn from the seed (seed, i)."""
 
-    def __init__(self, count: int, size: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self, count: int, size: int = 256, seed: int = 0, max_shapes: int = 6, textured: bool = True
+    ) -> None:
         self.count, self.size, self.seed = count, size, seed
+        self.max_shapes, self.textured = max_shapes, textured
         self.name = f"synthetic{seed}"
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, i: int) -> Sample:
-        image, masks = synthetic_scene(np.random.default_rng([self.seed, i]), self.size)
+        image, masks = synthetic_scene(
+            np.random.default_rng([self.seed, i]), self.size, self.max_shapes, self.textured
+        )
         return Sample(f"{self.name}/{i}", image, masks)
 
 
