@@ -65,7 +65,7 @@ class EmbeddingCache:
         h = hashlib.sha1()
         for name, t in model.image_encoder.state_dict().items():
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.root = root / h.hexdigest()[:16]
         self.root.mkdir(parents=True, exist_ok=True)
         self.memory: dict[str, torch.Tensor] = {}
@@ -86,7 +86,7 @@ class EmbeddingCache:
 
         def encode(pred: Predictor) -> None:
             arr = image()
-            x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(pred.model.device)
+            x = torch.tensor(arr, device=pred.model.device).permute(2, 0, 1)[None]
             pred.set_torch_image(x, arr.shape[:2])
 
         from safetensors.torch import load_file
@@ -281,7 +281,7 @@ class Trainer:
         return self.model.image_encoder(x)
 
     def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(img).permute(2, 0, 1).float().to(self.device)
+        return torch.tensor(img, device=self.device).permute(2, 0, 1).float()
 
     # --- one step ------------------------------------------------------------------------------------
 
@@ -635,7 +635,10 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
         )
     ax2.set_xlabel("step")
     ax2.set_ylim(0, 1)
-    ax2.legend()
+    if ax2.lines:
+        ax2.legend()
+    else:  # distillation logs no IoU
+        ax2.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -1,0 +1,166 @@
+"""The training loop end to end on CPU: learning, exact resume, decoder fine-tuning, distillation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATASETS
+
+import samkit
+from samkit.train import read_metrics, train
+from samkit.train.config import ConfigError
+
+TINY_ARCH = {
+    "encoder": "vit",
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 2,
+    "global_attn_indexes": [0],
+    "window_size": 8,
+    "image_size": 128,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These small ops run faster on one thread than on two contended ones; restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(out, **over):
+    cfg = {
+        "out": str(out),
+        "mode": "scratch",
+        "model": {"init": "scratch", "arch": TINY_ARCH},
+        "data": {
+            "train": [{"type": "synthetic", "count": 8, "size": 128}],
+            "masks_per_image": 2,
+            "batch_size": 1,
+        },
+        "recipe": {"rounds": 3},
+        "optim": {"steps": 6, "lr": 3.0e-4, "warmup": 2},
+        "log_every": 1,
+        "checkpoint_every": 3,
+        "val_every": 0,
+    }
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            cfg[section][leaf] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(_tiny(tmp_path / "a"), progress=False)
+    rows_a, _ = read_metrics(tmp_path / "a" / "metrics.jsonl")
+
+    train(_tiny(tmp_path / "b", optim={"steps": 3, "lr": 3.0e-4, "warmup": 2}), progress=False)
+    resumed = train(_tiny(tmp_path / "b"), resume=True, progress=False)
+    rows_b, _ = read_metrics(tmp_path / "b" / "metrics.jsonl")
+
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in rows_b], [r["loss"] for r in rows_a], rtol=1e-5)
+    a = samkit.load(straight["model"]).state_dict()
+    b = samkit.load(resumed["model"]).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(_tiny(tmp_path, optim={"steps": 2, "lr": 3.0e-4, "warmup": 2}), progress=False)
+    with pytest.raises(ConfigError, match="differs"):
+        train(_tiny(tmp_path, seed=1), resume=True, progress=False)
+
+
+def test_decoder_finetune_keeps_encoder_and_loads_in_reference(tmp_path, ref_checkpoint):
+    ref, path = ref_checkpoint("vit_t")
+    coco = DATASETS / "instances" / "coco_mini" / "train"
+    cfg = {
+        "out": str(tmp_path / "run"),
+        "mode": "decoder",
+        "model": {"init": str(path)},
+        "data": {
+            "train": [{"type": "coco", "path": str(coco), "range": [0, 2]}],
+            "masks_per_image": 2,
+            "batch_size": 1,
+        },
+        "recipe": {"rounds": 2},
+        "optim": {"steps": 3, "lr": 1.0e-3, "warmup": 1},
+        "val_every": 0,
+        "export": {"name": "vit_t-test", "official_pth": True},
+    }
+    result = train(cfg, progress=False)
+    original = torch.load(path, weights_only=True)
+    tuned = samkit.load(result["model"])
+    assert tuned.arch == "vit_t-test"
+    sd = tuned.state_dict()
+    enc = [k for k in original if k.startswith("image_encoder.")]
+    dec = [k for k in original if k.startswith("mask_decoder.")]
+    assert all(torch.equal(sd[k], original[k]) for k in enc)
+    assert all(torch.equal(sd[k], original[k]) for k in original if k.startswith("prompt_encoder."))
+    assert any(not torch.equal(sd[k], original[k]) for k in dec)
+    # Embeddings were cached once per image, as Predictor embedding files.
+    assert len(list((tmp_path / "run" / "embeddings").rglob("*.safetensors"))) == 2
+
+    from safetensors.torch import load_file
+
+    ref.load_state_dict(load_file(str(result["model"])), strict=True)
+    ref.load_state_dict(torch.load(tmp_path / "run" / "model.pth", weights_only=True), strict=True)
+    assert torch.equal(ref.mask_decoder.iou_token.weight, sd["mask_decoder.iou_token.weight"])
+
+
+def test_distillation_reduces_embedding_mse(tmp_path):
+    torch.manual_seed(0)
+    teacher_path = samkit.save(
+        samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(TINY_ARCH)),
+        tmp_path / "t.safetensors",
+    )
+    cfg = {
+        "out": str(tmp_path / "run"),
+        "mode": "distill",
+        "teacher": str(teacher_path),
+        "model": {
+            "init": "scratch",
+            "arch": {
+                "encoder": "tiny_vit",
+                "tiny_embed_dims": [16, 32, 64, 320],
+                "tiny_depths": [1, 1, 1, 1],
+                "tiny_num_heads": [1, 1, 2, 5],
+                "tiny_window_sizes": [7, 7, 7, 7],
+                "image_size": 128,
+            },
+        },
+        "data": {"train": [{"type": "synthetic", "count": 4, "size": 128}], "batch_size": 2},
+        "optim": {"steps": 30, "lr": 2.0e-3, "warmup": 2},
+        "log_every": 5,
+        "val_every": 0,
+    }
+    result = train(cfg, progress=False)
+    rows, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["mse"] < 0.75 * rows[0]["mse"], [r["mse"] for r in rows]
+    # Four images, one cached teacher embedding each.
+    assert len(list((tmp_path / "run" / "embeddings").rglob("*.safetensors"))) == 4
+    student = samkit.load(result["model"])
+    assert student.config.encoder == "tiny_vit"
+    teacher = samkit.load(teacher_path)
+    assert torch.equal(student.mask_decoder.iou_token.weight, teacher.mask_decoder.iou_token.weight)
+
+
+def test_cli_train_runs_a_config(tmp_path, capsys):
+    from samkit.cli import main
+
+    cfg = _tiny(tmp_path / "run", optim={"steps": 2, "lr": 3.0e-4, "warmup": 1})
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    assert main(["train", str(path), "--set", "recipe.rounds=1", "--out", str(tmp_path / "cli")]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+    assert main(["train", str(path), "--set", "nope=1"]) == 2
