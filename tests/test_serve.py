@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,17 @@ from samkit.serve.app import decode_upload
 from samkit.serve.cache import EmbeddingCache
 
 httpx = pytest.importorskip("httpx")
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _free_port() -> int:
@@ -75,10 +92,10 @@ def embedded(server):
 
 def test_health_models_and_openapi(server) -> None:
     base, _ = server
-    assert httpx.get(base + "/health").json()["model"] == "vit_t"
-    models = httpx.get(base + "/models").json()
+    assert httpx.get(base + "/health", timeout=60).json()["model"] == "vit_t"
+    models = httpx.get(base + "/models", timeout=60).json()
     assert models["serving"] == "vit_t" and "vit_b" in {m["name"] for m in models["models"]}
-    paths = httpx.get(base + "/openapi.json").json()["paths"]
+    paths = httpx.get(base + "/openapi.json", timeout=60).json()["paths"]
     assert {"/embed", "/predict", "/everything", "/models", "/health"} <= set(paths)
 
 
@@ -88,7 +105,7 @@ def test_embed_is_cached_by_content(server, embedded) -> None:
     assert (cache / f"{embedded['embedding_id']}.safetensors").is_file()
     again = httpx.post(base + "/embed", files={"file": ("x.jpg", PHOTO.read_bytes())}, timeout=60).json()
     assert again["embedding_id"] == embedded["embedding_id"] and again["cached"] is True
-    raw = httpx.get(base + f"/embeddings/{embedded['embedding_id']}")
+    raw = httpx.get(base + f"/embeddings/{embedded['embedding_id']}", timeout=60)
     assert raw.headers["x-image-size"] == "422,640"
     assert len(raw.content) == 256 * 64 * 64 * 4
 
@@ -159,7 +176,8 @@ def test_corrupt_or_missing_images_are_400(server) -> None:
 
 def test_bad_prompts_and_unknown_ids(server, embedded) -> None:
     base, _ = server
-    r = httpx.post(base + "/predict", json={"embedding_id": "0" * 32, "points": [[1, 1]], "labels": [1]})
+    body = {"embedding_id": "0" * 32, "points": [[1, 1]], "labels": [1]}
+    r = httpx.post(base + "/predict", json=body, timeout=60)
     assert r.status_code == 404 and "POST the image to /embed" in r.json()["detail"]
     body = {"embedding_id": embedded["embedding_id"], "points": [[900, 10]], "labels": [1]}
     r = httpx.post(base + "/predict", json=body, timeout=60)
@@ -209,3 +227,93 @@ def test_decode_upload_limits_pixels() -> None:
         decode_upload(buf.getvalue(), 50_000)
     with pytest.raises(ImageError, match="empty"):
         decode_upload(b"", 10)
+
+
+WEB = ROOT / "tests" / "web"
+ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
+
+
+def _ort_web() -> Path:
+    """onnxruntime-web from npm into tests/web/node_modules (once), or skip."""
+    if not (ORT_DIST / "ort.wasm.min.js").is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("npm not installed: cannot install onnxruntime-web")
+        res = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=WEB, capture_output=True, timeout=600
+        )
+        if res.returncode != 0:
+            pytest.skip(f"npm ci failed: {res.stderr.decode(errors='replace')[-300:]}")
+    return ORT_DIST
+
+
+@contextmanager
+def _static_site(routes: dict[str, Path]):
+    """Serve files on 127.0.0.1: URL prefix -> folder or file."""
+
+    class Handler(SimpleHTTPRequestHandler):
+        extensions_map = {
+            **SimpleHTTPRequestHandler.extensions_map,
+            ".mjs": "text/javascript",
+            ".wasm": "application/wasm",
+        }
+
+        def translate_path(self, path: str) -> str:
+            path = path.split("?", 1)[0]
+            for prefix, target in routes.items():
+                if path == prefix or (target.is_dir() and path.startswith(prefix)):
+                    return str(target / path[len(prefix) :].lstrip("/")) if target.is_dir() else str(target)
+            return str(WEB / "missing")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium not installed")
+def test_browser_decodes_a_click_like_the_server(server, embedded, tmp_path) -> None:
+    """decoder.onnx in chromium (onnxruntime-web, wasm) on the server's cached embedding == server's mask."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    dist = _ort_web()
+    from samkit.export import export_onnx
+
+    base, _ = server
+    export_onnx(samkit.load("vit_t", progress=False), tmp_path / "model", parts=("decoder",))
+    raw = httpx.get(base + f"/embeddings/{embedded['embedding_id']}", timeout=60)
+    (tmp_path / "embedding.bin").write_bytes(raw.content)
+    h, w = (int(v) for v in raw.headers["x-image-size"].split(","))
+    (tmp_path / "embedding.json").write_text(json.dumps({"height": h, "width": w}))
+    routes = {
+        "/decode.html": WEB / "decode.html",
+        "/ort/": dist,
+        "/model/": tmp_path / "model",
+        "/embedding.bin": tmp_path / "embedding.bin",
+        "/embedding.json": tmp_path / "embedding.json",
+    }
+    click = [270.0, 250.0]
+    with _static_site(routes) as site, playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(site + "/decode.html")
+            result = page.evaluate("click => decode(click)", click)
+        finally:
+            browser.close()
+    body = {"embedding_id": embedded["embedding_id"], "points": [click], "labels": [1]}
+    answer = httpx.post(base + "/predict", json=body, timeout=120).json()
+    by_candidate = {m["candidate"]: m for m in answer["masks"]}
+    for i in range(3):  # the server's candidate i is the decoder's output i + 1
+        assert abs(by_candidate[i]["predicted_iou"] - result["iou"][i + 1]) < 1e-3
+    browser_mask = np.frombuffer(base64.b64decode(result["mask"]), np.uint8).reshape(h, w).astype(bool)
+    server_mask = rle_to_mask(by_candidate[result["best"] - 1]["segmentation"])
+    assert answer["masks"][0]["candidate"] == result["best"] - 1  # both pick the same best candidate
+    agree = (browser_mask == server_mask).mean()
+    assert agree >= 0.999, f"browser and server masks agree on {agree:.5f} of pixels"
+    assert server_mask.sum() > 0
