@@ -104,6 +104,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _is_source(node: dict) -> bool:
+    """Data source specs take free-form keys (range, weight, seed, ...)."""
+    return "type" in node
+
+
+def _child(node: Any, key: str, text: str) -> Any:
+    """node[key] for a dict section or a list item (numeric key), else a ConfigError."""
+    if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+        return node[int(key)]
+    if isinstance(node, dict) and isinstance(node.get(key), (dict, list)):
+        return node[key]
+    raise ConfigError(f"--set {text}: {key!r} is not a config section or list index")
+
+
 def load_config(
     path: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -129,14 +143,17 @@ def load_config(
     cfg = _merge(DEFAULTS, user)
     for text in overrides:
         keys, value = parse_override(text)
-        node = cfg
+        node: Any = cfg
         for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                raise ConfigError(f"--set {text}: {k!r} is not a config section")
-            node = node[k]
-        if keys[-1] not in node:
-            raise ConfigError(f"--set {text}: unknown key {keys[-1]!r}; known: {', '.join(node)}")
-        node[keys[-1]] = value
+            node = _child(node, k, text)
+        leaf = keys[-1]
+        if isinstance(node, list):
+            _child(node, leaf, text)
+            node[int(leaf)] = value
+        elif leaf in node or (isinstance(node, dict) and node is not cfg and _is_source(node)):
+            node[leaf] = value
+        else:
+            raise ConfigError(f"--set {text}: unknown key {leaf!r}; known: {', '.join(node)}")
     cfg = _merge(cfg, values)
     validate(cfg)
     return cfg
