@@ -97,3 +97,26 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(path, ["mode=everything"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load_and_their_data_exists():
+    from conftest import ROOT
+
+    from samkit.train.data import build_source
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {
+        "tiny_scratch",
+        "finetune_decoder",
+        "finetune_lora",
+        "finetune_frozen_encoder",
+        "distill_encoder",
+        "dsb2018_decoder",
+        "dsb2018_lora",
+        "dsb2018_full",
+    }
+    for path in configs:
+        cfg = load_config(path)
+        for spec in cfg["data"]["train"] + [cfg["data"]["val"]]:
+            if spec and spec["type"] in ("coco", "masks", "sa1b"):
+                assert len(build_source(spec, ROOT)) > 0
