@@ -128,6 +128,28 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # each (B*heads, N, head_dim)
         rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (H, H, C)
         rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (W, W, C)
+        if q.is_cuda:
+            out = self._fused(q, k, v, rh, rw, h, w)
+        else:
+            out = self._row_blocks(q, k, v, rh, rw, h, w)
+        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
+
+    def _fused(self, q, k, v, rh, rw, h: int, w: int) -> torch.Tensor:
+        """GPU: the bias as an additive mask to the fused (memory-efficient) attention kernel."""
+        rq = q.reshape(-1, h, w, q.shape[-1])
+        bias = (
+            torch.einsum("bhwc,hkc->bhwk", rq, rh)[..., None]
+            + torch.einsum("bhwc,wkc->bhwk", rq, rw)[..., None, :]
+        )
+        bias = bias.reshape(q.shape[0], 1, h * w, h * w)
+        out = F.scaled_dot_product_attention(
+            q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=self.scale
+        )
+        return out[:, 0]
+
+    def _row_blocks(self, q, k, v, rh, rw, h: int, w: int) -> torch.Tensor:
+        """CPU: logits of `rows_per_block` query rows at a time, bias added in place."""
         out = torch.empty_like(q)
         kt = k.transpose(1, 2)
         rq = q.reshape(-1, h, w, q.shape[-1])
@@ -139,8 +161,7 @@ class Attention(nn.Module):
             grid.add_(torch.einsum("bhwc,hkc->bhwk", qb, rh[r0:r1])[..., None])
             grid.add_(torch.einsum("bhwc,wkc->bhwk", qb, rw)[..., None, :])
             out[:, r0 * w : r1 * w] = torch.softmax(attn, dim=-1) @ v
-        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(out)
+        return out
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
