@@ -212,4 +212,6 @@ def _progress(total: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="everything", dynamic_ncols=True)
+    # rate_noinv: always images per second, also when an image takes longer than a second.
+    fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+    return tqdm(total=total, unit="img", desc="everything", dynamic_ncols=True, bar_format=fmt)

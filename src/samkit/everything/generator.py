@@ -33,8 +33,8 @@ from samkit.predictor import Predictor
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# Bytes of full-size masks built at once before RLE encoding (bounds the temporary memory).
-_MASK_BYTES = 64 << 20
+# Bytes of full-size mask values handled at once (bounds the temporary memory).
+_MASK_BYTES = 128 << 20
 
 
 @dataclass
@@ -242,7 +242,13 @@ class MaskGenerator:
         low_res = low_res[keep]
         threshold = pred.model.mask_threshold
         offset = self.stability_score_offset
-        counts = upscaler.count(low_res, (threshold + offset, threshold - offset))
+        h, w = image_size
+        # Masks handled at once, so that their full-size values (float32) stay within _MASK_BYTES.
+        chunk = max(1, _MASK_BYTES // (4 * h * w))
+        thresholds = (threshold + offset, threshold - offset)
+        counts = torch.zeros(len(low_res), 2, dtype=torch.int64, device=device)
+        for i in range(0, len(low_res), chunk):
+            counts[i : i + chunk] = upscaler.count(low_res[i : i + chunk], thresholds)
         # Integer counts divided as the reference does (int32 / int32 -> float32).
         c = counts.to(torch.int32)
         stability = c[:, 0] / c[:, 1]
@@ -250,28 +256,29 @@ class MaskGenerator:
             passed = stability >= self.stability_score_thresh
             keep, low_res, stability = keep[passed], low_res[passed], stability[passed]
 
-        masks = upscaler.masks(low_res, threshold)
-        boxes = upscaler.boxes(masks).cpu()
-        h, w = image_size
-        ok = ~is_box_near_crop_edge(boxes, crop.box, [0, 0, w, h])
-        kept = ok.nonzero().flatten()
-        x0, y0 = crop.box[0], crop.box[1]
         rles: list[dict[str, Any]] = []
-        chunk = max(1, _MASK_BYTES // (h * w))
-        for start in range(0, len(kept), chunk):
-            which = kept[start : start + chunk].to(device)
-            dest = torch.zeros(len(which), w, h, dtype=torch.uint8, device=device)
-            upscaler.paste_colmajor(masks, which, dest, x0, y0)
+        boxes, kept = [], []
+        for i in range(0, len(low_res), chunk):
+            masks = upscaler.masks(low_res[i : i + chunk], threshold)
+            b = upscaler.boxes(masks).cpu()
+            ok = (~is_box_near_crop_edge(b, crop.box, [0, 0, w, h])).nonzero().flatten()
+            if not len(ok):
+                continue
+            dest = torch.zeros(len(ok), w, h, dtype=torch.uint8, device=device)
+            upscaler.paste_colmajor(masks, ok.to(device), dest, crop.box[0], crop.box[1])
             # (D, W, H) in C order is (H, W, D) in Fortran order, the layout pycocotools encodes.
             rles.extend(mask_utils.encode(dest.cpu().numpy().transpose(2, 1, 0)))
-        idx = keep.cpu()[kept]
+            boxes.append(b[ok])
+            kept.append(ok + i)
+        sel = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
+        idx = keep.cpu()[sel]
         return _Masks(
             rles,
-            boxes[kept],
+            torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.int64),
             iou.cpu()[idx],
-            stability.cpu()[kept],
+            stability.cpu()[sel],
             pts[idx],
-            torch.tensor(crop.box, dtype=torch.int64).expand(len(kept), 4),
+            torch.tensor(crop.box, dtype=torch.int64).expand(len(sel), 4),
         )
 
     def _remove_small_regions(self, masks: _Masks) -> _Masks:

@@ -174,8 +174,8 @@ class Upscaler:
         cols += masks.full.any(1)[:, :, None]
         rows.index_put_((m, rb), masks.exact_bits.any(2).to(torch.int32), accumulate=True)
         cols.index_put_((m, cb), masks.exact_bits.any(1).to(torch.int32), accumulate=True)
-        rows_any = rows.view(s, -1)[:, :h] > 0
-        cols_any = cols.view(s, -1)[:, :w] > 0
+        rows_any = rows.view(s, n_rb * t)[:, :h] > 0
+        cols_any = cols.view(s, n_cb * t)[:, :w] > 0
         y0 = rows_any.to(torch.uint8).argmax(1)
         y1 = (h - 1) - rows_any.flip(1).to(torch.uint8).argmax(1)
         x0 = cols_any.to(torch.uint8).argmax(1)
