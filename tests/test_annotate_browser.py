@@ -226,6 +226,9 @@ def test_zoom_pan_and_next_image(page):
 def test_auto_mode(app, page):
     if not hasattr(samkit, "MaskGenerator"):
         pytest.skip("samkit.MaskGenerator not available yet")
+    manual_before = sum(
+        m.startswith("manual") for m in page.locator("#object-list li .meta").all_text_contents()
+    )
     page.fill("#auto-pps", "4")
     page.fill("#auto-iou", "0.7")
     page.fill("#auto-stab", "0.85")
@@ -236,7 +239,9 @@ def test_auto_mode(app, page):
         timeout=300_000,
     )
     metas = page.locator("#object-list li .meta").all_text_contents()
-    assert any(m.startswith("auto") for m in metas) and any(m.startswith("manual") for m in metas)
+    assert any(m.startswith("auto") for m in metas)
+    assert sum(m.startswith("manual") for m in metas) == manual_before  # auto mode keeps manual objects
+    assert page.evaluate("canvas.dataset.objects") == str(len(metas))
 
 
 def test_export_and_screenshot(app, page, tmp_path):

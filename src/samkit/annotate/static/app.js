@@ -32,6 +32,7 @@ const S = {
   dragBox: null,
   spaceDown: false,
   latencies: [], // click -> mask drawn, ms
+  serverMs: [], // time spent inside the server for the same requests, ms
   busy: false,
 };
 window.samkit = S; // for tests and curious users
@@ -338,6 +339,7 @@ async function predict(t0) {
     requestAnimationFrame(() => {
       const ms = performance.now() - t0;
       S.latencies.push(ms);
+      S.serverMs.push(res.server_ms);
       canvas.dataset.drawnSeq = String(seq);
       $("latency").textContent = `mask in ${ms.toFixed(0)} ms (server ${res.server_ms.toFixed(0)} ms)`;
     });
