@@ -136,6 +136,39 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve(config, host=args.host, port=args.port, workers=args.workers)
 
 
+def _cmd_annotate(args: argparse.Namespace) -> None:
+    from samkit.annotate import Project
+    from samkit.annotate.app import serve
+
+    db = Path(args.db) if args.db else Path(args.images) / "annotations.sqlite"
+    serve(Project(args.images, db, args.model), host=args.host, port=args.port)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from samkit.annotate import Store, export_project
+
+    if not Path(args.db).is_file():
+        raise SamkitError(f"database not found: {args.db} (create it with `samkit annotate IMAGES --db ...`)")
+    files = export_project(Store(args.db), args.out, args.format)
+    print(f"{args.format}: {len(files)} file(s) -> {args.out}")
+
+
+def _cmd_import(args: argparse.Namespace) -> None:
+    from samkit.annotate import Store, import_annotations
+    from samkit.annotate.project import register_images
+
+    store = Store(args.db)
+    if args.images:
+        register_images(store, args.images)
+    elif not store.images():
+        raise SamkitError(f"{args.db} has no images yet; give --images IMAGES_DIR")
+    counts = import_annotations(store, args.files)
+    print(
+        f"imported {counts['objects']} object(s) on {counts['images']} image(s); "
+        f"{counts['skipped_images']} image(s) not in the project skipped"
+    )
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from samkit.eval import format_table, run_eval
 
@@ -191,6 +224,7 @@ def _cmd_everything(args: argparse.Namespace) -> None:
     print(summary.text(), file=sys.stderr if summary.failed else sys.stdout)
     print(f"SA-1B JSON per image -> {args.out}" + (f"; COCO -> {args.coco}" if args.coco else ""))
 
+
 EXAMPLES = {
     "segment": "samkit segment photo.jpg --point 400,300 --out out/\n"
     "  samkit segment photo.jpg --point 400,300 --point 420,80,0 --box 10,10,600,400 --single --out out/",
@@ -203,6 +237,9 @@ EXAMPLES = {
     "eval": "samkit eval clicks --data ../shared/datasets/interactive/GrabCut --model grabcut --limit 10 --out gc.json",
     "train": "samkit train configs/finetune_decoder.yaml --set optim.steps=500 --out runs/ft\n"
     "  samkit train configs/finetune_decoder.yaml --out runs/ft --resume",
+    "annotate": "samkit annotate photos/ --db project.sqlite --port 8000",
+    "export": "samkit export --db project.sqlite --format coco --out dataset/",
+    "import": "samkit import dataset/annotations.json --db project.sqlite --images photos/",
 }
 
 
@@ -328,6 +365,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-embeddings", type=int, default=256, help="LRU bound of the embedding cache")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger requests get 413")
     p.set_defaults(func=_cmd_serve)
+
+    p = command("annotate", "annotate a folder of images in the browser, with the model proposing masks")
+    p.add_argument("images", help="folder of images (recursive)")
+    p.add_argument("--db", default=None, help="project database (default: IMAGES/annotations.sqlite)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    _add_model(p)
+    p.set_defaults(func=_cmd_annotate)
+
+    p = command("export", "write an annotation project as SA-1B (one JSON per image) or COCO instances")
+    p.add_argument("--db", required=True, help="project database written by `samkit annotate`")
+    p.add_argument("--format", choices=["sa1b", "coco"], default="coco")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = command("import", "load COCO or SA-1B annotations into a project, to correct them in the annotator")
+    p.add_argument("files", nargs="+", help="COCO instances JSON, SA-1B JSONs, or folders of SA-1B JSONs")
+    p.add_argument("--db", required=True, help="project database (created if missing)")
+    p.add_argument("--images", default=None, help="images folder (needed when the database is new)")
+    p.set_defaults(func=_cmd_import)
 
     return parser
 
