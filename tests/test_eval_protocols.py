@@ -249,3 +249,70 @@ def test_objects_inside_ignore_regions_are_skipped(tmp_path):
 
     report = run_eval("box", Two(Path(".")), model, progress=False)
     assert [it["id"] for it in report["items"]] == ["seen"] and report["summary"]["n_skipped"] == 1
+
+
+def _tiny_confident_sam():
+    """A tiny random samkit SAM whose masks pass MaskGenerator's default filters (IoU and stability)."""
+    from samkit.models.build import SamConfig, build_sam
+
+    torch.manual_seed(0)
+    cfg = SamConfig("vit", embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,), image_size=256)
+    sam = build_sam(cfg).eval()
+    with torch.no_grad():
+        sam.mask_decoder.iou_prediction_head.layers[-1].bias.fill_(2.0)  # predicted IoU > 0.88
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:  # huge logits: stable under +-1 offsets
+            mlp.layers[-1].weight.mul_(1000)
+            mlp.layers[-1].bias.mul_(1000)
+    return sam
+
+
+def test_proposals_use_the_real_mask_generator(tmp_path):
+    """A samkit model's proposals are MaskGenerator's masks, scored against the COCO objects (crowd ignored)."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    import samkit
+
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[10:30, 20:44] = 200
+    (tmp_path / "images").mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / "a.png")
+    obj = np.zeros((48, 64), np.uint8)
+    obj[10:30, 20:44] = 1
+    crowd = np.zeros((48, 64), np.uint8)
+    crowd[40:, :8] = 1
+
+    def ann(i, m, iscrowd):
+        rle = mask_utils.encode(np.asfortranarray(m))
+        rle["counts"] = rle["counts"].decode()
+        return {"id": i, "image_id": 1, "category_id": 1, "segmentation": rle, "iscrowd": iscrowd}
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 48, "width": 64}],
+        "annotations": [ann(1, obj, 0), ann(2, crowd, 1)],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+
+    sam = _tiny_confident_sam()
+    records = samkit.MaskGenerator(sam, points_per_side=4).generate(image)
+    assert len(records) >= 1
+    want = max(
+        float(
+            mask_utils.iou(
+                [mask_utils.encode(np.asfortranarray(r["segmentation"].astype(np.uint8)))],
+                [mask_utils.encode(np.asfortranarray(obj))],
+                [0],
+            )[0, 0]
+        )
+        for r in records
+    )
+    out = tmp_path / "p.json"
+    report = run_eval("proposals", tmp_path, sam, points_per_side=4, out=out, progress=False)
+    (item,) = report["items"]
+    assert item["n_proposals"] == len(records)  # the generator's output, not the grid fallback's
+    assert item["areas"] == [int(obj.sum())]  # the crowd region is not an object
+    assert item["best_iou@100"] == item["best_iou@1000"] == [pytest.approx(want)]
+    s = report["summary"]
+    assert s["n_objects"] == 1 and 0.0 <= s["AR@100"] <= 1.0 and s["AR@100"] == s["AR@1000"]
+    assert json.loads(out.read_text())["meta"]["settings"]["points_per_side"] == 4

@@ -37,10 +37,14 @@ class GrabCutPredictor:
         self.click_radius = click_radius
         self.point_margin = point_margin
         self._image: np.ndarray | None = None
+        # The last GrabCut input and its result: protocols often ask the same prompt twice (3-mask and
+        # single-mask output), and GrabCut is deterministic, so the second call is free.
+        self._last: tuple[bytes, np.ndarray] | None = None
 
     def set_image(self, image: ImageLike) -> None:
         """Keep `image` (path, PIL or (H, W, 3) uint8 RGB array) for the following predictions."""
         self._image = load_image(image)
+        self._last: tuple[bytes, np.ndarray] | None = None
 
     def predict(
         self,
@@ -95,6 +99,9 @@ class GrabCutPredictor:
     def _grabcut(self, init: np.ndarray) -> np.ndarray:
         fg = (init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)
         bg = (init == cv2.GC_BGD) | (init == cv2.GC_PR_BGD)
+        key = init.tobytes()
+        if self._last is not None and self._last[0] == key:
+            return self._last[1].copy()
         if not fg.any() or not bg.any():
             # GrabCut needs samples of both colour models; with one side empty the prompt decides alone.
             return fg
@@ -105,4 +112,6 @@ class GrabCutPredictor:
         cv2.grabCut(
             self._image[:, :, ::-1].copy(), mask, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK
         )
-        return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+        out = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+        self._last = (key, out)
+        return out.copy()

@@ -63,12 +63,12 @@ def _sha256(path: Path) -> str:
 
 def _proposer(predictor: Any, points_per_side: int | None):
     """propose(item) -> (masks, scores): samkit's MaskGenerator for SAM models, else grid prompts + NMS."""
+    from samkit.everything import MaskGenerator
+    from samkit.models.sam import Sam
+
     sam = getattr(predictor, "model", None)
-    try:
-        from samkit import MaskGenerator
-    except ImportError:
-        MaskGenerator = None  # noqa: N806
-    if sam is not None and MaskGenerator is not None:
+    # Only a samkit Sam goes to MaskGenerator; other predictors (GrabCut, the reference) get grid prompts.
+    if isinstance(sam, Sam):
         kwargs = {} if points_per_side is None else {"points_per_side": points_per_side}
         generator = MaskGenerator(sam, **kwargs)
 
