@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "augment": {"scale": [1.0, 1.0], "hflip": 0.0, "vflip": 0.0, "color": 0.0},
         "cache_variants": 1,  # augmented copies per image in the embedding cache (variant 0 is unaugmented)
         "cache_dir": None,  # default <out>/embeddings
+        "precache": False,  # encode every training and validation image before step 1 (one progress bar)
     },
     "recipe": {
         "rounds": 11,
@@ -67,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 100,
     "val_every": 100,  # 0 disables periodic validation (a final one still runs if data.val is set)
     "val_objects": 50,
+    "val_per_image": None,  # at most this many objects per validation image (spreads val_objects out)
     "export": {"name": None, "official_pth": False},
 }
 

@@ -84,17 +84,18 @@ class EmbeddingCache:
         if key in self.memory:
             return self.memory[key]
 
-        def encode(pred: Predictor) -> None:
-            arr = image()
-            x = torch.tensor(arr, device=pred.model.device).permute(2, 0, 1)[None]
-            pred.set_torch_image(x, arr.shape[:2])
-
         from safetensors.torch import load_file
 
-        emb = load_file(str(self.path(key, encode)))["embedding"]
+        emb = load_file(str(self.path(key, lambda p: _encode(p, image()))))["embedding"]
         if len(self.memory) < self.max_memory_items:
             self.memory[key] = emb
         return emb
+
+
+def _encode(pred: Predictor, image: np.ndarray) -> None:
+    """Set an input-frame image (h, w, 3) uint8, longest side <= S, on the predictor."""
+    x = torch.tensor(image, device=pred.model.device).permute(2, 0, 1)[None]
+    pred.set_torch_image(x, image.shape[:2])
 
 
 # --- the trainer ------------------------------------------------------------------------------------------
@@ -264,6 +265,41 @@ class Trainer:
             raise ConfigError("no usable masks found in 100 draws; check the training data")
         return batch
 
+    def precache(self) -> int:
+        """Encode every (training image, cache variant) and, in decoder mode, every validation image into
+        the embedding cache now, instead of on first use; returns how many images were looked at."""
+        from tqdm import tqdm
+
+        if self.cache is None:
+            return 0
+        data = self.cfg["data"]
+        variants = int(data["cache_variants"])
+        jobs = [
+            (s, i, v) for s, src in enumerate(self.sources) for i in range(len(src)) for v in range(variants)
+        ]
+        val = self.val_source if self.mode == "decoder" else None
+        total = len(jobs) + (len(val) if val is not None else 0)
+        bar = tqdm(
+            total=total, desc="caching embeddings", unit="img", disable=not self.progress, file=sys.stderr
+        )
+        for s, i, v in jobs:
+            sample = self.sources[s][i]
+            params = (
+                augment_params(data["augment"], np.random.default_rng([self.seed, s, i, v])) if v else None
+            )
+            image = to_input_frame(sample.image, sample.masks[:0], self.image_size, params)[0]
+            self.cache.path(f"{sample.key}#v{v}", lambda p, img=image: _encode(p, img))
+            bar.update(1)
+        for i in range(len(val) if val is not None else 0):
+            self._val_embedding_path(val[i])
+            bar.update(1)
+        bar.close()
+        return total
+
+    def _val_embedding_path(self, sample: Sample) -> Path:
+        assert self.cache is not None
+        return self.cache.path(f"val:{sample.key}", lambda p, s=sample: p.set_image(s.image))
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         s = self.image_size
         return F.pad(x, (0, s - x.shape[-1], 0, s - x.shape[-2]))
@@ -414,6 +450,7 @@ class Trainer:
         if self.val_source is None:
             return {}
         limit = int(max_objects or self.cfg["val_objects"])
+        per_image = int(self.cfg["val_per_image"] or limit)
         self.model.eval()
         pred = Predictor(self.model)
         results = []
@@ -422,11 +459,10 @@ class Trainer:
                 break
             sample = self.val_source[i]
             if self.mode == "decoder" and self.cache is not None:
-                path = self.cache.path(f"val:{sample.key}", lambda p, s=sample: p.set_image(s.image))
-                pred.load_embedding(path)
+                pred.load_embedding(self._val_embedding_path(sample))
             else:
                 pred.set_image(sample.image)
-            for k, mask in enumerate(sample.masks[: limit - len(results)]):
+            for k, mask in enumerate(sample.masks[: min(per_image, limit - len(results))]):
                 results.append(
                     single_point(pred, ObjectItem(f"{sample.key}:{k}", Path(sample.key), mask, None))
                 )
@@ -500,6 +536,8 @@ class Trainer:
         else:
             metrics_path.write_text("")
             (self.out / "config.json").write_text(json.dumps(self.cfg, indent=2))
+        if self.cfg["data"]["precache"]:
+            self.precache()
         every = {k: int(self.cfg[k]) for k in ("log_every", "checkpoint_every", "val_every")}
         val: dict[str, float] = {}
         if not resume and self.val_source is not None and every["val_every"] > 0:
