@@ -72,13 +72,14 @@ class MaskDecoder(nn.Module):
         b = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1).to(sparse.dtype), sparse], dim=1)
-        if image_embeddings.shape[0] != b:
-            # One image, many prompts: broadcast instead of copying the embedding B times.
-            image_embeddings = image_embeddings.expand(b, -1, -1, -1)
+        if image_embeddings.shape[0] == 1 and dense.shape[0] > 1 and dense.stride(0) == 0:
+            # One image, B prompts, no mask prompt: the dense embedding is one vector broadcast over the
+            # batch, so the image side of the first two-way block is the same for every prompt. Keep it
+            # at batch 1; attention broadcasts it, and the first image update makes it batch B.
+            dense = dense[:1]
         src = image_embeddings + dense
-        pos = image_pe.expand(b, -1, -1, -1)
         _, c, h, w = src.shape
-        hs, src = self.transformer(src, pos, tokens)
+        hs, src = self.transformer(src, image_pe, tokens)
         iou_out = hs[:, 0]
         mask_out = hs[:, 1 : 1 + self.num_mask_tokens]
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
