@@ -203,8 +203,7 @@ def _cmd_everything(args: argparse.Namespace) -> None:
     from samkit.engine.local import run_local
 
     images = list_images(args.input)
-    generator = samkit.MaskGenerator(
-        samkit.load(args.model),
+    options = dict(
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh,
@@ -216,11 +215,32 @@ def _cmd_everything(args: argparse.Namespace) -> None:
         crop_overlap_ratio=args.crop_overlap_ratio,
         crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
         min_mask_region_area=args.min_mask_region_area,
-        output_mode="coco_rle",
     )
-    summary = run_local(
-        images, generator, args.out, overwrite=args.overwrite, overlay=args.overlay, coco=args.coco
-    )
+    if args.engine == "ray":
+        from samkit.engine.ray_engine import run_ray
+
+        summary = run_ray(
+            images,
+            args.out,
+            args.model,
+            options,
+            address=args.address,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            overwrite=args.overwrite,
+            overlay=args.overlay,
+            shard_size=args.shard_size,
+            coco=args.coco,
+        )
+    else:
+        if args.shard_size:
+            raise SamkitError("--shard-size needs --engine ray")
+        generator = samkit.MaskGenerator(samkit.load(args.model), output_mode="coco_rle", **options)
+        summary = run_local(
+            images, generator, args.out, overwrite=args.overwrite, overlay=args.overlay, coco=args.coco
+        )
     print(summary.text(), file=sys.stderr if summary.failed else sys.stdout)
     print(f"SA-1B JSON per image -> {args.out}" + (f"; COCO -> {args.coco}" if args.coco else ""))
 
@@ -316,6 +336,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg next to each JSON")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a JSON")
     p.add_argument("--coco", default=None, metavar="FILE.json", help="also write one COCO instances file")
+    r = p.add_argument_group("engine (`--engine ray` runs on a Ray cluster: pip install 'samkit[ray]')")
+    r.add_argument("--engine", choices=["local", "ray"], default="local", help="default: local")
+    r.add_argument("--address", default=None, help="ray: auto | HOST:PORT (default: new local Ray)")
+    r.add_argument("--workers", type=int, default=None, help="ray: actors, each with its own model")
+    r.add_argument("--batch-size", type=int, default=4, help="ray: images per actor call (default 4)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor (0.5 shares one)")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs (torch threads) per actor")
+    r.add_argument("--shard-size", type=int, default=None, help="ray: also pack SA-1B-style tars of K images")
     p.set_defaults(func=_cmd_everything)
 
     p = command("download", "download model checkpoints into $SAMKIT_HOME ahead of time")
