@@ -1,4 +1,4 @@
-"""ONNX deployment speed and accuracy: torch vs onnxruntime fp32 vs onnxruntime int8, 2 threads.
+"""ONNX deployment speed and accuracy: torch vs onnxruntime fp32 vs onnxruntime int8 (2 threads by default).
 
 Encoder: `set_image` on a real photo (resize, normalise, encode), torch `Predictor` vs `OnnxPredictor`.
 Decoder: `predict` of one click with 3 candidate masks at the original size. Each timed call is
@@ -6,7 +6,7 @@ interleaved across the three back ends (same image, same prompt), median of --re
 parity figures: fp32 vs torch (max |logit| difference, mask pixel agreement) and int8 vs fp32 (IoU of the
 best-scoring mask per click).
 
-    python benchmarks/bench_onnx.py [--model vit_t] [--repeats 5] [--clicks 8] [--onnx-dir DIR]
+    python benchmarks/bench_onnx.py [--model vit_t] [--repeats 5] [--clicks 8] [--threads 2] [--onnx-dir DIR]
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=8, help="clicks per photo for the accuracy figures")
     ap.add_argument("--photos", type=int, default=2)
     ap.add_argument("--onnx-dir", default=None, help="reuse/keep exports here (default: a temp folder)")
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model = samkit.load(args.model)
     root = Path(args.onnx_dir) if args.onnx_dir else Path(tempfile.mkdtemp(prefix="samkit_onnx_"))
@@ -58,8 +59,8 @@ def main() -> None:
 
     backends = {
         "torch": samkit.Predictor(model),
-        "ort fp32": samkit.OnnxPredictor(fp32_dir, num_threads=2),
-        "ort int8": samkit.OnnxPredictor(int8_dir, num_threads=2),
+        "ort fp32": samkit.OnnxPredictor(fp32_dir, num_threads=args.threads),
+        "ort int8": samkit.OnnxPredictor(int8_dir, num_threads=args.threads),
     }
     image = samkit.load_image(PHOTOS[0])
     click = ([[image.shape[1] * 0.45, image.shape[0] * 0.5]], [1])
@@ -76,7 +77,8 @@ def main() -> None:
                 dec[name].append(_timed(lambda p=p: p.predict(*click)))
 
     print(
-        f"\nmodel {args.model}, photo {image.shape[1]}x{image.shape[0]}, 2 threads, median of {args.repeats}"
+        f"\nmodel {args.model}, photo {image.shape[1]}x{image.shape[0]}, {args.threads} thread(s), "
+        f"median of {args.repeats}"
     )
     print(f"{'backend':<10} {'encoder ms':>11} {'vs torch':>9} {'decoder ms':>11} {'vs torch':>9}")
     te, td = np.median(enc["torch"]), np.median(dec["torch"])
