@@ -74,7 +74,13 @@ def local_out(tiny_ckpt, images, tmp_path_factory) -> Path:
     """The local engine's output over `images`: what the Ray engine must reproduce."""
     out = tmp_path_factory.mktemp("local")
     gen = samkit.MaskGenerator(samkit.load(tiny_ckpt), output_mode="coco_rle", **GEN)
-    run_local(list_images(images), gen, out, progress=False)
+    # One thread, like each 1-CPU Ray worker (on the shared 2-core machine 2 threads are ~10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_local(list_images(images), gen, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
