@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from samkit.eval import GrabCutPredictor, ProtocolError, format_table, run_eval
-from samkit.eval.datasets import EdgeItem, ImageItem, MaskFolder, ObjectItem
+from samkit.eval.datasets import EdgeItem, ImageItem, ObjectItem
 from samkit.eval.metrics import boundary_summary
 from samkit.eval.protocols import clicks, edge_map, edges, point_grid, proposals, single_point, tight_box
 
@@ -165,10 +165,11 @@ class _EncodeOnce:
         return self.predictor.predict(**kwargs)
 
 
-@needs_data
-@pytest.mark.skipif(not REFSHIM.is_dir(), reason="reference shims not present")
-def test_harness_gives_the_same_numbers_on_reference_and_samkit(tmp_path):
-    """Same random checkpoint, reference SamPredictor vs samkit Predictor: the same per-item results."""
+@pytest.fixture(scope="module")
+def ref_and_ours(tmp_path_factory):
+    """(reference SamPredictor, samkit Predictor) on the same random tiny MobileSAM checkpoint."""
+    if not REFSHIM.is_dir():
+        pytest.skip("reference shims not present")
     Predictor, load = _samkit_predictor_or_skip()
     sys.path.insert(0, str(REFSHIM))
     try:
@@ -197,13 +198,13 @@ def test_harness_gives_the_same_numbers_on_reference_and_samkit(tmp_path):
         iou_head_hidden_dim=256,
     )
     ref_model = Sam(encoder, prompt, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]).eval()
-    ckpt = tmp_path / "random_tiny.pt"
+    ckpt = tmp_path_factory.mktemp("ref") / "random_tiny.pt"
     torch.save(ref_model.state_dict(), ckpt)
-    ours = _EncodeOnce(Predictor(load(ckpt)))
-    ref = _EncodeOnce(SamPredictor(ref_model))
+    return _EncodeOnce(SamPredictor(ref_model)), _EncodeOnce(Predictor(load(ckpt)))
 
-    ds = MaskFolder(GRABCUT)
-    for protocol, kwargs in (("single-point", {}), ("box", {}), ("clicks", {"max_clicks": 3})):
+
+def _assert_same_reports(rows, ref, ours):
+    for protocol, ds, kwargs in rows:
         a = run_eval(protocol, ds, ref, limit=1, progress=False, **kwargs)
         b = run_eval(protocol, ds, ours, limit=1, progress=False, **kwargs)
         for ia, ib in zip(a["items"], b["items"], strict=True):
@@ -214,6 +215,25 @@ def test_harness_gives_the_same_numbers_on_reference_and_samkit(tmp_path):
                     assert ib[key] == va, (protocol, key)
         for key, va in a["summary"].items():
             assert b["summary"][key] == pytest.approx(va, abs=1e-3), (protocol, key)
+
+
+@needs_data
+def test_harness_gives_the_same_numbers_on_reference_and_samkit(ref_and_ours):
+    """Same random checkpoint, reference SamPredictor vs samkit Predictor: the same per-item results and
+    summaries for the prompt protocols."""
+    rows = [("single-point", GRABCUT, {}), ("box", GRABCUT, {}), ("clicks", GRABCUT, {"max_clicks": 3})]
+    _assert_same_reports(rows, *ref_and_ours)
+
+
+@needs_data
+def test_harness_edges_and_proposals_same_on_reference_and_samkit(ref_and_ours):
+    """The same for edges and proposals (a 2x2 grid and 2 thresholds keep it short; the wrappers have no
+    `.model`, so proposals use grid prompts on both sides)."""
+    rows = [
+        ("edges", DATA / "bsds500", {"points_per_side": 2, "thresholds": 2}),
+        ("proposals", DATA / "instances" / "coco_mini" / "val", {"points_per_side": 2}),
+    ]
+    _assert_same_reports(rows, *ref_and_ours)
 
 
 @needs_data
