@@ -10,7 +10,7 @@ import torch
 from samkit.errors import CheckpointError, PromptError, StateError
 from samkit.image import ImageLike, load_image
 from samkit.models.sam import Sam
-from samkit.transforms import ResizeLongestSide
+from samkit.transforms import ResizeLongestSide, upscale_logits
 
 
 class Predictor:
@@ -150,10 +150,14 @@ class Predictor:
         coords_t, labels_t, boxes_t, mask_t = self._prompts_to_torch(
             point_coords, point_labels, boxes, mask_input
         )
-        masks, scores, logits = self.predict_torch(
-            coords_t, labels_t, boxes_t, mask_t, multimask_output, return_logits
-        )
-        return masks.cpu().numpy(), scores.float().cpu().numpy(), logits.float().cpu().numpy()
+        low_res, scores = self.decode_low_res(coords_t, labels_t, boxes_t, mask_t, multimask_output)
+        logits = low_res.float().cpu().numpy()
+        b, c = logits.shape[:2]
+        flat = logits.reshape(b * c, *logits.shape[2:])
+        full = upscale_logits(flat, self.model.image_size, self.input_size, self.original_size)
+        full = full.reshape(b, c, *full.shape[1:])
+        masks = full if return_logits else full > self.model.mask_threshold
+        return masks, scores.float().cpu().numpy(), logits
 
     @torch.inference_mode()
     def predict_torch(

@@ -61,3 +61,27 @@ class ResizeLongestSide:
     def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         """Torch version of `apply_boxes`: (B, 4) -> (B, 4)."""
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+
+def upscale_logits(
+    low_res: np.ndarray, image_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> np.ndarray:
+    """Low-res logits (C, 256, 256) in the padded model frame -> (C, H, W) logits at the original size.
+
+    The same two bilinear (half-pixel) steps as `Sam.postprocess_masks` — to the padded square, crop the
+    unpadded part, to the original size — done by OpenCV, which is ~3x faster than torch on a CPU. The
+    logits agree to ~1e-6 relative; a mask pixel can only differ where a logit is within that of 0.
+    """
+    import cv2
+
+    c = low_res.shape[0]
+    out = np.empty((c, original_size[0], original_size[1]), dtype=np.float32)
+    for start in range(0, c, 256):  # OpenCV images have at most 512 channels
+        x = np.ascontiguousarray(low_res[start : start + 256].transpose(1, 2, 0), dtype=np.float32)
+        big = cv2.resize(x, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+        big = big.reshape(image_size, image_size, -1)[: input_size[0], : input_size[1]]
+        full = cv2.resize(
+            np.ascontiguousarray(big), (original_size[1], original_size[0]), interpolation=cv2.INTER_LINEAR
+        )
+        out[start : start + 256] = full.reshape(original_size[0], original_size[1], -1).transpose(2, 0, 1)
+    return out

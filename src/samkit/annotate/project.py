@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -199,17 +198,11 @@ class Project:
             multimask = len(prompt.points) + (prompt.box is not None) == 1
         h, w = pred.original_size
         prompt.check_inside(w, h)
-        coords = labels = boxes = None
-        if prompt.points:
-            xy = np.array([[p[:2] for p in prompt.points]], dtype=np.float64)
-            coords = torch.as_tensor(pred.transform.apply_coords(xy, (h, w)), dtype=torch.float32)
-            labels = torch.tensor([[p[2] for p in prompt.points]], dtype=torch.int64)
-        if prompt.box is not None:
-            box = np.array([prompt.box], dtype=np.float64)
-            boxes = torch.as_tensor(pred.transform.apply_boxes(box, (h, w)), dtype=torch.float32)
-        low_res, scores = pred.decode_low_res(coords, labels, boxes, None, multimask)
-        logits = _upscale(low_res[0].cpu().numpy(), pred.model.image_size, pred.input_size, (h, w))
-        scores = scores[0].float().cpu().numpy()
+        coords = np.array([p[:2] for p in prompt.points], dtype=np.float64) if prompt.points else None
+        labels = np.array([p[2] for p in prompt.points]) if prompt.points else None
+        logits, scores, _ = pred.predict(
+            coords, labels, prompt.box, multimask_output=multimask, return_logits=True
+        )
         return _candidates(logits, scores)
 
     def accept(
@@ -342,24 +335,6 @@ def _label(label: Any) -> str:
     if not isinstance(label, str) or not label.strip() or len(label) > 200:
         raise InputError("a label must be a string of 1 to 200 characters")
     return label.strip()
-
-
-def _upscale(
-    low_res: np.ndarray, image_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
-) -> np.ndarray:
-    """Low-res logits (C, 256, 256) in the padded model frame -> (C, H, W) logits at the original size.
-
-    The same two bilinear steps as the model's postprocessing (to the padded square, crop the unpadded
-    part, to the original size), done by OpenCV: equal to ~1e-4 in the logits and several times faster
-    than torch on CPU, which matters for the click-to-mask latency.
-    """
-    x = np.ascontiguousarray(low_res.transpose(1, 2, 0), dtype=np.float32)
-    big = cv2.resize(x, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-    big = big.reshape(image_size, image_size, -1)[: input_size[0], : input_size[1]]
-    out = cv2.resize(
-        np.ascontiguousarray(big), (original_size[1], original_size[0]), interpolation=cv2.INTER_LINEAR
-    )
-    return out.reshape(original_size[0], original_size[1], -1).transpose(2, 0, 1)
 
 
 def _candidates(logits: np.ndarray, scores: np.ndarray) -> list[Candidate]:
