@@ -66,7 +66,7 @@ ROWS: list[tuple[str, str, str, int, dict[str, Any]]] = [
     ("grabcut", "coco_mini val", "box", 10, {}),
     ("grabcut", "dsb2018 val", "single-point", 10, {}),
     ("grabcut", "dsb2018 val", "box", 10, {}),
-    ("grabcut", "bsds500 test", "edges", 1, {"thresholds": 25, "points_per_side": 8}),
+    ("grabcut", "bsds500 test", "edges", 1, {"thresholds": 25, "points_per_side": 4}),
     ("grabcut", "coco_mini val", "proposals", 1, {"points_per_side": 4}),
 ]
 
