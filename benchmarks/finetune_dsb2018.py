@@ -124,6 +124,75 @@ def cmd_eval(name: str, spec: str, sets: list[str]) -> None:
             print(name, set_name, protocol, report["summary"], f"{report['meta']['wall_s']:.0f}s", flush=True)
 
 
+def _summary(name: str, set_name: str, protocol: str) -> dict | None:
+    path = OUT / f"eval_{name}_{set_name}_{protocol}.json"
+    return json.loads(path.read_text())["summary"] if path.is_file() else None
+
+
+def _fmt(value: float | None, base: float | None = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{100 * value:.1f}"
+    return text if base is None else f"{text} ({100 * (value - base):+.1f})"
+
+
+def cmd_table(names: list[str]) -> None:
+    """Markdown tables: quality on dsb2018/val, forgetting on GrabCut/Berkeley, training cost."""
+    base = {
+        (s, p, k): (_summary("vit_t", s, p) or {}).get(k)
+        for s in ("dsb2018", "GrabCut", "Berkeley")
+        for p, k in (("single-point", "mIoU_top"), ("single-point", "mIoU_oracle"), ("box", "mIoU"))
+    }
+    print(
+        f"dsb2018/val, first {VAL_IMAGES} images x up to {VAL_PER_IMAGE} nuclei (mIoU x 100; vs zero-shot vit_t)"
+    )
+    print("| model | objects | 1-point top-1 | 1-point oracle | box |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        sp, bx = _summary(name, "dsb2018", "single-point"), _summary(name, "dsb2018", "box")
+        if sp is None and bx is None:
+            continue
+        ref = None if name == "vit_t" else base
+        cells = [
+            _fmt(sp and sp["mIoU_top"], ref and ref[("dsb2018", "single-point", "mIoU_top")]),
+            _fmt(sp and sp["mIoU_oracle"], ref and ref[("dsb2018", "single-point", "mIoU_oracle")]),
+            _fmt(bx and bx["mIoU"], ref and ref[("dsb2018", "box", "mIoU")]),
+        ]
+        print(f"| {name} | {(sp or bx)['n_items']} | " + " | ".join(cells) + " |")
+    print(f"\nForgetting: first {FORGET_LIMIT} objects of each set (mIoU x 100; vs zero-shot vit_t)")
+    print("| model | GrabCut 1-point top-1 | GrabCut box | Berkeley 1-point top-1 | Berkeley box |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        cells = []
+        for set_name in ("GrabCut", "Berkeley"):
+            sp, bx = _summary(name, set_name, "single-point"), _summary(name, set_name, "box")
+            ref = None if name == "vit_t" else base
+            cells.append(_fmt(sp and sp["mIoU_top"], ref and ref[(set_name, "single-point", "mIoU_top")]))
+            cells.append(_fmt(bx and bx["mIoU"], ref and ref[(set_name, "box", "mIoU")]))
+        if any(c != "-" for c in cells):
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nTraining cost on this CPU (samkit train in a subprocess; peak RSS = ru_maxrss of the child)")
+    print(
+        "| variant | steps | wall (s) | median s/step | peak RSS (MB) | held-out train 1-point top-1 by step |"
+    )
+    print("|---|---|---|---|---|---|")
+    for variant in CONFIGS:
+        rec_path = OUT / f"train_{variant}.json"
+        metrics = ROOT / "runs" / f"dsb2018_{variant}" / "metrics.jsonl"
+        if not rec_path.is_file() or not metrics.is_file():
+            continue
+        from samkit.train import read_metrics
+
+        rec = json.loads(rec_path.read_text())
+        rows, vals = read_metrics(metrics)
+        curve = ", ".join(f"{v['step']}: {100 * v['val']['mIoU_top']:.1f}" for v in vals if v["val"])
+        s_step = float(np.median([r["sec_per_step"] for r in rows])) if rows else float("nan")
+        steps = rows[-1]["step"] if rows else 0
+        print(
+            f"| {variant} | {steps} | {rec['wall_s']:.0f} | {s_step:.1f} | {rec['peak_rss_mb']:.0f} | {curve} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="stage", required=True)
@@ -134,11 +203,15 @@ def main() -> None:
     p.add_argument("name", help="row name, e.g. vit_t or decoder")
     p.add_argument("spec", help="zoo name or checkpoint path")
     p.add_argument("--sets", nargs="+", default=["dsb2018", "GrabCut", "Berkeley"])
+    p = sub.add_parser("table")
+    p.add_argument("--names", nargs="+", default=["vit_t", "medsam_lite", "decoder", "lora", "full"])
     args = ap.parse_args()
     if args.stage == "train":
         cmd_train(args.variant, args.set)
     elif args.stage == "eval":
         cmd_eval(args.name, args.spec, args.sets)
+    else:
+        cmd_table(args.names)
 
 
 if __name__ == "__main__":
