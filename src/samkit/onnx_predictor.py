@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samkit.errors import CheckpointError, InputError, PromptError, StateError
+from samkit.errors import CheckpointError, InputError, StateError
 from samkit.image import ImageLike, load_image
+from samkit.prompts import check_prompts, one_prompt_as_batch
+from samkit.transforms import preprocess_shape
 
 SPEC_NAME = "samkit_onnx.json"  # the same name as samkit.export.SPEC_NAME, which needs torch to import
 
@@ -89,7 +91,7 @@ class OnnxPredictor:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (1, 3, S, S) float32: resized, normalised, padded bottom-right."""
-        h, w = resized_shape(image.shape[0], image.shape[1], self.image_size)
+        h, w = preprocess_shape(image.shape[0], image.shape[1], self.image_size)
         pre = self.spec["preprocess"]
         if pre.get("resize", "bilinear") == "area":
             try:
@@ -130,7 +132,7 @@ class OnnxPredictor:
         self.reset_image()
         self.features = emb
         self.original_size = (int(original_size[0]), int(original_size[1]))
-        self.input_size = resized_shape(*self.original_size, self.image_size)
+        self.input_size = preprocess_shape(*self.original_size, self.image_size)
 
     def save_embedding(self, path: str | Path) -> None:
         """Write the embedding as `Predictor.save_embedding` does (safetensors), readable by either."""
@@ -185,14 +187,9 @@ class OnnxPredictor:
         Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
         low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
         """
-        coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
-        labels = None if point_labels is None else np.asarray(point_labels)[None]
-        boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
-        if mask_input is not None:
-            mask_input = np.asarray(mask_input, dtype=np.float32)
-            if mask_input.shape == self._mask_size:
-                mask_input = mask_input[None]
-            mask_input = mask_input[None]
+        coords, labels, boxes, mask_input = one_prompt_as_batch(
+            point_coords, point_labels, box, mask_input, self._mask_size
+        )
         masks, scores, logits = self.predict_batch(
             coords, labels, boxes, mask_input, multimask_output, return_logits
         )
@@ -214,9 +211,10 @@ class OnnxPredictor:
         Returns masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256).
         """
         features = self._require_image()
-        coords, labels, boxes, mask_input, batch = self._check_prompts(
-            point_coords, point_labels, boxes, mask_input
+        coords, labels, boxes, mask_input = check_prompts(
+            point_coords, point_labels, boxes, mask_input, self.original_size, self._mask_size
         )
+        batch = next(a.shape[0] for a in (coords, boxes, mask_input) if a is not None)
         sel = slice(1, None) if multimask_output else slice(0, 1)
         outs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for i in range(batch):
@@ -275,63 +273,3 @@ class OnnxPredictor:
         if self.features is None:
             raise StateError("no image set: call set_image() (or load_embedding()) before predict()")
         return self.features
-
-    def _check_prompts(
-        self,
-        coords: np.ndarray | None,
-        labels: np.ndarray | None,
-        boxes: np.ndarray | None,
-        mask_input: np.ndarray | None,
-    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
-        h, w = self.original_size
-        if (coords is None) != (labels is None):
-            raise PromptError("point_coords and point_labels must be given together")
-        if coords is None and boxes is None and mask_input is None:
-            raise PromptError("no prompt: give point_coords + point_labels, a box, or a mask_input")
-        sizes = set()
-        if coords is not None and labels is not None:
-            coords = np.asarray(coords, dtype=np.float64)
-            labels = np.asarray(labels)
-            if coords.ndim != 3 or coords.shape[-1] != 2:
-                raise PromptError(
-                    f"point_coords must be (N, 2) XY pixels (batched: (B, N, 2)), got shape {coords.shape}"
-                )
-            if labels.shape != coords.shape[:2]:
-                raise PromptError(
-                    f"point_labels must have one label per point: {labels.shape} vs {coords.shape[:2]}"
-                )
-            bad = ~np.isin(labels, (0, 1, -1))
-            if bad.any():
-                raise PromptError(f"point label {labels[bad][0]} is not 1 (foreground) or 0 (background)")
-            real = coords[labels != -1]
-            outside = ~np.isfinite(real).all(1) | (real < 0).any(1) | (real[:, 0] > w) | (real[:, 1] > h)
-            if outside.any():
-                x, y = real[outside][0]
-                raise PromptError(
-                    f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})"
-                )
-            sizes.add(coords.shape[0])
-        if boxes is not None:
-            boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-            if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
-                raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {boxes[0].tolist()}")
-            if (boxes[:, :2] > [w, h]).any() or (boxes[:, 2:] < 0).any():
-                raise PromptError(f"box {boxes[0].tolist()} lies outside the {w}x{h} image")
-            sizes.add(boxes.shape[0])
-        if mask_input is not None:
-            mask_input = np.asarray(mask_input, dtype=np.float32)
-            if mask_input.ndim != 4 or mask_input.shape[1:] != (1, *self._mask_size):
-                raise PromptError(
-                    f"mask_input must be (1, {self._mask_size[0]}, {self._mask_size[1]}) low-res logits, "
-                    f"got shape {mask_input.shape[1:]}"
-                )
-            sizes.add(mask_input.shape[0])
-        if len(sizes) > 1:
-            raise PromptError(f"prompt batch sizes differ: {sorted(sizes)}")
-        return coords, labels, boxes, mask_input, sizes.pop()
-
-
-def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h, w) after resizing the longest side to `long_side`, rounded half up (as samkit.transforms)."""
-    scale = long_side / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)

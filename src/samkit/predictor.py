@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samkit.errors import CheckpointError, PromptError, StateError
+from samkit.errors import CheckpointError, StateError
 from samkit.image import ImageLike, load_image
 from samkit.models.sam import Sam
+from samkit.prompts import check_prompts, one_prompt_as_batch
 from samkit.transforms import ResizeLongestSide, upscale_logits
 
 
@@ -115,14 +116,9 @@ class Predictor:
         Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
         low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
         """
-        coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
-        labels = None if point_labels is None else np.asarray(point_labels)[None]
-        boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
-        if mask_input is not None:
-            mask_input = np.asarray(mask_input, dtype=np.float32)
-            if mask_input.shape == (256, 256):
-                mask_input = mask_input[None]
-            mask_input = mask_input[None]
+        coords, labels, boxes, mask_input = one_prompt_as_batch(
+            point_coords, point_labels, box, mask_input, self.model.prompt_encoder.mask_input_size
+        )
         masks, scores, logits = self.predict_batch(
             coords, labels, boxes, mask_input, multimask_output, return_logits
         )
@@ -210,67 +206,22 @@ class Predictor:
         boxes: np.ndarray | None,
         mask_input: np.ndarray | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        h, w = self.original_size
         device = self.model.device
+        coords, labels, boxes, mask_input = check_prompts(
+            coords, labels, boxes, mask_input, self.original_size, self.model.prompt_encoder.mask_input_size
+        )
         coords_t = labels_t = boxes_t = mask_t = None
-        if (coords is None) != (labels is None):
-            raise PromptError("point_coords and point_labels must be given together")
-        if coords is None and boxes is None and mask_input is None:
-            raise PromptError("no prompt: give point_coords + point_labels, a box, or a mask_input")
-        if coords is not None and labels is not None:
-            coords = np.asarray(coords, dtype=np.float64)
-            labels = np.asarray(labels)
-            if coords.ndim != 3 or coords.shape[-1] != 2:
-                raise PromptError(
-                    f"point_coords must be (N, 2) XY pixels (batched: (B, N, 2)), got shape {coords.shape}"
-                )
-            if labels.shape != coords.shape[:2]:
-                raise PromptError(
-                    f"point_labels must have one label per point: {labels.shape} vs {coords.shape[:2]}"
-                )
-            bad = ~np.isin(labels, (0, 1, -1))
-            if bad.any():
-                raise PromptError(f"point label {labels[bad][0]} is not 1 (foreground) or 0 (background)")
-            real = coords[labels != -1]
-            outside = (
-                (real[:, 0] < 0)
-                | (real[:, 0] > w)
-                | (real[:, 1] < 0)
-                | (real[:, 1] > h)
-                | ~np.isfinite(real).all(1)
-            )
-            if outside.any():
-                x, y = real[outside][0]
-                raise PromptError(
-                    f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})"
-                )
+        if coords is not None:
             coords_t = torch.as_tensor(
                 self.transform.apply_coords(coords, self.original_size), dtype=torch.float32, device=device
             )
             labels_t = torch.as_tensor(labels, dtype=torch.int64, device=device)
         if boxes is not None:
-            boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-            if (
-                not np.isfinite(boxes).all()
-                or (boxes[:, 2] < boxes[:, 0]).any()
-                or (boxes[:, 3] < boxes[:, 1]).any()
-            ):
-                raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {boxes[0].tolist()}")
-            if (boxes[:, :2] > [w, h]).any() or (boxes[:, 2:] < 0).any():
-                raise PromptError(f"box {boxes[0].tolist()} lies outside the {w}x{h} image")
             boxes_t = torch.as_tensor(
                 self.transform.apply_boxes(boxes, self.original_size), dtype=torch.float32, device=device
             )
         if mask_input is not None:
-            mask_input = np.asarray(mask_input, dtype=np.float32)
-            if mask_input.ndim != 4 or mask_input.shape[1:] != (1, 256, 256):
-                raise PromptError(
-                    f"mask_input must be (1, 256, 256) low-res logits, got shape {mask_input.shape[1:]}"
-                )
             mask_t = torch.as_tensor(mask_input, device=device)
-        sizes = {t.shape[0] for t in (coords_t, boxes_t, mask_t) if t is not None}
-        if len(sizes) > 1:
-            raise PromptError(f"prompt batch sizes differ: {sorted(sizes)}")
         return coords_t, labels_t, boxes_t, mask_t
 
 

@@ -6,9 +6,13 @@ side is the model's `image_size` (1024 for SAM), size (h, w); it is then padded 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch only for the *_torch methods, so the ONNX path imports this without torch
+    import torch
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
@@ -52,6 +56,8 @@ class ResizeLongestSide:
 
     def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         """Torch version of `apply_coords`: (..., 2) float tensor."""
+        import torch
+
         h, w = preprocess_shape(original_size[0], original_size[1], self.target_length)
         scale = torch.tensor(
             [w / original_size[1], h / original_size[0]], dtype=torch.float32, device=coords.device

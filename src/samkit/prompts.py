@@ -1,0 +1,92 @@
+"""Prompt checking shared by every predictor front end (torch `Predictor`, onnxruntime `OnnxPredictor`).
+
+numpy only, so the torch-free ONNX path can use it. Frames: points (x, y) and boxes XYXY in original-image
+pixels; labels 1 foreground, 0 background, -1 padding; mask prompts are low-res logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from samkit.errors import PromptError
+
+Prompts = tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]
+
+
+def one_prompt_as_batch(
+    point_coords: Any, point_labels: Any, box: Any, mask_input: Any, mask_size: tuple[int, int]
+) -> Prompts:
+    """`predict()`'s single prompt -> `predict_batch()`'s arrays with a leading batch dimension of 1.
+
+    point_coords (N, 2) -> (1, N, 2); point_labels (N,) -> (1, N); box (4,) -> (1, 4);
+    mask_input (1, h, w) or (h, w) -> (1, 1, h, w).
+    """
+    coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
+    labels = None if point_labels is None else np.asarray(point_labels)[None]
+    boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
+    if mask_input is not None:
+        mask_input = np.asarray(mask_input, dtype=np.float32)
+        if mask_input.shape == tuple(mask_size):
+            mask_input = mask_input[None]
+        mask_input = mask_input[None]
+    return coords, labels, boxes, mask_input
+
+
+def check_prompts(
+    coords: Any,
+    labels: Any,
+    boxes: Any,
+    mask_input: Any,
+    original_size: tuple[int, int],
+    mask_size: tuple[int, int] = (256, 256),
+) -> Prompts:
+    """Validate a batch of prompts against an (H, W) image; raise `PromptError` with one line if bad.
+
+    coords (B, N, 2), labels (B, N), boxes (B, 4), mask_input (B, 1, h, w); returns them as float64 /
+    int / float64 / float32 arrays (None where absent).
+    """
+    h, w = original_size
+    if (coords is None) != (labels is None):
+        raise PromptError("point_coords and point_labels must be given together")
+    if coords is None and boxes is None and mask_input is None:
+        raise PromptError("no prompt: give point_coords + point_labels, a box, or a mask_input")
+    sizes = set()
+    if coords is not None:
+        coords = np.asarray(coords, dtype=np.float64)
+        labels = np.asarray(labels)
+        if coords.ndim != 3 or coords.shape[-1] != 2:
+            raise PromptError(
+                f"point_coords must be (N, 2) XY pixels (batched: (B, N, 2)), got shape {coords.shape}"
+            )
+        if labels.shape != coords.shape[:2]:
+            raise PromptError(
+                f"point_labels must have one label per point: {labels.shape} vs {coords.shape[:2]}"
+            )
+        bad = ~np.isin(labels, (0, 1, -1))
+        if bad.any():
+            raise PromptError(f"point label {labels[bad][0]} is not 1 (foreground) or 0 (background)")
+        real = coords[labels != -1]
+        outside = ~np.isfinite(real).all(1) | (real < 0).any(1) | (real[:, 0] > w) | (real[:, 1] > h)
+        if outside.any():
+            x, y = real[outside][0]
+            raise PromptError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})")
+        sizes.add(coords.shape[0])
+    if boxes is not None:
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
+            raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {boxes[0].tolist()}")
+        if (boxes[:, :2] > [w, h]).any() or (boxes[:, 2:] < 0).any():
+            raise PromptError(f"box {boxes[0].tolist()} lies outside the {w}x{h} image")
+        sizes.add(boxes.shape[0])
+    if mask_input is not None:
+        mask_input = np.asarray(mask_input, dtype=np.float32)
+        if mask_input.ndim != 4 or mask_input.shape[1:] != (1, *mask_size):
+            raise PromptError(
+                f"mask_input must be (1, {mask_size[0]}, {mask_size[1]}) low-res logits, got shape {mask_input.shape[1:]}"
+            )
+        sizes.add(mask_input.shape[0])
+    if len(sizes) > 1:
+        raise PromptError(f"prompt batch sizes differ: {sorted(sizes)}")
+    return coords, labels, boxes, mask_input
