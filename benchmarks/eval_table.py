@@ -1,6 +1,6 @@
 """The README's evaluation table: every protocol on the eval splits, GrabCut baseline and vit_t.
 
-    python benchmarks/eval_table.py [--only SUBSTRING] [--rerun] [--results DIR]
+    python benchmarks/eval_table.py [--only SUBSTRING] [--rerun] [--table-only] [--results DIR]
 
 Each row is exactly `samkit eval PROTOCOL --data DATA --model MODEL --limit N [...]` (the command is
 printed with the row) and writes its JSON report to `DIR/<model>_<set>_<protocol>.json`; a row whose
@@ -135,6 +135,7 @@ def main() -> None:
         "--only", default=None, help="run only rows whose '<model> <set> <protocol>' contains this"
     )
     ap.add_argument("--rerun", action="store_true", help="run rows again even if their report exists")
+    ap.add_argument("--table-only", action="store_true", help="print the rows already measured; run nothing")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "eval_table"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -156,6 +157,8 @@ def main() -> None:
         report = json.loads(out.read_text()) if out.is_file() and not args.rerun else None
         if report is not None and report["meta"].get("command") != cmd:
             report = None
+        if report is None and args.table_only:
+            continue
         if report is None:
             if model == "vit_t":
                 if name not in shared:
