@@ -105,7 +105,7 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict]:
     pred = samkit.Predictor(samkit.load(state))
     image = _image(args.size)
     pred.set_image(image)
-    grid = point_grid(32) * [args.size[0], args.size[1]]
+    grid = point_grid(args.points_per_side) * [args.size[0], args.size[1]]
     coords = torch.as_tensor(pred.transform.apply_coords(grid, image.shape[:2]))[:, None]
     _, iou = pred.decode_low_res(coords, torch.ones(len(grid), 1, dtype=torch.int))
     ranked = iou.flatten().sort(descending=True).values
@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--survivors", type=int, default=300)
+    p.add_argument("--points-per-side", type=int, default=32, help="fewer for a quick run on a busy machine")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--workdir", default="/tmp/samkit_bench")
     p.add_argument("--size", default="1500x1000")
@@ -135,10 +136,13 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     state, base_kw = _prepare(args, workdir)
+    if args.points_per_side != 32:
+        base_kw["points_per_side"] = args.points_per_side
     print(
         f"model {args.model} ({args.weights} weights), photo {PHOTO.name} upscaled to {args.size[0]}x{args.size[1]}"
     )
     print(f"threads {args.threads}, repeats {args.repeats}, settings {base_kw}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     rows = []
     for name in args.configs.split(","):
         kw = {**base_kw, **CONFIGS[name]}
