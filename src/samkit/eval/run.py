@@ -105,9 +105,9 @@ def run_eval(
     protocol: one of single-point, clicks, box, edges, proposals. data: a path `open_dataset` understands
     or a Dataset. model: see `resolve_model`. out: JSON path (written atomically); the clicks protocol
     also writes its mIoU-vs-clicks curve next to it as `<out stem>.png`. points_per_side: grid of the
-    edges protocol (default 16, the paper's) and of proposals (MaskGenerator's default for SAM models,
-    8 for the grid fallback). thresholds: edge
-    thresholds (99 as in BSDS; fewer is faster and approximate). Returns {"meta", "summary", "items"}.
+    edges protocol (default 16, the paper's) and of proposals (MaskGenerator's default, 32, for samkit
+    models; 8 for the grid prompts other models get). thresholds: edge thresholds (99 as in BSDS; fewer
+    is faster and approximate). Returns {"meta", "summary", "items"}.
     """
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
