@@ -313,10 +313,15 @@ class RayEngine:
                     busy[slot] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1)
             slot, g, batch = inflight.pop(ready[0])
+            current = g == gen[slot]  # False for a reply from an actor this slot has since replaced
+            if current:
+                busy[slot] -= 1
             try:
                 replies = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
-                if g == gen[slot]:
+                if current:
+                    # Killed too in case it is only unreachable, so that its CPUs/GPUs go to the new one.
+                    ray.kill(self._actors[slot], no_restart=True)
                     self._actors[slot] = self._new_actor(ray)
                     gen[slot] += 1
                     busy[slot] = 0
@@ -341,9 +346,7 @@ class RayEngine:
                 for item in batch:
                     failure = ImageResult(Path(item.path), out / item.rel, "failed", reason=_cause(exc))
                     record(item.index, failure, None, False, item.attempt)
-                busy[slot] -= 1
                 continue
-            busy[slot] -= 1
             for (index, result, pid, recovered), item in zip(replies, batch, strict=True):
                 record(index, result, pid, recovered, item.attempt)
 
