@@ -10,8 +10,8 @@ from samkit.errors import SamkitError
 from samkit.image import load_image
 
 if TYPE_CHECKING:
-    from samkit.onnx_predictor import OnnxPredictor
     from samkit.everything import MaskGenerator
+    from samkit.onnx_predictor import OnnxPredictor
     from samkit.predictor import Predictor
     from samkit.zoo import DEFAULT_MODEL, load, registry, save
 

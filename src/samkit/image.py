@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from samkit.errors import ImageError
 
-ImageLike = Union[np.ndarray, Image.Image, str, Path]
+ImageLike = np.ndarray | Image.Image | str | Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
