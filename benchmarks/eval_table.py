@@ -53,8 +53,7 @@ ROWS: list[tuple[str, str, str, int, dict[str, Any]]] = [
     ("vit_t", "dsb2018 val", "single-point", 20, {}),
     ("vit_t", "dsb2018 val", "box", 20, {}),
     ("vit_t", "bsds500 test", "edges", 1, {"thresholds": 25}),
-    ("vit_t", "coco_mini val", "proposals", 2, {}),
-    ("vit_t", "dsb2018 val", "proposals", 1, {}),
+    ("vit_t", "coco_mini val", "proposals", 1, {}),
     ("grabcut", "GrabCut", "single-point", 10, {}),
     ("grabcut", "GrabCut", "box", 10, {}),
     ("grabcut", "GrabCut", "clicks", 2, {}),
@@ -68,6 +67,7 @@ ROWS: list[tuple[str, str, str, int, dict[str, Any]]] = [
     ("grabcut", "dsb2018 val", "box", 10, {}),
     ("grabcut", "bsds500 test", "edges", 1, {"thresholds": 25, "points_per_side": 4}),
     ("grabcut", "coco_mini val", "proposals", 1, {"points_per_side": 4}),
+    ("vit_t", "dsb2018 val", "proposals", 1, {}),
 ]
 
 
