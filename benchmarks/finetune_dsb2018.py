@@ -5,7 +5,9 @@ Stages (each resumable; results go to runs/finetune_dsb2018/):
   python benchmarks/finetune_dsb2018.py train decoder [--set KEY=VALUE ...]   # samkit train in a subprocess:
                                                                               # wall time, peak RSS (ru_maxrss)
   python benchmarks/finetune_dsb2018.py eval MODEL_NAME MODEL_SPEC            # dsb2018/val + GrabCut/Berkeley
-  python benchmarks/finetune_dsb2018.py table                                 # prints the README table
+  python benchmarks/finetune_dsb2018.py baseline-val                          # zero-shot on the held-out images
+  python benchmarks/finetune_dsb2018.py ceiling                               # what a 256x256 mask grid allows
+  python benchmarks/finetune_dsb2018.py table                                 # prints the README tables
 
 Evaluation is `samkit.eval.run_eval` (the code behind `samkit eval`) on fixed subsets, stated in the table:
 dsb2018/val: the first VAL_IMAGES images (sorted by file name) with up to VAL_PER_IMAGE objects each
@@ -124,6 +126,42 @@ def cmd_eval(name: str, spec: str, sets: list[str]) -> None:
             print(name, set_name, protocol, report["summary"], f"{report['meta']['wall_s']:.0f}s", flush=True)
 
 
+def cmd_baseline_val() -> None:
+    """Zero-shot vit_t on the held-out train images, with the objects each variant's validation used
+    (decoder: 60, lora/full short runs: 15), from the decoder run's cached embeddings."""
+    from samkit.train import Trainer, load_config
+
+    out = {}
+    for variant in CONFIGS:
+        cfg = load_config(CONFIGS[variant], mode="decoder", data={"cache_dir": "runs/dsb2018_embeddings"})
+        trainer = Trainer(cfg, progress=False)
+        out[variant] = trainer.validate()
+    (OUT / "val_zero_shot.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+
+
+def cmd_ceiling() -> None:
+    """Best mIoU a 256x256 low-res logit grid can reach on the dsb2018/val subset: each ground-truth mask
+    taken to the model input (1024), area-downsampled to 256, upsampled back as the Predictor does, > 0.5."""
+    import torch
+    import torch.nn.functional as F
+
+    from samkit.eval.metrics import iou
+
+    ious = []
+    for item in val_subset().images():
+        h, w = item.masks[0].shape
+        scale = 1024 / max(h, w)
+        nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+        for m in item.masks:
+            big = F.interpolate(torch.from_numpy(m).float()[None, None], size=(nh, nw), mode="nearest")
+            low = F.interpolate(F.pad(big, (0, 1024 - nw, 0, 1024 - nh)), size=(256, 256), mode="area")
+            up = F.interpolate(low, size=(1024, 1024), mode="bilinear", align_corners=False)[..., :nh, :nw]
+            back = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0.5
+            ious.append(iou(back.numpy(), m, item.ignore))
+    print(f"low-res (256x256) ceiling on {len(ious)} dsb2018/val objects: mIoU {100 * np.mean(ious):.1f}")
+
+
 def _summary(name: str, set_name: str, protocol: str) -> dict | None:
     path = OUT / f"eval_{name}_{set_name}_{protocol}.json"
     return json.loads(path.read_text())["summary"] if path.is_file() else None
@@ -176,6 +214,7 @@ def cmd_table(names: list[str]) -> None:
         "| variant | steps | wall (s) | median s/step | peak RSS (MB) | held-out train 1-point top-1 by step |"
     )
     print("|---|---|---|---|---|---|")
+    zs_path = OUT / "val_zero_shot.json"
     for variant in CONFIGS:
         rec_path = OUT / f"train_{variant}.json"
         metrics = ROOT / "runs" / f"dsb2018_{variant}" / "metrics.jsonl"
@@ -185,7 +224,10 @@ def cmd_table(names: list[str]) -> None:
 
         rec = json.loads(rec_path.read_text())
         rows, vals = read_metrics(metrics)
-        curve = ", ".join(f"{v['step']}: {100 * v['val']['mIoU_top']:.1f}" for v in vals if v["val"])
+        zero = json.loads((OUT / "val_zero_shot.json").read_text())[variant] if zs_path.is_file() else None
+        curve = (f"zero-shot {100 * zero['mIoU_top']:.1f}; " if zero else "") + ", ".join(
+            f"{v['step']}: {100 * v['val']['mIoU_top']:.1f}" for v in vals if v["val"]
+        )
         s_step = float(np.median([r["sec_per_step"] for r in rows])) if rows else float("nan")
         steps = rows[-1]["step"] if rows else 0
         print(
@@ -203,6 +245,8 @@ def main() -> None:
     p.add_argument("name", help="row name, e.g. vit_t or decoder")
     p.add_argument("spec", help="zoo name or checkpoint path")
     p.add_argument("--sets", nargs="+", default=["dsb2018", "GrabCut", "Berkeley"])
+    sub.add_parser("baseline-val")
+    sub.add_parser("ceiling")
     p = sub.add_parser("table")
     p.add_argument("--names", nargs="+", default=["vit_t", "medsam_lite", "decoder", "lora", "full"])
     args = ap.parse_args()
@@ -210,6 +254,10 @@ def main() -> None:
         cmd_train(args.variant, args.set)
     elif args.stage == "eval":
         cmd_eval(args.name, args.spec, args.sets)
+    elif args.stage == "baseline-val":
+        cmd_baseline_val()
+    elif args.stage == "ceiling":
+        cmd_ceiling()
     else:
         cmd_table(args.names)
 
