@@ -151,7 +151,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
         _cmd_export_onnx(args)
         return
     if args.db is None:
-        raise SamkitError("give --db PROJECT.sqlite to export annotations, or `samkit export onnx` for a model")
+        raise SamkitError(
+            "give --db PROJECT.sqlite to export annotations, or `samkit export onnx` for a model"
+        )
     if not Path(args.db).is_file():
         raise SamkitError(f"database not found: {args.db} (create it with `samkit annotate IMAGES --db ...`)")
     files = export_project(Store(args.db), args.out, args.format)
