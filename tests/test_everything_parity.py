@@ -48,6 +48,7 @@ def _run(models, image, **kw):
     return ours, theirs
 
 
+@pytest.mark.slow  # 1024 prompts through both generators: ~1-2 min on 2 idle cores
 def test_default_settings(models, photo):
     # 32 x 32 points, default thresholds: random weights pass few or none of them.
     assert_same_masks(*_run(models, photo))

@@ -43,6 +43,7 @@ def _run(models, image, **kw):
     return ours, theirs
 
 
+@pytest.mark.slow  # 1024 prompts per photo through both generators
 @pytest.mark.parametrize("path", PHOTOS, ids=lambda p: p.parent.parent.parent.name)
 def test_default_settings_on_photos(models, path):
     ours, theirs = _run(models, load_image(path))
@@ -59,6 +60,7 @@ def test_thresholds_at_zero_many_masks(models):
     assert_same_masks(ours, theirs)
 
 
+@pytest.mark.slow  # five crops through both generators
 def test_crops_with_small_region_cleanup(models):
     kw = dict(points_per_side=8, crop_n_layers=1, min_mask_region_area=200)
     ours, theirs = _run(models, load_image(PHOTOS[1]), **kw)
