@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PHOTO, ROOT
+from helpers_annotate import free_port, launch_chromium
 
 import samkit
 from samkit.errors import ImageError
@@ -28,23 +28,6 @@ from samkit.serve.app import decode_upload
 from samkit.serve.cache import EmbeddingCache
 
 httpx = pytest.importorskip("httpx")
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +38,7 @@ def server(tmp_path_factory):
     except samkit.SamkitError as exc:
         pytest.skip(f"vit_t weights not available: {exc}")
     cache = tmp_path_factory.mktemp("serve_cache")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "samkit.cli", "serve", "--model", "vit_t", "--port", str(port)]
     cmd += ["--cache-dir", str(cache), "--max-upload-mb", "1", "--max-embeddings", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -299,7 +282,7 @@ def test_browser_decodes_a_click_like_the_server(server, embedded, tmp_path) -> 
     }
     click = [270.0, 250.0]
     with _static_site(routes) as site, playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True)
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page()
             page.goto(site + "/decode.html")
