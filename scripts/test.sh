@@ -14,4 +14,10 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
-python -m pytest -q "$@"
+# The generator's default-grid parity runs (marked slow: ~15 min on 2 cores) are left to SAMKIT_SLOW=1 so CI
+# stays near 30 minutes; the same code paths run in the fast parity tests (thresholds 0, crops).
+if [ "${SAMKIT_SLOW:-0}" = "1" ]; then
+  python -m pytest -q "$@"
+else
+  python -m pytest -q -m "not slow" "$@"
+fi
