@@ -84,3 +84,16 @@ def ref_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A tiny random ViT SAM (256 input) saved as a samkit checkpoint: loads and segments in a blink."""
+    import samkit
+    from samkit.models.build import SamConfig, build_sam
+
+    torch.manual_seed(0)
+    cfg = SamConfig("vit", embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,), image_size=256)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    samkit.save(build_sam(cfg), path)
+    return str(path)

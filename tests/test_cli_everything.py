@@ -12,15 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import PHOTO, PHOTOS
 from PIL import Image
 from pycocotools.coco import COCO
 
-import samkit
 from samkit.engine.local import read_manifest
 from samkit.formats import read_sa1b, sa1b_masks
-from samkit.models.build import SamConfig, build_sam
 
 FAST = ["--points-per-side", "3", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
 
@@ -30,16 +27,6 @@ def samkit_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "samkit.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    """A tiny random ViT SAM (256 input) saved as a samkit checkpoint: commands start and run in seconds."""
-    torch.manual_seed(0)
-    cfg = SamConfig("vit", embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,), image_size=256)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    samkit.save(build_sam(cfg), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from samkit.engine.inputs import list_images
 from samkit.engine.local import read_manifest, run_local
 from samkit.engine.ray_engine import RayEngine, run_ray
 from samkit.engine.shards import read_shard_index
-from samkit.models.build import SamConfig, build_sam
 
 ray = pytest.importorskip("ray")
 
@@ -42,16 +41,6 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> str:
-    """A tiny random ViT SAM (256 input): workers load it in a blink and segment an image in ~0.1 s."""
-    torch.manual_seed(0)
-    cfg = SamConfig("vit", embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,), image_size=256)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    samkit.save(build_sam(cfg), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
