@@ -197,6 +197,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         max_clicks=args.max_clicks,
         points_per_side=args.points_per_side,
         thresholds=args.thresholds,
+        embedding_cache=args.embedding_cache,
     )
     print(format_table(report))
     if args.out:
@@ -385,6 +386,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points-per-side", type=int, default=None, help="edges/proposals: prompt grid size")
     p.add_argument(
         "--thresholds", type=int, default=99, help="edges: threshold levels (BSDS: 99; fewer is faster)"
+    )
+    p.add_argument(
+        "--embedding-cache",
+        default=None,
+        metavar="DIR",
+        help="keep image embeddings here, per encoder weights: reruns and models sharing an encoder reuse them",
     )
     p.set_defaults(func=_cmd_eval)
 

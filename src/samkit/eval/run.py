@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from samkit.errors import InputError
 from samkit.eval import protocols as P
+from samkit.eval.cache import CachedPredictor
 from samkit.eval.datasets import Dataset, ImageItem, ObjectItem, open_dataset
 from samkit.eval.grabcut import GrabCutPredictor
 from samkit.image import load_image
@@ -27,11 +28,12 @@ class ProtocolError(InputError):
     """An unknown protocol, or a protocol the data set or model cannot run."""
 
 
-def resolve_model(model: Any) -> tuple[Any, dict[str, Any]]:
+def resolve_model(model: Any, embedding_cache: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
     """A PromptModel and its metadata from a name, a checkpoint path, `"grabcut"`, a model or a predictor.
 
-    None means the default model. A samkit model (nn.Module) is wrapped in `samkit.Predictor`; an object
-    that already has `set_image` and `predict` is used as it is.
+    None means the default model. A samkit model (nn.Module) is wrapped in `samkit.Predictor`, or in a
+    `CachedPredictor` over the folder `embedding_cache` when one is given; an object that already has
+    `set_image` and `predict` is used as it is.
     """
     if model is not None and hasattr(model, "set_image") and hasattr(model, "predict"):
         return model, {"model": getattr(model, "name", type(model).__name__), "checkpoint_sha256": None}
@@ -50,6 +52,8 @@ def resolve_model(model: Any) -> tuple[Any, dict[str, Any]]:
         model = samkit.load(spec)
     else:
         meta["model"] = getattr(model, "arch", type(model).__name__)
+    if embedding_cache is not None:
+        return CachedPredictor(model, embedding_cache), meta
     return samkit.Predictor(model), meta
 
 
@@ -71,6 +75,10 @@ def _proposer(predictor: Any, points_per_side: int | None):
     if isinstance(sam, Sam):
         kwargs = {} if points_per_side is None else {"points_per_side": points_per_side}
         generator = MaskGenerator(sam, **kwargs)
+        if isinstance(predictor, CachedPredictor):
+            # The generator encodes through its predictor; a cached one lets models that share an
+            # encoder (and reruns) skip the image encoder.
+            generator.predictor = predictor
 
         def propose(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
             records = generator.generate(load_image(item.image))
@@ -99,6 +107,7 @@ def run_eval(
     points_per_side: int | None = None,
     thresholds: int = 99,
     progress: bool = True,
+    embedding_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run `protocol` on the first `limit` items of `data` with `model`; return (and write) the report.
 
@@ -107,7 +116,9 @@ def run_eval(
     also writes its mIoU-vs-clicks curve next to it as `<out stem>.png`. points_per_side: grid of the
     edges protocol (default 16, the paper's) and of proposals (MaskGenerator's default, 32, for samkit
     models; 8 for the grid prompts other models get). thresholds: edge thresholds (99 as in BSDS; fewer
-    is faster and approximate). Returns {"meta", "summary", "items"}.
+    is faster and approximate). embedding_cache: a folder where image embeddings are kept between runs,
+    per encoder fingerprint, so models sharing an image encoder (a decoder-only fine-tune and its base)
+    encode each image once; samkit models only. Returns {"meta", "summary", "items"}.
     """
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -116,7 +127,7 @@ def run_eval(
     if limit is not None and limit < 1:
         raise ProtocolError(f"--limit must be a positive number of items, got {limit}")
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
-    predictor, meta = resolve_model(model)
+    predictor, meta = resolve_model(model, embedding_cache)
 
     if protocol == "edges":
         items = dataset.edges()
@@ -184,6 +195,12 @@ def run_eval(
         settings["points_per_side"] = points_per_side
     if protocol == "edges":
         settings["thresholds"] = thresholds
+    if isinstance(predictor, CachedPredictor):
+        settings["embedding_cache"] = {
+            "dir": str(predictor.root),
+            "hits": predictor.hits,
+            "misses": predictor.misses,
+        }
     report = {
         "meta": {
             "protocol": protocol,
