@@ -212,8 +212,15 @@ def test_auto_mode_prefills_confident_masks(env):
     image_id = ids["000000000790.jpg"]
     manual = client.post(f"/api/images/{image_id}/objects", json={"points": [DOG_TABLE_POINT]}).json()
     body = {"points_per_side": 4, "pred_iou_thresh": 0.7, "stability_score_thresh": 0.85}
-    res = client.post(f"/api/images/{image_id}/auto", json=body)
+    project.embeddings.wait(image_id, 300)
+    encodes = []
+    hook = project.model.image_encoder.register_forward_hook(lambda *_: encodes.append(1))
+    try:
+        res = client.post(f"/api/images/{image_id}/auto", json=body)
+    finally:
+        hook.remove()
     assert res.status_code == 200, res.text
+    assert not encodes, "auto mode must reuse the cached embedding, not encode the image again"
     auto = res.json()["objects"]
     assert auto and all(o["source"] == "auto" for o in auto)
     assert all(o["predicted_iou"] >= 0.7 and o["stability_score"] >= 0.85 for o in auto)

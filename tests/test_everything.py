@@ -188,6 +188,30 @@ def test_generator_rejects_bad_options(tiny_model):
         )
 
 
+def test_generator_reuses_an_embedded_predictor(tiny_model, photo):
+    """generate(image, embedded=...) encodes only the extra crops and gives the same records."""
+    kw = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_n_layers=1)
+    gen = samkit.MaskGenerator(tiny_model, output_mode="coco_rle", **kw)
+    plain = gen.generate(photo)
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    encodes = []
+    hook = tiny_model.image_encoder.register_forward_hook(lambda *_: encodes.append(1))
+    try:
+        reused = gen.generate(photo, embedded=pred)
+    finally:
+        hook.remove()
+    assert len(encodes) == len(crop_boxes(photo.shape[:2], 1, 512 / 1500)) - 1  # the 4 crops, not the image
+    assert pred.is_image_set  # the caller's predictor keeps its image
+    assert [r["segmentation"] for r in reused] == [r["segmentation"] for r in plain]
+    with pytest.raises(InputError, match="not this"):
+        gen.generate(photo[:100], embedded=pred)
+    other = samkit.Predictor(build_sam(SamConfig("vit", embed_dim=32, depth=1, num_heads=1, image_size=256)))
+    other.set_image(photo)
+    with pytest.raises(InputError, match="this generator's model"):
+        gen.generate(photo, embedded=other)
+
+
 def test_generator_point_grids_and_crops(tiny_model, photo):
     grid = np.array([[0.25, 0.5], [0.75, 0.5]])
     gen = samkit.MaskGenerator(

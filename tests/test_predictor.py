@@ -164,3 +164,48 @@ def test_safetensors_round_trip(model, tmp_path, photo):
     assert again.config == model.config
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
+
+
+def _convtranspose_masks(dec, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The decoder's mask head written as in the paper's code: the two nn.ConvTranspose2d layers on a
+    (B, C, 64, 64) map, then the hypernetwork dot product."""
+    b, n, c = src.shape
+    side = int(n**0.5)
+    up = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, side, side))
+    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
+    return (hyper @ up.flatten(2)).view(b, -1, *up.shape[-2:])
+
+
+def test_mask_head_matches_transposed_convolutions(model):
+    """masks_from's per-pixel matrix products give the ConvTranspose2d result, pixel for pixel."""
+    dec = model.mask_decoder
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(3, 7, 256, generator=g)
+    src = torch.randn(3, 64 * 64, 256, generator=g)
+    with torch.no_grad():
+        ours, theirs = dec.masks_from(hs, src), _convtranspose_masks(dec, hs, src)
+    assert ours.shape == theirs.shape == (3, 4, 256, 256)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_first_block_and_candidates_match_full_decode(pred):
+    """The per-image first-block cache and the filtered decode give the plain decoder's numbers."""
+    model = pred.model
+    pe, dec = model.prompt_encoder, model.mask_decoder
+    coords = torch.tensor([[[100.0, 120.0]], [[500.0, 300.0]], [[800.0, 600.0]], [[20.0, 900.0]]])
+    labels = torch.ones(4, 1, dtype=torch.int64)
+    with torch.no_grad():
+        sparse, dense = pe((coords, labels), None, None)
+        plain_logits, plain_iou = dec(pred.embedding, pe.get_dense_pe(), sparse, dense, True)
+    low_res, iou = pred.decode_low_res(coords, labels)  # cached first block, one prompt at a time
+    torch.testing.assert_close(iou, plain_iou, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(low_res, plain_logits, atol=1e-4, rtol=1e-4)
+    best = iou.max(1).values.sort().values
+    cut = float(best[1] + best[2]) / 2  # between two prompts' best scores: 2 of 4 pass
+    scores, rows, kept = pred.decode_candidates(coords, labels, min_iou=cut)
+    expect = (plain_iou > cut).any(1).nonzero().flatten()
+    assert 0 < len(rows) < 4 and rows.tolist() == expect.tolist()
+    torch.testing.assert_close(scores, plain_iou, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept, plain_logits[expect], atol=1e-4, rtol=1e-4)
+    _, none_rows, none = pred.decode_candidates(coords, labels, min_iou=2.0)
+    assert len(none_rows) == 0 and none.shape == (0, 3, 256, 256)

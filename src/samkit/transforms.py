@@ -82,12 +82,11 @@ def upscale_logits(
 
     c = low_res.shape[0]
     out = np.empty((c, original_size[0], original_size[1]), dtype=np.float32)
-    for start in range(0, c, 256):  # OpenCV images have at most 512 channels
-        x = np.ascontiguousarray(low_res[start : start + 256].transpose(1, 2, 0), dtype=np.float32)
-        big = cv2.resize(x, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-        big = big.reshape(image_size, image_size, -1)[: input_size[0], : input_size[1]]
-        full = cv2.resize(
-            np.ascontiguousarray(big), (original_size[1], original_size[0]), interpolation=cv2.INTER_LINEAR
-        )
-        out[start : start + 256] = full.reshape(original_size[0], original_size[1], -1).transpose(2, 0, 1)
+    big = np.empty((image_size, image_size), dtype=np.float32)
+    h, w = input_size
+    for i in range(c):  # one plane at a time: no channel transposes, results written in place
+        plane = np.ascontiguousarray(low_res[i], dtype=np.float32)
+        cv2.resize(plane, (image_size, image_size), dst=big, interpolation=cv2.INTER_LINEAR)
+        size = (original_size[1], original_size[0])
+        cv2.resize(big[:h, :w], size, dst=out[i], interpolation=cv2.INTER_LINEAR)
     return out

@@ -271,8 +271,11 @@ class Project:
             stability_score_thresh=stability_score_thresh,
             output_mode="coco_rle",
         )
+        # The cached embedding of this image (waiting for it if the background queue has not reached
+        # it yet) saves the generator from encoding the image again.
+        embedded = self.embeddings.predictor(image_id)
         with self._auto_lock:  # one generator run at a time: it takes all the cores
-            records = generator.generate(self._sam.load_image(path))
+            records = generator.generate(self._sam.load_image(path), embedded=embedded)
         keep_against = [o.rle for o in self.store.objects(image_id) if o.source != "auto"]
         items = []
         for r in sorted(records, key=lambda r: -float(r["predicted_iou"])):

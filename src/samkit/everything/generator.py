@@ -151,6 +151,7 @@ class MaskGenerator:
                 )
             self.point_grids = grids
         self.predictor = Predictor(model)
+        self._embedded: Predictor | None = None
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -163,14 +164,27 @@ class MaskGenerator:
         self.output_mode = output_mode
 
     @torch.inference_mode()
-    def generate(self, image: ImageLike) -> list[dict[str, Any]]:
+    def generate(self, image: ImageLike, embedded: Predictor | None = None) -> list[dict[str, Any]]:
         """All masks of `image` ((H, W, 3) uint8 RGB, gray, PIL image or path), one record per mask:
 
         segmentation (per output_mode, H x W), area (pixels), bbox (XYWH pixels), predicted_iou,
         point_coords ([[x, y]] original-image pixels), stability_score, crop_box (XYWH pixels).
+        embedded: a Predictor of the same model on which this image is already set (e.g. a cached
+        embedding); the whole-image crop then reuses its embedding instead of encoding the image again.
         """
         arr = load_image(image)
-        masks = self._generate_masks(arr)
+        if embedded is not None:
+            if embedded.model is not self.predictor.model:
+                raise InputError("embedded must be a Predictor of this generator's model")
+            if embedded.original_size != (arr.shape[0], arr.shape[1]):
+                raise InputError(
+                    f"embedded holds a {embedded.original_size} image, not this {arr.shape[:2]} one"
+                )
+        self._embedded = embedded
+        try:
+            masks = self._generate_masks(arr)
+        finally:
+            self._embedded = None
         if self.min_mask_region_area > 0:
             masks = self._remove_small_regions(masks)
         return self._records(masks)
@@ -193,8 +207,10 @@ class MaskGenerator:
         x0, y0, x1, y1 = crop.box
         cropped = image[y0:y1, x0:x1]
         crop_size = (cropped.shape[0], cropped.shape[1])
-        pred = self.predictor
-        pred.set_image(cropped)
+        reuse = self._embedded is not None and crop.layer == 0
+        pred = self._embedded if reuse else self.predictor
+        if not reuse:
+            pred.set_image(cropped)
         model = pred.model
         upscaler = Upscaler(
             model.image_size,
@@ -205,10 +221,13 @@ class MaskGenerator:
         )
         points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
         parts = [
-            self._process_batch(points[i : i + self.points_per_batch], crop, crop_size, image_size, upscaler)
+            self._process_batch(
+                pred, points[i : i + self.points_per_batch], crop, crop_size, image_size, upscaler
+            )
             for i in range(0, len(points), self.points_per_batch)
         ]
-        pred.reset_image()
+        if not reuse:
+            pred.reset_image()
         masks = _Masks.cat(parts) if parts else _Masks.empty()
         keep = batched_nms(masks.boxes.float(), masks.iou_preds, torch.zeros(len(masks)), self.box_nms_thresh)
         masks = masks.select(keep)
@@ -219,6 +238,7 @@ class MaskGenerator:
 
     def _process_batch(
         self,
+        pred: Predictor,
         points: np.ndarray,
         crop: Crop,
         crop_size: tuple[int, int],
@@ -226,20 +246,24 @@ class MaskGenerator:
         upscaler: Upscaler,
     ) -> _Masks:
         """Masks for one batch of points (P, 2) (x, y) in the crop's pixels; boxes in the crop's frame."""
-        pred = self.predictor
         device = pred.model.device
         coords = torch.as_tensor(pred.transform.apply_coords(points, crop_size), device=device)
         labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
-        low_res, iou = pred.decode_low_res(coords[:, None, :], labels, multimask_output=True)
-        n_out = low_res.shape[1]
-        low_res = low_res.flatten(0, 1).float()
+        # Only prompts with a mask above pred_iou_thresh get their masks computed at all.
+        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        iou, rows, rows_low_res = pred.decode_candidates(
+            coords[:, None, :], labels, multimask_output=True, min_iou=min_iou
+        )
+        n_out = iou.shape[1]
         iou = iou.flatten(0, 1).float()
         pts = torch.as_tensor(points, dtype=torch.float64).repeat_interleave(n_out, 0)
 
         keep = torch.arange(len(iou), device=device)
-        if self.pred_iou_thresh > 0.0:
-            keep = keep[iou[keep] > self.pred_iou_thresh]
-        low_res = low_res[keep]
+        if min_iou is not None:
+            keep = keep[iou[keep] > min_iou]
+        where = torch.full((len(points),), -1, dtype=torch.int64, device=device)
+        where[rows] = torch.arange(len(rows), device=device)
+        low_res = rows_low_res[where[keep // n_out], keep % n_out].float()
         threshold = pred.model.mask_threshold
         offset = self.stability_score_offset
         h, w = image_size
