@@ -1,29 +1,36 @@
 """Issue 12: fine-tune MobileSAM (vit_t) on dsb2018 nuclei and measure it with samkit's eval protocols.
 
-Stages (each resumable; results go to runs/finetune_dsb2018/):
+Stages (each resumable: a report that exists is not recomputed). Reports, training records and metric
+logs go to benchmarks/results/finetune_dsb2018/; checkpoints and embedding caches to --work
+(default runs/finetune_dsb2018, kept out of git).
 
-  python benchmarks/finetune_dsb2018.py train decoder [--set KEY=VALUE ...]   # samkit train in a subprocess:
-                                                                              # wall time, peak RSS (ru_maxrss)
-  python benchmarks/finetune_dsb2018.py eval MODEL_NAME MODEL_SPEC            # dsb2018/val + GrabCut/Berkeley
-  python benchmarks/finetune_dsb2018.py baseline-val                          # zero-shot on the held-out images
-  python benchmarks/finetune_dsb2018.py ceiling                               # what a 256x256 mask grid allows
-  python benchmarks/finetune_dsb2018.py table                                 # prints the README tables
+  python benchmarks/finetune_dsb2018.py train decoder [--name N] [--set KEY=VALUE ...]
+        samkit train in a child process (checkpoint in WORK/runs/N): wall time, peak RSS (ru_maxrss)
+  python benchmarks/finetune_dsb2018.py eval NAME SPEC [--sets dsb2018 GrabCut Berkeley DAVIS345]
+        single-point + box on dsb2018/val (subset below) and the forgetting sets
+  python benchmarks/finetune_dsb2018.py proposals NAME SPEC
+        segment-everything mask recall (AR@100) on dsb2018/val, subset below
+  python benchmarks/finetune_dsb2018.py heldout NAME SPEC
+        single-point + box on the held-out *training* images (dsb2018/train[-20:]): model selection
+  python benchmarks/finetune_dsb2018.py baseline-val | ceiling | table
 
-Evaluation is `samkit.eval.run_eval` (the code behind `samkit eval`) on fixed subsets, stated in the table:
-dsb2018/val: the first VAL_IMAGES images (sorted by file name) with up to VAL_PER_IMAGE objects each
-(seeded choice), because `samkit eval --limit N` counts objects (dsb2018 has ~45 per image) and one
-single-point item costs ~1 s on this contended CPU. GrabCut and Berkeley: the first FORGET_LIMIT objects.
-vit_t embeddings are computed once per image and reused by every model with the same encoder (the
-decoder-only fine-tune leaves the encoder bit-identical), which is what makes three models affordable here.
+Evaluation is `samkit.eval.run_eval` (the code behind `samkit eval`) with `embedding_cache`, so models
+sharing vit_t's image encoder (every decoder-only fine-tune) encode each image once. Fixed subsets:
+- dsb2018/val single-point and box: the first VAL_IMAGES images (by id), up to VAL_PER_IMAGE objects each
+  (seeded choice): `--limit N` counts objects and dsb2018 has ~45 per image.
+- dsb2018/val AR@100: the first AR_IMAGES images, every object, MaskGenerator with an AR_GRID x AR_GRID
+  point grid (`samkit eval proposals --limit 5 --points-per-side 16`); 32 x 32 costs 4x more here.
+- forgetting: the first FORGET_LIMIT[set] objects of GrabCut, Berkeley, DAVIS345 (None = all).
+- held-out training images: dsb2018/train[-20:], up to VAL_PER_IMAGE objects each.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -33,97 +40,110 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
-OUT = ROOT / "runs" / "finetune_dsb2018"
+RESULTS = ROOT / "benchmarks" / "results" / "finetune_dsb2018"
+WORK = ROOT / "runs" / "finetune_dsb2018"
 VAL_IMAGES = 25
 VAL_PER_IMAGE = 6
-FORGET_LIMIT = 20
+AR_IMAGES = 5
+AR_GRID = 16
+HELDOUT_IMAGES = 20
+FORGET_SETS = ("GrabCut", "Berkeley", "DAVIS345")
+FORGET_LIMIT = {"GrabCut": None, "Berkeley": 50, "DAVIS345": 50}
 CONFIGS = {v: ROOT / "configs" / f"dsb2018_{v}.yaml" for v in ("decoder", "lora", "full")}
 
 
-def cmd_train(variant: str, overrides: list[str]) -> None:
+def cmd_train(variant: str, name: str, overrides: list[str]) -> None:
     """Run `samkit train` for one variant in a child process; record wall time and its peak RSS."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).with_name("samkit")), "train", str(CONFIGS[variant])]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = WORK / "runs" / name
+    cmd = [str(Path(sys.executable).with_name("samkit")), "train", str(CONFIGS[variant]), "--out", str(out)]
     for o in overrides:
         cmd += ["--set", o]
     t0 = time.perf_counter()
     rc = subprocess.call(cmd, cwd=ROOT)
     wall = time.perf_counter() - t0
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    record = {"variant": variant, "overrides": overrides, "rc": rc, "wall_s": wall, "peak_rss_mb": rss_mb}
-    (OUT / f"train_{variant}.json").write_text(json.dumps(record, indent=2))
+    record = {
+        "variant": variant,
+        "name": name,
+        "overrides": overrides,
+        "rc": rc,
+        "wall_s": wall,
+        "peak_rss_mb": rss_mb,
+        "load_avg_at_end": os.getloadavg(),
+        "model": str(out / "model.safetensors"),
+    }
+    (RESULTS / f"train_{name}.json").write_text(json.dumps(record, indent=2))
+    if (out / "metrics.jsonl").is_file():
+        shutil.copyfile(out / "metrics.jsonl", RESULTS / f"train_{name}_metrics.jsonl")
     print(json.dumps(record))
 
 
-class CachedPredictor:
-    """samkit.Predictor whose set_image reads the embedding from disk when this encoder has seen the image."""
-
-    def __init__(self, spec: str) -> None:
-        import torch
-
-        import samkit
-
-        self.model = samkit.load(spec)
-        self.predictor = samkit.Predictor(self.model)
-        self.name = spec
-        h = hashlib.sha1()
-        for k, t in self.model.image_encoder.state_dict().items():
-            h.update(k.encode())
-            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        self.cache = OUT / "embeddings" / h.hexdigest()[:16]
-        self.cache.mkdir(parents=True, exist_ok=True)
-
-    def set_image(self, image: np.ndarray) -> None:
-        """image: (H, W, 3) uint8 RGB."""
-        path = self.cache / (hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest() + ".st")
-        if path.is_file():
-            self.predictor.load_embedding(path)
-        else:
-            self.predictor.set_image(image)
-            self.predictor.save_embedding(path)
-
-    def predict(self, *args, **kwargs):
-        return self.predictor.predict(*args, **kwargs)
-
-
-def val_subset():
-    """dsb2018/val: the first VAL_IMAGES images (by id), up to VAL_PER_IMAGE objects each (seeded choice)."""
+def coco_subset(split: str, start: int, stop: int | None, per_image: int):
+    """dsb2018/<split> images [start:stop] (by id), up to `per_image` objects each (seeded choice)."""
     from samkit.eval.datasets import CocoInstances, ImageItem
 
     class Subset(CocoInstances):
+        def __init__(self, annotations: Path) -> None:
+            super().__init__(annotations)
+            self._images = self._images[start:stop]
+
         def images(self):
             for n, item in enumerate(super().images()):
-                if n == VAL_IMAGES:
-                    return
-                pick = np.random.default_rng(n).permutation(len(item.masks))[:VAL_PER_IMAGE]
+                pick = np.random.default_rng(n).permutation(len(item.masks))[:per_image]
                 yield ImageItem(item.id, item.image, [item.masks[k] for k in sorted(pick)], item.ignore)
 
-    return Subset(DATA / "instances" / "dsb2018" / "val" / "annotations.json")
+    return Subset(DATA / "instances" / "dsb2018" / split / "annotations.json")
 
 
-def cmd_eval(name: str, spec: str, sets: list[str]) -> None:
-    """Single-point and box on each set for one model; one JSON report per (set, protocol), skipped if done."""
+def _run(protocol: str, data, spec: str, out: Path, limit: int | None = None, **kwargs) -> None:
+    """One run_eval report to `out` (atomically), skipped when it exists."""
     import torch
 
     from samkit.eval import run_eval
 
+    if out.is_file():
+        return
     torch.set_num_threads(1)
-    model = CachedPredictor(spec)
+    t0 = time.perf_counter()
+    report = run_eval(
+        protocol, data, spec, limit=limit, progress=False, embedding_cache=WORK / "embeddings", **kwargs
+    )
+    report["meta"]["wall_s"] = time.perf_counter() - t0
+    report["meta"]["load_avg_at_end"] = os.getloadavg()
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, out)
+    cache = report["meta"]["settings"]["embedding_cache"]
+    print(out.name, report["summary"], f"{report['meta']['wall_s']:.0f}s", f"cache {cache}", flush=True)
+
+
+def cmd_eval(name: str, spec: str, sets: list[str]) -> None:
+    """Single-point and box on each set for one model; one JSON report per (set, protocol)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for set_name in sets:
-        data = val_subset() if set_name == "dsb2018" else DATA / "interactive" / set_name
-        limit = None if set_name == "dsb2018" else FORGET_LIMIT
+        if set_name == "dsb2018":
+            data, limit = coco_subset("val", 0, VAL_IMAGES, VAL_PER_IMAGE), None
+        else:
+            data, limit = DATA / "interactive" / set_name, FORGET_LIMIT[set_name]
         for protocol in ("single-point", "box"):
-            out = OUT / f"eval_{name}_{set_name}_{protocol}.json"
-            if out.is_file():
-                continue
-            t0 = time.perf_counter()
-            report = run_eval(protocol, data, model, limit=limit, progress=False)
-            report["meta"]["model"] = spec
-            report["meta"]["wall_s"] = time.perf_counter() - t0
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(report))
-            os.replace(tmp, out)
-            print(name, set_name, protocol, report["summary"], f"{report['meta']['wall_s']:.0f}s", flush=True)
+            _run(protocol, data, spec, RESULTS / f"eval_{name}_{set_name}_{protocol}.json", limit)
+
+
+def cmd_proposals(name: str, spec: str) -> None:
+    """AR@100 / AR@1000 on the first AR_IMAGES dsb2018/val images (all their objects)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = DATA / "instances" / "dsb2018" / "val"
+    out = RESULTS / f"eval_{name}_dsb2018_proposals.json"
+    _run("proposals", data, spec, out, AR_IMAGES, points_per_side=AR_GRID)
+
+
+def cmd_heldout(name: str, spec: str) -> None:
+    """Single-point and box on the held-out training images: what model selection may look at."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = coco_subset("train", -HELDOUT_IMAGES, None, VAL_PER_IMAGE)
+    for protocol in ("single-point", "box"):
+        _run(protocol, data, spec, RESULTS / f"heldout_{name}_{protocol}.json")
 
 
 def cmd_baseline_val() -> None:
@@ -133,10 +153,10 @@ def cmd_baseline_val() -> None:
 
     out = {}
     for variant in CONFIGS:
-        cfg = load_config(CONFIGS[variant], mode="decoder", data={"cache_dir": "runs/dsb2018_embeddings"})
-        trainer = Trainer(cfg, progress=False)
-        out[variant] = trainer.validate()
-    (OUT / "val_zero_shot.json").write_text(json.dumps(out, indent=2))
+        cache = str(WORK / "train_embeddings")
+        cfg = load_config(CONFIGS[variant], mode="decoder", data={"cache_dir": cache})
+        out[variant] = Trainer(cfg, progress=False).validate()
+    (RESULTS / "val_zero_shot.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
 
 
@@ -149,7 +169,7 @@ def cmd_ceiling() -> None:
     from samkit.eval.metrics import iou
 
     ious = []
-    for item in val_subset().images():
+    for item in coco_subset("val", 0, VAL_IMAGES, VAL_PER_IMAGE).images():
         h, w = item.masks[0].shape
         scale = 1024 / max(h, w)
         nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
@@ -162,98 +182,128 @@ def cmd_ceiling() -> None:
     print(f"low-res (256x256) ceiling on {len(ious)} dsb2018/val objects: mIoU {100 * np.mean(ious):.1f}")
 
 
-def _summary(name: str, set_name: str, protocol: str) -> dict | None:
-    path = OUT / f"eval_{name}_{set_name}_{protocol}.json"
-    return json.loads(path.read_text())["summary"] if path.is_file() else None
+# --- tables -------------------------------------------------------------------------------------------
+
+METRICS = {"single-point": ("iou_top", "iou_oracle"), "box": ("iou",)}
 
 
-def _fmt(value: float | None, base: float | None = None) -> str:
-    if value is None:
+def _items(prefix: str, name: str, set_name: str, protocol: str) -> dict[str, dict] | None:
+    path = RESULTS / ("_".join(p for p in (prefix, name, set_name, protocol) if p) + ".json")
+    return {it["id"]: it for it in json.loads(path.read_text())["items"]} if path.is_file() else None
+
+
+def _cell(name: str, set_name: str, protocol: str, key: str, prefix: str = "eval") -> str:
+    """mIoU x 100 of one report, and its change vs vit_t on the same objects (paired) in brackets."""
+    items = _items(prefix, name, set_name, protocol)
+    if items is None:
         return "-"
-    text = f"{100 * value:.1f}"
-    return text if base is None else f"{text} ({100 * (value - base):+.1f})"
+    mean = 100 * float(np.mean([it[key] for it in items.values()]))
+    base = _items(prefix, "vit_t", set_name, protocol)
+    if name == "vit_t" or base is None or not set(items) <= set(base):
+        return f"{mean:.1f}"
+    delta = 100 * float(np.mean([items[i][key] - base[i][key] for i in items]))
+    return f"{mean:.1f} ({delta:+.1f})"
+
+
+def _ar(name: str) -> str:
+    path = RESULTS / f"eval_{name}_dsb2018_proposals.json"
+    if not path.is_file():
+        return "-"
+    s = json.loads(path.read_text())["summary"]
+    return f"{100 * s['AR@100']:.1f}"
 
 
 def cmd_table(names: list[str]) -> None:
-    """Markdown tables: quality on dsb2018/val, forgetting on GrabCut/Berkeley, training cost."""
-    base = {
-        (s, p, k): (_summary("vit_t", s, p) or {}).get(k)
-        for s in ("dsb2018", "GrabCut", "Berkeley")
-        for p, k in (("single-point", "mIoU_top"), ("single-point", "mIoU_oracle"), ("box", "mIoU"))
-    }
+    """Markdown tables: dsb2018/val quality, held-out selection, forgetting, training cost."""
     print(
-        f"dsb2018/val, first {VAL_IMAGES} images x up to {VAL_PER_IMAGE} nuclei (mIoU x 100; vs zero-shot vit_t)"
+        f"dsb2018/val: 1-point and box on the first {VAL_IMAGES} images x up to {VAL_PER_IMAGE} nuclei; "
+        f"AR@100 on the first {AR_IMAGES} images, all nuclei, {AR_GRID}x{AR_GRID} grid "
+        "(mIoU / AR x 100; paired change vs zero-shot vit_t)"
     )
+    print("| model | objects | 1-point top-1 | 1-point oracle | box | AR@100 |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        sp = _items("eval", name, "dsb2018", "single-point")
+        if sp is None and _ar(name) == "-":
+            continue
+        cells = [_cell(name, "dsb2018", "single-point", k) for k in ("iou_top", "iou_oracle")]
+        cells += [_cell(name, "dsb2018", "box", "iou"), _ar(name)]
+        print(f"| {name} | {len(sp or {})} | " + " | ".join(cells) + " |")
+
+    print(f"\nHeld-out training images dsb2018/train[-{HELDOUT_IMAGES}:] (model selection; mIoU x 100)")
     print("| model | objects | 1-point top-1 | 1-point oracle | box |")
     print("|---|---|---|---|---|")
     for name in names:
-        sp, bx = _summary(name, "dsb2018", "single-point"), _summary(name, "dsb2018", "box")
-        if sp is None and bx is None:
+        sp = _items("heldout", name, "", "single-point")
+        if sp is None:
             continue
-        ref = None if name == "vit_t" else base
-        cells = [
-            _fmt(sp and sp["mIoU_top"], ref and ref[("dsb2018", "single-point", "mIoU_top")]),
-            _fmt(sp and sp["mIoU_oracle"], ref and ref[("dsb2018", "single-point", "mIoU_oracle")]),
-            _fmt(bx and bx["mIoU"], ref and ref[("dsb2018", "box", "mIoU")]),
-        ]
-        print(f"| {name} | {(sp or bx)['n_items']} | " + " | ".join(cells) + " |")
-    print(f"\nForgetting: first {FORGET_LIMIT} objects of each set (mIoU x 100; vs zero-shot vit_t)")
-    print("| model | GrabCut 1-point top-1 | GrabCut box | Berkeley 1-point top-1 | Berkeley box |")
-    print("|---|---|---|---|---|")
-    for name in names:
-        cells = []
-        for set_name in ("GrabCut", "Berkeley"):
-            sp, bx = _summary(name, set_name, "single-point"), _summary(name, set_name, "box")
-            ref = None if name == "vit_t" else base
-            cells.append(_fmt(sp and sp["mIoU_top"], ref and ref[(set_name, "single-point", "mIoU_top")]))
-            cells.append(_fmt(bx and bx["mIoU"], ref and ref[(set_name, "box", "mIoU")]))
-        if any(c != "-" for c in cells):
-            print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nTraining cost on this CPU (samkit train in a subprocess; peak RSS = ru_maxrss of the child)")
-    print(
-        "| variant | steps | wall (s) | median s/step | peak RSS (MB) | held-out train 1-point top-1 by step |"
-    )
-    print("|---|---|---|---|---|---|")
-    zs_path = OUT / "val_zero_shot.json"
-    for variant in CONFIGS:
-        rec_path = OUT / f"train_{variant}.json"
-        metrics = ROOT / "runs" / f"dsb2018_{variant}" / "metrics.jsonl"
-        if not rec_path.is_file() or not metrics.is_file():
-            continue
-        from samkit.train import read_metrics
+        cells = [_cell(name, "", "single-point", k, "heldout") for k in ("iou_top", "iou_oracle")]
+        cells.append(_cell(name, "", "box", "iou", "heldout"))
+        print(f"| {name} | {len(sp)} | " + " | ".join(cells) + " |")
 
+    print("\nForgetting (mIoU x 100; paired change vs zero-shot vit_t on the same objects)")
+    header = " | ".join(f"{s} 1-point top-1 | {s} box" for s in FORGET_SETS)
+    print(f"| model | objects | {header} |")
+    print("|---|---|" + "---|---|" * len(FORGET_SETS))
+    for name in names:
+        cells, counts = [], []
+        for set_name in FORGET_SETS:
+            cells.append(_cell(name, set_name, "single-point", "iou_top"))
+            cells.append(_cell(name, set_name, "box", "iou"))
+            sp = _items("eval", name, set_name, "single-point")
+            counts.append(str(len(sp)) if sp else "-")
+        if any(c != "-" for c in cells):
+            print(f"| {name} | {' / '.join(counts)} | " + " | ".join(cells) + " |")
+
+    print("\nTraining cost on this CPU (samkit train in a subprocess; peak RSS = ru_maxrss of the child)")
+    print("| run | steps | wall (s) | median s/step | peak RSS (MB) | held-out 1-point top-1 by step |")
+    print("|---|---|---|---|---|---|")
+    from samkit.train import read_metrics
+
+    for rec_path in sorted(RESULTS.glob("train_*.json")):
         rec = json.loads(rec_path.read_text())
+        metrics = RESULTS / f"{rec_path.stem}_metrics.jsonl"
+        if not metrics.is_file():
+            continue
         rows, vals = read_metrics(metrics)
-        zero = json.loads((OUT / "val_zero_shot.json").read_text())[variant] if zs_path.is_file() else None
-        curve = (f"zero-shot {100 * zero['mIoU_top']:.1f}; " if zero else "") + ", ".join(
-            f"{v['step']}: {100 * v['val']['mIoU_top']:.1f}" for v in vals if v["val"]
-        )
+        curve = ", ".join(f"{v['step']}: {100 * v['val']['mIoU_top']:.1f}" for v in vals if v["val"])
         s_step = float(np.median([r["sec_per_step"] for r in rows])) if rows else float("nan")
         steps = rows[-1]["step"] if rows else 0
+        run = rec.get("name", rec["variant"])
         print(
-            f"| {variant} | {steps} | {rec['wall_s']:.0f} | {s_step:.1f} | {rec['peak_rss_mb']:.0f} | {curve} |"
+            f"| {run} | {steps} | {rec['wall_s']:.0f} | {s_step:.1f} | {rec['peak_rss_mb']:.0f} | {curve} |"
         )
 
 
 def main() -> None:
+    global WORK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=WORK, help="checkpoints and embedding caches")
     sub = ap.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("train")
     p.add_argument("variant", choices=list(CONFIGS))
+    p.add_argument("--name", default=None, help="run name (default: the variant)")
     p.add_argument("--set", action="append", default=[])
-    p = sub.add_parser("eval")
-    p.add_argument("name", help="row name, e.g. vit_t or decoder")
-    p.add_argument("spec", help="zoo name or checkpoint path")
-    p.add_argument("--sets", nargs="+", default=["dsb2018", "GrabCut", "Berkeley"])
+    for stage in ("eval", "proposals", "heldout"):
+        p = sub.add_parser(stage)
+        p.add_argument("name", help="row name, e.g. vit_t or decoder")
+        p.add_argument("spec", help="zoo name or checkpoint path")
+        if stage == "eval":
+            p.add_argument("--sets", nargs="+", default=["dsb2018", *FORGET_SETS])
     sub.add_parser("baseline-val")
     sub.add_parser("ceiling")
     p = sub.add_parser("table")
     p.add_argument("--names", nargs="+", default=["vit_t", "medsam_lite", "decoder", "lora", "full"])
     args = ap.parse_args()
+    WORK = args.work
     if args.stage == "train":
-        cmd_train(args.variant, args.set)
+        cmd_train(args.variant, args.name or args.variant, args.set)
     elif args.stage == "eval":
         cmd_eval(args.name, args.spec, args.sets)
+    elif args.stage == "proposals":
+        cmd_proposals(args.name, args.spec)
+    elif args.stage == "heldout":
+        cmd_heldout(args.name, args.spec)
     elif args.stage == "baseline-val":
         cmd_baseline_val()
     elif args.stage == "ceiling":
