@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,11 +121,12 @@ class MaskDecoder(nn.Module):
         maps at the end puts the pixels in place. Same weights, same result as the convolutions.
         """
         b, n, c = src.shape
-        h = w = int(round(n**0.5))
+        h = w = math.isqrt(int(n))  # SAM's embeddings are square
         conv1, norm, act1, conv2, act2 = self.output_upscaling
         x = _transposed_conv2x2(src.reshape(b * n, c), conv1.weight, conv1.bias)  # (b*n*4, c/4)
         dtype = x.dtype
-        x = F.layer_norm(x.float(), (x.shape[1],), norm.weight.float(), norm.bias.float(), norm.eps)
+        width = (self.transformer_dim // 4,)  # a Python int, so ONNX tracing sees a constant
+        x = F.layer_norm(x.float(), width, norm.weight.float(), norm.bias.float(), norm.eps)
         x = _transposed_conv2x2(act1(x.to(dtype)), conv2.weight, conv2.bias)  # (b*n*16, c/8)
         x = act2(x).view(b, n * 16, -1)
         mask_out = hs[:, 1 : 1 + self.num_mask_tokens]
