@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from samkit.models.mask_decoder import MaskDecoder
+from samkit.models.nano import NanoEncoder
 from samkit.models.prompt_encoder import PromptEncoder
 from samkit.models.sam import Sam
 from samkit.models.tiny_vit import TinyViT
@@ -14,7 +15,8 @@ from samkit.models.vit import ImageEncoderViT
 
 @dataclass(frozen=True)
 class SamConfig:
-    """Everything needed to build a SAM-family model. `encoder` is "vit" (SAM) or "tiny_vit" (MobileSAM).
+    """Everything needed to build a SAM-family model. `encoder` is "vit" (SAM), "tiny_vit" (MobileSAM) or
+    "nano" (samkit-nano: the tiny_vit numbers run at `nano_input_size` px, see samkit.models.nano).
 
     Preprocessing travels with the architecture: `resize` is how the longest side is brought to
     `image_size` ("bilinear": PIL bilinear as SAM does; "area": OpenCV INTER_AREA as LiteMedSAM does) and
@@ -34,6 +36,7 @@ class SamConfig:
     tiny_window_sizes: tuple[int, ...] = (7, 7, 14, 7)
     tiny_patch_stride: int = 4
     tiny_classifier_head: bool = True
+    nano_input_size: int = 512
     image_size: int = 1024
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
@@ -68,6 +71,9 @@ MEDSAM_LITE = SamConfig(
     normalize="minmax",
 )
 
+# samkit-nano: MobileSAM's TinyViT on a 512 px input (windows widened to tile its smaller token maps).
+NANO = SamConfig("nano", tiny_window_sizes=(7, 8, 16, 8), tiny_classifier_head=False)
+
 
 def build_sam(cfg: SamConfig) -> Sam:
     """Build an untrained model (in eval mode) for `cfg`."""
@@ -89,6 +95,15 @@ def build_sam(cfg: SamConfig) -> Sam:
             window_sizes=cfg.tiny_window_sizes,
             patch_stride=cfg.tiny_patch_stride,
             classifier_head=cfg.tiny_classifier_head,
+        )
+    elif cfg.encoder == "nano":
+        encoder = NanoEncoder(
+            img_size=cfg.image_size,
+            inner=cfg.nano_input_size,
+            embed_dims=cfg.tiny_embed_dims,
+            depths=cfg.tiny_depths,
+            num_heads=cfg.tiny_num_heads,
+            window_sizes=cfg.tiny_window_sizes,
         )
     else:
         raise ValueError(f"unknown encoder type {cfg.encoder!r}")

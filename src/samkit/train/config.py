@@ -28,7 +28,10 @@ DEFAULTS: dict[str, Any] = {
     "mode": "decoder",
     "model": {
         "init": "vit_t",  # zoo name, checkpoint path, or "scratch" (then `arch` is built untrained)
-        "arch": None,  # SamConfig fields for "scratch", e.g. {encoder: vit, embed_dim: 64, depth: 2, ...}
+        # SamConfig fields, e.g. {encoder: vit, embed_dim: 64, depth: 2, ...}: built untrained for "scratch",
+        # else warm-started from `init`'s tensors of matching names (samkit.models.nano.warm_start)
+        "arch": None,
+        "freeze": [],  # parameter-name prefixes kept frozen in any mode, e.g. image_encoder.backbone.layers
     },
     "teacher": None,  # distill: zoo name or checkpoint path whose image embeddings are the targets
     "lora": {"rank": 4, "alpha": 4.0, "targets": ["qkv", "proj"]},

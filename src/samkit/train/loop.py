@@ -27,6 +27,7 @@ from torch import nn
 from samkit.errors import CheckpointError
 from samkit.formats import atomic_write_bytes
 from samkit.models.build import SamConfig, build_sam
+from samkit.models.nano import warm_start
 from samkit.models.sam import Sam
 from samkit.predictor import Predictor
 from samkit.train.config import ConfigError, load_config
@@ -164,12 +165,15 @@ class Trainer:
         import samkit
 
         spec = self.cfg["model"]
-        if spec["init"] == "scratch":
+        if spec["arch"]:
             try:
                 model = build_sam(SamConfig.from_dict(dict(spec["arch"])))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"model.arch is not a valid architecture: {exc}") from None
             model.arch = "custom"
+            if spec["init"] != "scratch":
+                # A new architecture warm-started from a checkpoint's matching tensors (samkit-nano).
+                warm_start(model, samkit.load(spec["init"]))
         else:
             model = samkit.load(spec["init"])
         if self.mode == "lora":
@@ -204,6 +208,9 @@ class Trainer:
                 p.requires_grad_("lora_" in name)
         if self.mode == "distill":
             m.image_encoder.requires_grad_(True)
+        for name, p in m.named_parameters():
+            if any(name.startswith(prefix) for prefix in self.cfg["model"]["freeze"]):
+                p.requires_grad_(False)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on 1-D tensors; layer-wise lr decay on a fine-tuned encoder."""
