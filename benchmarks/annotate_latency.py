@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,22 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PHOTO = SHARED / "datasets" / "instances" / "coco_mini" / "train" / "images" / "000000000790.jpg"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers_annotate import free_port, launch_chromium  # noqa: E402  (one copy of the browser set-up)
 
 
 def _start_server(
@@ -55,7 +40,7 @@ def _start_server(
 ) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pre = f"import torch; torch.set_num_threads({threads}); " if threads else ""
     code = pre + "import sys; from samkit.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -194,7 +179,7 @@ def _browser_clicks(url: str, points: np.ndarray, between) -> tuple[list[float],
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True)
+        browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 800})
         page.goto(url)
         page.wait_for_function("window.samkit.img !== null", timeout=120_000)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,12 @@ import torch
 import samkit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers_annotate import free_port  # noqa: E402  (one copy of the test helpers)
+
 PHOTO = (
     ROOT.parent / "shared" / "datasets" / "instances" / "coco_mini" / "train" / "images" / "000000000790.jpg"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
@@ -47,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     cache = Path(tempfile.mkdtemp(prefix="samkit_serve_"))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "samkit.cli", "serve", "--port", str(port), "--cache-dir", str(cache)]
     cmd += ["--workers", str(args.workers)]

@@ -125,7 +125,7 @@ def run_local(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST
-    logged = _logged_done(manifest)
+    logged = logged_done(manifest)
     rels = output_paths(images)
     summary = RunSummary()
     bar = _progress(len(images), progress)
@@ -135,7 +135,7 @@ def run_local(
             if target.exists() and not overwrite:
                 if str(rel) not in logged:
                     # Killed between writing the JSON and logging it: log it now, do not redo it.
-                    _append(
+                    append_entry(
                         manifest, {"image": str(path), "json": str(rel), "status": "done", "recovered": True}
                     )
                 result = ImageResult(Path(path), target, "skipped")
@@ -146,7 +146,7 @@ def run_local(
                     entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))
                 else:
                     entry["reason"] = result.reason
-                _append(manifest, entry)
+                append_entry(manifest, entry)
             summary.results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -187,11 +187,13 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _logged_done(manifest: Path) -> set[str]:
+def logged_done(manifest: Path) -> set[str]:
+    """Output JSON names the manifest records as done (shared by the local and the Ray engine)."""
     return {e["json"] for e in read_manifest(manifest) if e.get("status") == "done" and "json" in e}
 
 
-def _append(manifest: Path, entry: dict[str, Any]) -> None:
+def append_entry(manifest: Path, entry: dict[str, Any]) -> None:
+    """Append one manifest line (shared by the local and the Ray engine)."""
     # One write per line, flushed to disk, so a crash loses at most the line being written.
     with open(manifest, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")

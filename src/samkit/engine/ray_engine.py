@@ -26,8 +26,8 @@ from samkit.engine.local import (
     MANIFEST,
     ImageResult,
     RunSummary,
-    _append,
-    _logged_done,
+    append_entry,
+    logged_done,
     output_paths,
     process_image,
     write_coco_for,
@@ -223,7 +223,7 @@ class RayEngine:
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         manifest = out / MANIFEST
-        logged = _logged_done(manifest)
+        logged = logged_done(manifest)
         rels = output_paths(images)
         sharder = Sharder(images, rels, out, shard_size) if shard_size else None
         results: dict[int, ImageResult] = {}
@@ -232,7 +232,7 @@ class RayEngine:
             target = out / rel
             if target.exists() and not overwrite:
                 if str(rel) not in logged:
-                    _append(
+                    append_entry(
                         manifest, {"image": str(path), "json": str(rel), "status": "done", "recovered": True}
                     )
                 results[i] = ImageResult(Path(path), target, "skipped")
@@ -297,7 +297,7 @@ class RayEngine:
             entry.update(worker=pid, attempt=attempt + 1)
             if recovered:
                 entry["recovered"] = True
-            _append(manifest, entry)
+            append_entry(manifest, entry)
             resolve(index, result)
 
         def out_rel(result: ImageResult) -> Path:
