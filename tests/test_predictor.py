@@ -209,3 +209,18 @@ def test_cached_first_block_and_candidates_match_full_decode(pred):
     torch.testing.assert_close(kept, plain_logits[expect], atol=1e-4, rtol=1e-4)
     _, none_rows, none = pred.decode_candidates(coords, labels, min_iou=2.0)
     assert len(none_rows) == 0 and none.shape == (0, 3, 256, 256)
+
+
+def test_bf16_encoder_runs_under_autocast(ref_checkpoint, photo, pred):
+    """dtype="bf16" on a CPU: fp32 weights, bf16 matrix products, an embedding close to fp32's."""
+    _, path = ref_checkpoint("vit_t")
+    model = samkit.load(path, dtype="bf16")
+    assert model.encoder_amp == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    p = samkit.Predictor(model)
+    p.set_image(photo)
+    assert p.embedding.dtype == torch.float32
+    rel = float((p.embedding - pred.embedding).norm() / pred.embedding.norm())
+    assert 0 < rel < 0.05
+    masks, scores, _ = p.predict([[300, 200]], [1])
+    assert masks.shape == (3, *photo.shape[:2]) and np.isfinite(scores).all()

@@ -64,7 +64,9 @@ class Predictor:
         self.reset_image()
         dtype = next(self.model.image_encoder.parameters()).dtype
         x = self.model.preprocess(image.float()).to(dtype)
-        self.features = self.model.image_encoder(x).float()
+        amp = self.model.encoder_amp  # set by samkit.load(..., dtype=...)
+        with torch.autocast(self.model.device.type, dtype=amp, enabled=amp is not None):
+            self.features = self.model.image_encoder(x).float()
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(image.shape[-2]), int(image.shape[-1]))
 

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 
 from samkit.errors import CheckpointError, SamkitError
-from samkit.models.build import MEDSAM_LITE, VIT_B, VIT_H, VIT_L, VIT_T, SamConfig, build_sam
+from samkit.models.build import MEDSAM_LITE, NANO, VIT_B, VIT_H, VIT_L, VIT_T, SamConfig, build_sam
 from samkit.models.sam import Sam
 
 DEFAULT_MODEL = "vit_t"
+# Weights that ship inside the package (samkit-nano); the zoo copies them into the cache like a download.
+PACKAGED_WEIGHTS = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,16 @@ def _registry() -> dict[str, ModelEntry]:
             "Apache-2.0",
             "LiteMedSAM: TinyViT at 256 x 256, box prompts on medical images",
         ),
+        ModelEntry(
+            "nano",
+            NANO,
+            "samkit_nano.safetensors",
+            19_864_104,
+            "2e95e19fed52d33c2abb86589cd4fbf735e293b7b4a2e79c19a7d60bb74fcca0",
+            _sources(UrlSource((PACKAGED_WEIGHTS / "samkit_nano.safetensors").as_uri())),
+            "Apache-2.0",
+            "samkit-nano: MobileSAM's TinyViT on a 512 px input + upsampling neck, distilled here (ships inside)",
+        ),
     ]
     return {e.name: e for e in entries}
 
@@ -159,8 +171,15 @@ def load(
     model = model.to(device)
     if dtype is not None:
         # Only the heavy image encoder runs in reduced precision; the prompt encoder and the decoder are
-        # cheap and keep fp32 so masks and scores stay comparable.
-        model.image_encoder.to(_dtype(dtype))
+        # cheap and keep fp32 so masks and scores stay comparable. The encoder runs under autocast: its
+        # matrix products and convolutions in `dtype`, its residual stream, norms and softmax in fp32
+        # (on a CPU that halves the embedding error of a whole-bf16 encoder at the same speed). On a GPU
+        # the weights are stored in `dtype` too, for memory.
+        amp = _dtype(dtype)
+        if amp != torch.float32:
+            model.encoder_amp = amp
+            if model.device.type != "cpu":
+                model.image_encoder.to(amp)
     return model.eval()
 
 
@@ -210,6 +229,8 @@ def detect_config(sd: dict[str, torch.Tensor]) -> SamConfig:
     """Infer the architecture from state_dict keys and shapes (works for reduced-depth test models too)."""
     if "image_encoder.patch_embed.seq.0.c.weight" in sd:
         return _detect_tiny_vit(sd)
+    if "image_encoder.backbone.patch_embed.seq.0.c.weight" in sd:
+        return _detect_nano(sd)
     if "image_encoder.pos_embed" in sd:
         return _detect_vit(sd)
     sample = ", ".join(list(sd)[:3])
@@ -264,6 +285,21 @@ def _detect_tiny_vit(sd: dict[str, torch.Tensor]) -> SamConfig:
         # A 1x1 stem is LiteMedSAM's: its 256 input and its own preprocessing are not in the weights.
         return replace(MEDSAM_LITE, **dims_kw)
     return SamConfig("tiny_vit", **dims_kw)
+
+
+def _detect_nano(sd: dict[str, torch.Tensor]) -> SamConfig:
+    """samkit-nano: a TinyViT under `image_encoder.backbone.`; its input side is not in the weights (512)."""
+    prefix = "image_encoder.backbone."
+    tiny = _detect_tiny_vit(
+        {"image_encoder." + k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    )
+    return replace(
+        NANO,
+        tiny_embed_dims=tiny.tiny_embed_dims,
+        tiny_depths=tiny.tiny_depths,
+        tiny_num_heads=tiny.tiny_num_heads,
+        tiny_window_sizes=tiny.tiny_window_sizes,
+    )
 
 
 def load_checkpoint(path: Path, config: SamConfig | None = None) -> Sam:

@@ -43,6 +43,7 @@ class Sam(nn.Module):
         self.normalize = normalize
         self.resize = resize  # interpolation used by the Predictor to reach `image_size`: bilinear | area
         self.arch = ""  # set by the zoo: "vit_b", "vit_t", ...
+        self.encoder_amp: torch.dtype | None = None  # reduced-precision image encoder (samkit.load dtype=)
         self.config: Any = None  # the SamConfig it was built from, set by `build_sam`
 
     @property
