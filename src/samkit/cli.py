@@ -198,6 +198,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         points_per_side=args.points_per_side,
         thresholds=args.thresholds,
         embedding_cache=args.embedding_cache,
+        pred_iou_thresh=args.pred_iou_thresh,
     )
     print(format_table(report))
     if args.out:
@@ -392,6 +393,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="keep image embeddings here, per encoder weights: reruns and models sharing an encoder reuse them",
+    )
+    p.add_argument(
+        "--pred-iou-thresh",
+        type=float,
+        default=None,
+        help="proposals: MaskGenerator's predicted-IoU filter (default 0.88; 0 for a re-trained IoU head)",
     )
     p.set_defaults(func=_cmd_eval)
 

@@ -65,7 +65,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _proposer(predictor: Any, points_per_side: int | None):
+def _proposer(predictor: Any, points_per_side: int | None, pred_iou_thresh: float | None = None):
     """propose(item) -> (masks, scores): samkit's MaskGenerator for SAM models, else grid prompts + NMS."""
     from samkit.everything import MaskGenerator
     from samkit.models.sam import Sam
@@ -73,15 +73,19 @@ def _proposer(predictor: Any, points_per_side: int | None):
     sam = getattr(predictor, "model", None)
     # Only a samkit Sam goes to MaskGenerator; other predictors (GrabCut, the reference) get grid prompts.
     if isinstance(sam, Sam):
-        kwargs = {} if points_per_side is None else {"points_per_side": points_per_side}
+        kwargs: dict[str, Any] = {} if points_per_side is None else {"points_per_side": points_per_side}
+        if pred_iou_thresh is not None:
+            kwargs["pred_iou_thresh"] = pred_iou_thresh
         generator = MaskGenerator(sam, **kwargs)
-        if isinstance(predictor, CachedPredictor):
-            # The generator encodes through its predictor; a cached one lets models that share an
-            # encoder (and reruns) skip the image encoder.
-            generator.predictor = predictor
 
         def propose(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
-            records = generator.generate(load_image(item.image))
+            image = load_image(item.image)
+            if isinstance(predictor, CachedPredictor):
+                # Models that share an encoder (and reruns) take the embedding from the cache.
+                predictor.set_image(image)
+                records = generator.generate(image, embedded=predictor)
+            else:
+                records = generator.generate(image)
             masks = [np.asarray(r["segmentation"], dtype=bool) for r in records]
             return masks, np.array([r["predicted_iou"] for r in records], dtype=np.float64)
 
@@ -108,6 +112,7 @@ def run_eval(
     thresholds: int = 99,
     progress: bool = True,
     embedding_cache: str | Path | None = None,
+    pred_iou_thresh: float | None = None,
 ) -> dict[str, Any]:
     """Run `protocol` on the first `limit` items of `data` with `model`; return (and write) the report.
 
@@ -118,7 +123,9 @@ def run_eval(
     models; 8 for the grid prompts other models get). thresholds: edge thresholds (99 as in BSDS; fewer
     is faster and approximate). embedding_cache: a folder where image embeddings are kept between runs,
     per encoder fingerprint, so models sharing an image encoder (a decoder-only fine-tune and its base)
-    encode each image once; samkit models only. Returns {"meta", "summary", "items"}.
+    encode each image once; samkit models only. pred_iou_thresh: proposals only, MaskGenerator's
+    predicted-IoU filter (default 0.88); a fine-tuned IoU head may score every mask below it, and 0
+    keeps the ranking but drops the filter. Returns {"meta", "summary", "items"}.
     """
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -141,7 +148,7 @@ def run_eval(
 
     results: list[dict[str, Any]] = []
     counts = []
-    propose = _proposer(predictor, points_per_side) if protocol == "proposals" else None
+    propose = _proposer(predictor, points_per_side, pred_iou_thresh) if protocol == "proposals" else None
     current_image = None
     skipped: list[str] = []
     bar = tqdm(total=total, desc=f"{protocol} {meta['model']}", unit="item", disable=not progress)
@@ -193,6 +200,8 @@ def run_eval(
         )
     if protocol in ("edges", "proposals"):
         settings["points_per_side"] = points_per_side
+    if protocol == "proposals":
+        settings["pred_iou_thresh"] = pred_iou_thresh
     if protocol == "edges":
         settings["thresholds"] = thresholds
     if isinstance(predictor, CachedPredictor):
