@@ -109,8 +109,9 @@ class Attention(nn.Module):
     every head at once (the reference holds them, plus two copies while adding the bias).
     """
 
-    # Query rows per block for global attention: 16 rows x 64 columns = 1024 queries per block.
-    rows_per_block = 16
+    # Query rows per block for global attention: 2 rows x 64 columns = 128 queries per block, whose
+    # logits (heads x 128 x 4096) stay in the CPU's cache (measured on 2 cores: ~20% faster than 16 rows).
+    rows_per_block = 2
 
     def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]) -> None:
         super().__init__()
@@ -160,7 +161,11 @@ class Attention(nn.Module):
             grid = attn.view(-1, r1 - r0, w, h, w)
             grid.add_(torch.einsum("bhwc,hkc->bhwk", qb, rh[r0:r1])[..., None])
             grid.add_(torch.einsum("bhwc,wkc->bhwk", qb, rw)[..., None, :])
-            out[:, r0 * w : r1 * w] = torch.softmax(attn, dim=-1) @ v
+            # Softmax without another (rows*W, N) buffer: exponentiate in place, and divide the (rows*W,
+            # head_dim) product by the row sums instead of dividing the N-wide weights.
+            attn.sub_(attn.amax(-1, keepdim=True)).exp_()
+            sums = attn.sum(-1, keepdim=True, dtype=torch.float32)
+            out[:, r0 * w : r1 * w] = ((attn @ v).float() / sums).to(out.dtype)
         return out
 
 
