@@ -163,7 +163,9 @@ class Attention(nn.Module):
             grid.add_(torch.einsum("bhwc,wkc->bhwk", qb, rw)[..., None, :])
             # Softmax without another (rows*W, N) buffer: exponentiate in place, and divide the (rows*W,
             # head_dim) product by the row sums instead of dividing the N-wide weights.
-            attn.sub_(attn.amax(-1, keepdim=True)).exp_()
+            # The shift is detached: softmax does not depend on it, and amax's backward would need the
+            # logits this overwrites (training through the encoder failed without it).
+            attn.sub_(attn.amax(-1, keepdim=True).detach()).exp_()
             sums = attn.sum(-1, keepdim=True, dtype=torch.float32)
             out[:, r0 * w : r1 * w] = ((attn @ v).float() / sums).to(out.dtype)
         return out
