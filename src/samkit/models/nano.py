@@ -56,7 +56,9 @@ class NanoEncoder(nn.Module):
         """x: (B, 3, S, S) -> (B, 256, S/16, S/16)."""
         t = self.backbone
         if x.shape[-1] != self.inner:
-            x = F.interpolate(x, size=(self.inner, self.inner), mode="bilinear", antialias=True)
+            # Antialiased resizing has no bf16 kernel on the CPU; fp32 for this one cheap op.
+            size = (self.inner, self.inner)
+            x = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True).to(x.dtype)
         y = t.layers[0](t.patch_embed(x.contiguous(memory_format=torch.channels_last)))
         second = t.layers[1]
         for block in second.blocks:
