@@ -131,3 +131,55 @@ def test_input_frame_resize_crop_flip():
     assert out.shape == (64, 64, 3)
     # After the flip the white (object) half is on the right; image and mask stay aligned.
     assert np.array_equal(out[..., 0] > 127, m[0])
+
+
+def test_step_batches_are_the_same_with_or_without_workers():
+    """Batches and the generator handed back do not depend on how many worker processes draw them."""
+    from samkit.train.data import BatchDrawer, step_batches
+
+    sources = [SyntheticSource(6, 96, seed=3), SyntheticSource(4, 64, seed=4)]
+    data = {
+        "masks_per_image": 2,
+        "batch_size": 2,
+        "cache_variants": 1,
+        "augment": {"scale": [0.6, 1.4], "hflip": 0.5, "vflip": 0.5, "color": 0.3},
+    }
+    drawer = BatchDrawer(sources, Mix(sources, [1.0, 2.0]), data, seed=7, image_size=64)
+    drawn = [list(step_batches(drawer, 5, 11, workers)) for workers in (0, 2)]
+    assert len(drawn[0]) == len(drawn[1]) == 6
+    for (batch_a, rng_a), (batch_b, rng_b) in zip(*drawn, strict=True):
+        assert [k for k, _, _ in batch_a] == [k for k, _, _ in batch_b]
+        for (_, img_a, m_a), (_, img_b, m_b) in zip(batch_a, batch_b, strict=True):
+            assert np.array_equal(img_a, img_b) and np.array_equal(m_a, m_b)
+        assert rng_a.random() == rng_b.random()
+    # Step 7 drawn alone (a resumed run) is step 7 of the sequence.
+    (batch, rng), *_ = step_batches(drawer, 7, 8, 0)
+    assert np.array_equal(batch[0][1], drawn[0][2][0][0][1])
+
+
+def test_cached_variants_are_keyed_by_their_augmentation():
+    """Two configs sharing an embedding cache never share a differently augmented copy."""
+    from samkit.train.data import BatchDrawer
+
+    src = SyntheticSource(2, 64)
+    aug = {"scale": [0.5, 1.5], "hflip": 0.5, "color": 0.2}
+    keys = []
+    for seed, augment in ((0, aug), (1, aug), (0, {**aug, "color": 0.4})):
+        data = {"masks_per_image": 1, "batch_size": 1, "cache_variants": 2, "augment": augment}
+        drawer = BatchDrawer([src], Mix([src], [1.0]), data, seed=seed, image_size=64, cached=True)
+        keys.append([drawer.variant(0, 0, v, src[0])[0] for v in (0, 1)])
+    assert keys[0][0] == keys[1][0] == keys[2][0] == f"{src.name}/0#v0"
+    assert len({k[1] for k in keys}) == 3
+
+
+def test_sample_keys_differ_between_datasets_and_selections():
+    """Keys name embedding-cache files: image 1 of two COCO-style train splits must not share one."""
+    ccp = DATASETS / "instances" / "ccp" / "train"
+    a = build_source({"type": "coco", "path": str(COCO_TRAIN), "range": [0, 2]})
+    b = build_source({"type": "coco", "path": str(ccp), "range": [0, 2]})
+    assert {a[k].key for k in range(2)}.isdisjoint(b[k].key for k in range(2))
+    c = build_source({"type": "coco", "path": str(COCO_TRAIN), "range": [1, 3]})
+    assert a[1].key == c[0].key and a.ident != c.ident
+    paste = [CopyPasteSource(src, src, count=2, seed=0).name for src in (a, b, c)]
+    assert len(set(paste)) == 3
+    assert SyntheticSource(2, 64).name != SyntheticSource(2, 128).name

@@ -179,3 +179,85 @@ def test_tiny_model_learns_single_point_segmentation(tmp_path):
     assert val[0]["step"] == 0 and val[-1]["step"] == 120
     assert last["mIoU_top"] > 0.25 and last["mIoU_top"] > first["mIoU_top"] + 0.15, (first, last)
     assert result["val"] == last
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resume_matches_a_straight_run(tmp_path):
+    """`samkit train` in a child process with worker processes; Ctrl-C (SIGINT to the whole process group,
+    as a terminal sends it) after a few steps: exit 130 with one line naming the checkpoint, which holds the
+    last finished step; --resume then continues with the losses and weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _tiny(tmp_path / "run", log_every=1, checkpoint_every=1000)
+    cfg["optim"]["steps"] = 1000
+    cfg["data"]["workers"] = 2
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(cfg))
+    code = "import sys; from samkit.cli import main; sys.exit(main())"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, "train", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    saved = torch.load(ckpt, weights_only=False)["step"]
+    said = [line for line in err.splitlines() if line.startswith("samkit:")]
+    assert said == [f"samkit: interrupted at step {saved}; saved {ckpt}; continue with --resume"], err
+    rows, _ = read_metrics(metrics)
+    assert 3 <= saved < 1000 and [r["step"] for r in rows] == list(range(1, saved + 1))
+
+    steps = {"steps": saved + 2, "lr": 3.0e-4, "warmup": 2}
+    resumed = train(_tiny(tmp_path / "run", optim=steps, log_every=1), resume=True, progress=False)
+    straight = train(_tiny(tmp_path / "straight", optim=steps, log_every=1), progress=False)
+    rows_r, _ = read_metrics(metrics)
+    rows_s, _ = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in rows_r] == [r["step"] for r in rows_s] == list(range(1, saved + 3))
+    np.testing.assert_allclose([r["loss"] for r in rows_r], [r["loss"] for r in rows_s], rtol=1e-5)
+    a = samkit.load(straight["model"]).state_dict()
+    b = samkit.load(resumed["model"]).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_worker_processes_change_nothing(tmp_path):
+    """data.workers 0 and 2: the same losses step for step (batches are a function of (seed, step))."""
+    aug = {"scale": [0.7, 1.3], "hflip": 0.5, "color": 0.2}
+    runs = []
+    for workers in (0, 2):
+        cfg = _tiny(tmp_path / f"w{workers}", log_every=1)
+        cfg["optim"]["steps"] = 4
+        cfg["data"].update(workers=workers, augment=aug)
+        train(cfg, progress=False)
+        runs.append(read_metrics(tmp_path / f"w{workers}" / "metrics.jsonl")[0])
+    assert [r["step"] for r in runs[0]] == [1, 2, 3, 4]
+    for key in ("loss", "iou_first", "iou_last"):
+        np.testing.assert_allclose([r[key] for r in runs[0]], [r[key] for r in runs[1]], rtol=1e-6)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    """amp: bf16 runs the recipe under CPU autocast (the CUDA path differs only in the device type)."""
+    from samkit.train.config import load_config
+    from samkit.train.loop import Trainer
+
+    trainer = Trainer(load_config(_tiny(tmp_path, amp="bf16", optim={"steps": 2, "lr": 3.0e-4, "warmup": 1})))
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    stats = [trainer.train_step() for _ in range(2)]
+    assert all(np.isfinite(s["loss"]) for s in stats)
+    after = trainer.model.state_dict()
+    assert all(after[k].dtype == torch.float32 for k in after if after[k].is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in after)

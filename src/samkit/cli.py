@@ -465,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     except SamkitError as exc:
         print(f"samkit: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("samkit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # `samkit train` says where it saved its checkpoint
+        print(f"samkit: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

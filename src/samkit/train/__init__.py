@@ -6,6 +6,6 @@ builds the model and data a config describes, trains, and exports `out/model.saf
 """
 
 from samkit.train.config import ConfigError, load_config
-from samkit.train.loop import Trainer, read_metrics, train
+from samkit.train.loop import Trainer, TrainingInterrupted, read_metrics, train
 
-__all__ = ["ConfigError", "Trainer", "load_config", "read_metrics", "train"]
+__all__ = ["ConfigError", "Trainer", "TrainingInterrupted", "load_config", "read_metrics", "train"]

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "cache_variants": 1,  # augmented copies per image in the embedding cache (variant 0 is unaugmented)
         "cache_dir": None,  # default <out>/embeddings
         "precache": False,  # encode every training and validation image before step 1 (one progress bar)
+        "workers": 2,  # processes drawing batches ahead of the step (0: in the training process)
     },
     "recipe": {
         "rounds": 11,
@@ -180,5 +181,7 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("recipe.loss_resolution must be low or full")
     if cfg["amp"] not in ("auto", "off", "bf16", "fp16"):
         raise ConfigError(f"amp {cfg['amp']!r} is not one of auto, off, bf16, fp16")
+    if int(cfg["data"]["workers"]) < 0:
+        raise ConfigError("data.workers must be 0 (load in the training process) or more")
     if int(cfg["data"]["batch_size"]) < 1 or int(cfg["data"]["masks_per_image"]) < 1:
         raise ConfigError("data.batch_size and data.masks_per_image must be at least 1")

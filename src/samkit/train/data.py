@@ -8,8 +8,10 @@ data depends only on (seed, step) and a resumed run sees exactly the data it wou
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from samkit.errors import InputError
+from samkit.errors import InputError, SamkitError
 from samkit.image import IMAGE_SUFFIXES, load_image
 from samkit.train.config import ConfigError
 from samkit.transforms import ResizeLongestSide
@@ -34,9 +36,18 @@ class Sample:
 
 
 class Source:
-    """A random-access list of samples."""
+    """A random-access list of samples.
+
+    `name` prefixes every sample key; keys name embedding-cache entries, so they must differ between
+    different images: file sources use their resolved path. `ident` also tells apart selections
+    (`range`) of the same files."""
 
     name = "source"
+    selection: Any = None  # the spec's `range`, if any
+
+    @property
+    def ident(self) -> str:
+        return self.name if self.selection is None else f"{self.name}{list(self.selection)}"
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -73,7 +84,7 @@ class CocoSource(Source):
             anns = data["annotations"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"cannot read COCO annotations {annotations}: {exc}") from None
-        self.name = f"coco:{annotations.parent.name}"
+        self.name = f"coco:{annotations.resolve()}"
         self.image_dir = image_dir or annotations.parent / "images"
         self.anns: dict[int, list[dict]] = {}
         for ann in sorted(anns, key=lambda a: a["id"]):
@@ -112,7 +123,7 @@ class Sa1bSource(Source):
             image = _image_for(root, js.stem)
             if image is not None:
                 pairs.append((js, image))
-        self.name = f"sa1b:{root.name}"
+        self.name = f"sa1b:{root.resolve()}"
         self.pairs = _slice(pairs, spec or {})
 
     def __len__(self) -> int:
@@ -157,7 +168,7 @@ class MaskFolderSource(Source):
                 stem = stem.rsplit("_", 1)[0]
             if stem in images:
                 groups.setdefault(stem, []).append(mask)
-        self.name = f"masks:{root.name}"
+        self.name = f"masks:{root.resolve()}"
         self.root = root
         self.items = _slice([(images[s], groups[s]) for s in sorted(groups)], spec or {})
 
@@ -190,7 +201,7 @@ class Bsds500Source(Source):
             for m in sorted((root / "groundTruth" / s).glob("*.mat"))
             if m.stem not in overlap
         ]
-        self.name = "bsds500"
+        self.name = f"bsds500:{root.resolve()}"
         self.root = root
         self.mats = _slice(mats, spec or {})
 
@@ -207,7 +218,7 @@ class Bsds500Source(Source):
             seg = np.asarray(cells[0, k]["Segmentation"][0, 0])
             masks.extend(seg == label for label in np.unique(seg))
         image = load_image(self.root / "images" / mat.parent.name / f"{mat.stem}.jpg")
-        return Sample(f"bsds500/{mat.stem}", image, _stack(masks, *image.shape[:2]))
+        return Sample(f"{self.name}/{mat.stem}", image, _stack(masks, *image.shape[:2]))
 
 
 # --- the mix --------------------------------------------------------------------------------------------
@@ -284,6 +295,7 @@ def build_source(spec: dict[str, Any], base: Path | None = None) -> Source:
         )
     if len(source) == 0:
         raise ConfigError(f"data source {path} ({kind}) holds no images with masks")
+    source.selection = spec.get("range")
     return source
 
 
@@ -363,3 +375,114 @@ def _color(image: np.ndarray, factors: np.ndarray) -> np.ndarray:
     gray = x.mean(axis=2, keepdims=True)
     x = (x - gray) * factors[2] + gray
     return np.clip(x, 0, 255).astype(np.uint8)
+
+
+# --- step batches ---------------------------------------------------------------------------------------
+
+Batch = list[tuple[str, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class BatchDrawer:
+    """Draws the images and masks of one training step from the step's generator.
+
+    A batch is a list of (key, input-frame image (h, w, 3) uint8, masks (M, h, w) bool), max(h, w) <=
+    `image_size`. With `cached` (the embedding-cache modes) an image is one of `data.cache_variants` fixed
+    versions (0 = unaugmented), named by `key` in the cache; otherwise it is augmented afresh every draw.
+    Picklable, so worker processes can draw batches ahead of the training step.
+    """
+
+    sources: list[Source]
+    mix: Mix
+    data: dict[str, Any]  # the config's `data` section
+    seed: int
+    image_size: int
+    cached: bool = False
+
+    def variant(self, s: int, i: int, v: int, sample: Sample) -> tuple[str, dict[str, Any] | None]:
+        """Cache key and augmentation of version `v` of image `i` of source `s`.
+
+        The key names the augmentation itself, so runs that share a cache folder (other seeds, sources or
+        augment settings) never reuse a differently augmented embedding."""
+        if v == 0:
+            return f"{sample.key}#v0", None
+        params = augment_params(self.data["augment"], np.random.default_rng([self.seed, s, i, v]))
+        text = json.dumps({k: np.asarray(x).tolist() for k, x in params.items() if x is not None})
+        return f"{sample.key}#v{v}-{hashlib.sha1(text.encode()).hexdigest()[:12]}", params
+
+    def __call__(self, rng: np.random.Generator) -> Batch:
+        want = int(self.data["masks_per_image"])
+        size = int(self.data["batch_size"])
+        variants = int(self.data["cache_variants"])
+        batch: Batch = []
+        for _ in range(100 * size):
+            if len(batch) == size:
+                break
+            s, i = self.mix.draw(rng)
+            sample = self.sources[s][i]
+            if len(sample.masks) == 0:
+                continue
+            pick = rng.permutation(len(sample.masks))[: 2 * want]
+            if self.cached:
+                key, params = self.variant(s, i, int(rng.integers(variants)), sample)
+            else:
+                key, params = sample.key, augment_params(self.data["augment"], rng)
+            image, masks = to_input_frame(sample.image, sample.masks[pick], self.image_size, params)
+            masks = masks[masks.reshape(len(masks), -1).sum(1) >= 4][:want]
+            if len(masks):
+                batch.append((key, image, masks))
+        if not batch:
+            raise ConfigError("no usable masks found in 100 draws; check the training data")
+        return batch
+
+
+class _StepBatches:
+    """Map-style dataset for torch's DataLoader: item s is step s's batch and the state of step s's
+    generator after drawing it (the trainer goes on drawing prompts from that state)."""
+
+    def __init__(self, drawer: BatchDrawer) -> None:
+        self.drawer = drawer
+
+    def __getitem__(self, step: int) -> tuple[Batch, dict] | SamkitError:
+        rng = np.random.default_rng([self.drawer.seed, step])
+        try:
+            batch = self.drawer(rng)
+        except SamkitError as exc:  # handed to the main process as a value: its one-line message survives
+            return exc
+        return batch, rng.bit_generator.state
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process finishes its step and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2.setNumThreads(1)
+
+
+def step_batches(
+    drawer: BatchDrawer, start: int, stop: int, workers: int = 0
+) -> Iterator[tuple[Batch, np.random.Generator]]:
+    """(batch, generator) for steps start..stop-1 in order; `workers` > 0 draws them in that many worker
+    processes, a few steps ahead. The result does not depend on `workers`: each step's batch comes from
+    its own generator `default_rng([seed, step])`, which is handed back positioned after the draw."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _StepBatches(drawer),  # type: ignore[arg-type]
+        batch_size=None,
+        sampler=range(start, stop),
+        num_workers=workers,
+        collate_fn=_as_is,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=2 if workers else None,
+    )
+    for step, item in zip(range(start, stop), loader, strict=True):
+        if isinstance(item, SamkitError):
+            raise item
+        batch, state = item
+        rng = np.random.default_rng([drawer.seed, step])
+        rng.bit_generator.state = state
+        yield batch, rng

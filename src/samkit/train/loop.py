@@ -13,7 +13,9 @@ import json
 import math
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,14 +33,31 @@ from samkit.models.nano import warm_start
 from samkit.models.sam import Sam
 from samkit.predictor import Predictor
 from samkit.train.config import ConfigError, load_config
-from samkit.train.data import Mix, Sample, Source, augment_params, build_source, to_input_frame
+from samkit.train.data import (
+    Batch,
+    BatchDrawer,
+    Mix,
+    Sample,
+    Source,
+    build_source,
+    step_batches,
+    to_input_frame,
+)
 from samkit.train.lora import add_lora, merge_lora
 from samkit.train.losses import sam_loss
 from samkit.train.prompts import error_points, first_points, jittered_boxes, round_plan
 
 CACHED_MODES = ("decoder", "distill")
 # Keys that may change between a run and its resume without changing the result up to the old end.
-_RESUMABLE_CHANGES = {"optim.steps", "optim.epochs", "log_every", "checkpoint_every", "val_every", "out"}
+_RESUMABLE_CHANGES = {
+    "optim.steps",
+    "optim.epochs",
+    "log_every",
+    "checkpoint_every",
+    "val_every",
+    "out",
+    "data.workers",
+}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -138,6 +157,9 @@ class Trainer:
             encoder_model = self.teacher if self.teacher is not None else self.model
             cache_dir = Path(data["cache_dir"]) if data["cache_dir"] else self.out / "embeddings"
             self.cache = EmbeddingCache(encoder_model, cache_dir)
+        self.drawer = BatchDrawer(
+            self.sources, self.mix, data, self.seed, self.image_size, cached=self.cache is not None
+        )
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tuple(opt["betas"]))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp_dtype = self._amp_dtype(cfg["amp"])
@@ -242,36 +264,6 @@ class Trainer:
 
     # --- data ----------------------------------------------------------------------------------------
 
-    def _draw(self, rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """One batch: (cache key, input-frame image (h, w, 3) uint8, masks (M, h, w) bool) per image."""
-        data = self.cfg["data"]
-        want = int(data["masks_per_image"])
-        aug = data["augment"]
-        variants = int(data["cache_variants"])
-        batch = []
-        for _ in range(100 * int(data["batch_size"])):
-            if len(batch) == int(data["batch_size"]):
-                break
-            s, i = self.mix.draw(rng)
-            sample: Sample = self.sources[s][i]
-            if len(sample.masks) == 0:
-                continue
-            pick = rng.permutation(len(sample.masks))[: 2 * want]
-            if self.cache is not None:
-                v = int(rng.integers(variants))
-                params = augment_params(aug, np.random.default_rng([self.seed, s, i, v])) if v else None
-                key = f"{sample.key}#v{v}"
-            else:
-                params = augment_params(aug, rng)
-                key = sample.key
-            image, masks = to_input_frame(sample.image, sample.masks[pick], self.image_size, params)
-            masks = masks[masks.reshape(len(masks), -1).sum(1) >= 4][:want]
-            if len(masks):
-                batch.append((key, image, masks))
-        if not batch:
-            raise ConfigError("no usable masks found in 100 draws; check the training data")
-        return batch
-
     def precache(self) -> int:
         """Encode every (training image, cache variant) and, in decoder mode, every validation image into
         the embedding cache now, instead of on first use; returns how many images were looked at."""
@@ -291,11 +283,9 @@ class Trainer:
         )
         for s, i, v in jobs:
             sample = self.sources[s][i]
-            params = (
-                augment_params(data["augment"], np.random.default_rng([self.seed, s, i, v])) if v else None
-            )
+            key, params = self.drawer.variant(s, i, v, sample)
             image = to_input_frame(sample.image, sample.masks[:0], self.image_size, params)[0]
-            self.cache.path(f"{sample.key}#v{v}", lambda p, img=image: _encode(p, img))
+            self.cache.path(key, lambda p, img=image: _encode(p, img))
             bar.update(1)
         for i in range(len(val) if val is not None else 0):
             self._val_embedding_path(val[i])
@@ -328,10 +318,18 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------
 
-    def _segmentation_loss(self, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = self._draw(rng)
+    def _segmentation_loss(
+        self, batch: Batch, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The recipe's loss for one batch, backpropagated (into .grad) round by round; returns it detached.
+
+        Rounds share only the image embedding (each round's mask_input is detached), so each round's graph
+        is freed as soon as its loss is known: memory holds one round, not 11 (the default decoder config
+        needed ~19 GB on CPU otherwise). An encoder that trains gets its gradient once, at the end, from
+        the gradient accumulated on a detached copy of the embedding."""
         with self._autocast():
             emb = self._embeddings(batch)
+        leaf = emb.detach().requires_grad_(emb.requires_grad)
         totals: dict[str, float] = {}
         loss = torch.zeros((), device=self.device)
         n_masks = sum(len(m) for _, _, m in batch)
@@ -341,16 +339,24 @@ class Trainer:
                 if not group.any():
                     continue
                 share = int(group.sum()) / n_masks
-                g_loss, g_stats = self._rounds(emb[b : b + 1], masks[group], point_first, rng)
+                g_loss, g_stats = self._rounds(leaf[b : b + 1], masks[group], point_first, rng, share)
                 loss = loss + g_loss * share
                 for k, v in g_stats.items():
                     totals[k] = totals.get(k, 0.0) + v * share
+        if leaf.grad is not None:
+            emb.backward(leaf.grad)
         return loss, totals
 
     def _rounds(
-        self, emb: torch.Tensor, masks_np: np.ndarray, point_first: bool, rng: np.random.Generator
+        self,
+        emb: torch.Tensor,
+        masks_np: np.ndarray,
+        point_first: bool,
+        rng: np.random.Generator,
+        weight: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The simulated interactive session for M masks of one image; loss averaged over rounds.
+        """The simulated interactive session for M masks of one image; loss averaged over rounds, each
+        round's share (x `weight`) backpropagated at once. Returns the loss detached.
 
         emb: (1, 256, g, g); masks_np: (M, h, w) bool in the input frame.
         """
@@ -398,7 +404,8 @@ class Trainer:
                 float(recipe["dice_weight"]),
                 float(recipe["iou_weight"]),
             )
-            total = total + loss / len(plan)
+            self.scaler.scale(loss * (weight / len(plan))).backward()
+            total = total + loss.detach() / len(plan)
             prev = logits[torch.arange(len(best)), best].detach().float()  # (M, h, w) low-res logits
             mask_input = prev[:, None]
             if r == 0:
@@ -408,8 +415,7 @@ class Trainer:
         stats["iou_last"] = float(st["iou"])
         return total, stats
 
-    def _distill_loss(self, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = self._draw(rng)
+    def _distill_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         target = self._embeddings(batch).float()  # the teacher's, from the cache
         x = self.model.preprocess(torch.stack([self._pad(self._to_tensor(img)) for _, img, _ in batch]))
         with self._autocast():
@@ -422,17 +428,22 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimisation step at `self.step`; returns its logged values."""
-        rng = np.random.default_rng([self.seed, self.step])
+    def train_step(self, drawn: tuple[Batch, np.random.Generator] | None = None) -> dict[str, float]:
+        """One optimisation step at `self.step`; returns its logged values.
+
+        `drawn`: the step's batch and generator from `step_batches` (drawn here when None)."""
+        if drawn is None:
+            rng = np.random.default_rng([self.seed, self.step])
+            drawn = self.drawer(rng), rng
+        batch, rng = drawn
         self.model.train()
         _freeze_batchnorm(self.model)
-        if self.mode == "distill":
-            loss, stats = self._distill_loss(rng)
-        else:
-            loss, stats = self._segmentation_loss(rng)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.mode == "distill":
+            loss, stats = self._distill_loss(batch)
+            self.scaler.scale(loss).backward()
+        else:
+            loss, stats = self._segmentation_loss(batch, rng)
         clip = float(self.cfg["optim"]["clip"])
         if clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -559,28 +570,35 @@ class Trainer:
         )
         window: list[dict[str, float]] = []
         t0 = time.perf_counter()
-        try:
-            while self.step < self.steps:
-                window.append(self.train_step())
+        batches = step_batches(self.drawer, self.step, self.steps, int(self.cfg["data"]["workers"]))
+        with _StopOnSigint() as stop:
+            for drawn in batches:
+                if stop.requested:
+                    break
+                window.append(self.train_step(drawn))
                 bar.update(1)
                 bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
-                if self.step % every["log_every"] == 0 or self.step == self.steps:
+                if self.step % every["log_every"] == 0 or self.step == self.steps or stop.requested:
                     row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                     row["sec_per_step"] = (time.perf_counter() - t0) / len(window)
                     _append(metrics_path, {"step": self.step, **row})
                     window, t0 = [], time.perf_counter()
                 if every["checkpoint_every"] > 0 and self.step % every["checkpoint_every"] == 0:
                     self.save_checkpoint()
-                if every["val_every"] > 0 and self.step % every["val_every"] == 0 and self.step < self.steps:
+                if (
+                    every["val_every"] > 0
+                    and self.step % every["val_every"] == 0
+                    and self.step < self.steps
+                    and not stop.requested
+                ):
                     val = self._log_val(metrics_path)
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save_checkpoint()
-            print(
-                f"interrupted at step {self.step}; checkpoint {path}; continue with --resume", file=sys.stderr
-            )
-            raise
+            batches.close()  # stops the worker processes
         bar.close()
+        if stop.requested and self.step < self.steps:
+            path = self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"interrupted at step {self.step}; saved {path}; continue with --resume"
+            )
         self.save_checkpoint()
         if self.val_source is not None:
             val = self._log_val(metrics_path)
@@ -610,6 +628,31 @@ class Trainer:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
             atomic_write_bytes(self.out / "model.pth", buf.getvalue())
         return path
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step in progress was finished and a checkpoint written."""
+
+
+class _StopOnSigint:
+    """While active, the first SIGINT (Ctrl-C) only sets `requested`, so the loop can finish its step and
+    save; a second one raises KeyboardInterrupt at once. Outside the main thread it does nothing."""
+
+    def __enter__(self) -> _StopOnSigint:
+        self.requested = False
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _layer_scales(encoder: nn.Module, decay: float) -> dict[str, float]:

@@ -5,6 +5,8 @@ Both are deterministic functions of (seed, index): item i is the same image on e
 
 from __future__ import annotations
 
+import hashlib
+
 import cv2
 import numpy as np
 
@@ -88,7 +90,7 @@ class SyntheticSource(Source):
     ) -> None:
         self.count, self.size, self.seed = count, size, seed
         self.max_shapes, self.textured = max_shapes, textured
-        self.name = f"synthetic{seed}"
+        self.name = f"synthetic:{seed}:{size}:{max_shapes}:{int(textured)}"
 
     def __len__(self) -> int:
         return self.count
@@ -111,7 +113,8 @@ class CopyPasteSource(Source):
     def __init__(self, objects: Source, backgrounds: Source, count: int, max_objects: int = 4, seed: int = 0):
         self.objects, self.backgrounds = objects, backgrounds
         self.count, self.max_objects, self.seed = count, max_objects, seed
-        self.name = f"copy_paste{seed}"
+        parts = f"{objects.ident}|{backgrounds.ident}|{max_objects}|{seed}"
+        self.name = f"copy_paste:{hashlib.sha1(parts.encode()).hexdigest()[:12]}"
 
     def __len__(self) -> int:
         return self.count
