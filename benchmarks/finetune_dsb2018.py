@@ -130,12 +130,14 @@ def cmd_eval(name: str, spec: str, sets: list[str]) -> None:
             _run(protocol, data, spec, RESULTS / f"eval_{name}_{set_name}_{protocol}.json", limit)
 
 
-def cmd_proposals(name: str, spec: str) -> None:
-    """AR@100 / AR@1000 on the first AR_IMAGES dsb2018/val images (all their objects)."""
+def cmd_proposals(name: str, spec: str, pred_iou_thresh: float | None) -> None:
+    """AR@100 / AR@1000 on the first AR_IMAGES dsb2018/val images (all their objects); with
+    `pred_iou_thresh` set, MaskGenerator's predicted-IoU filter is changed (report `..._iouT.json`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = DATA / "instances" / "dsb2018" / "val"
-    out = RESULTS / f"eval_{name}_dsb2018_proposals.json"
-    _run("proposals", data, spec, out, AR_IMAGES, points_per_side=AR_GRID)
+    suffix = "" if pred_iou_thresh is None else f"_iou{pred_iou_thresh:g}"
+    out = RESULTS / f"eval_{name}_dsb2018_proposals{suffix}.json"
+    _run("proposals", data, spec, out, AR_IMAGES, points_per_side=AR_GRID, pred_iou_thresh=pred_iou_thresh)
 
 
 def cmd_heldout(name: str, spec: str) -> None:
@@ -205,8 +207,8 @@ def _cell(name: str, set_name: str, protocol: str, key: str, prefix: str = "eval
     return f"{mean:.1f} ({delta:+.1f})"
 
 
-def _ar(name: str) -> str:
-    path = RESULTS / f"eval_{name}_dsb2018_proposals.json"
+def _ar(name: str, suffix: str = "") -> str:
+    path = RESULTS / f"eval_{name}_dsb2018_proposals{suffix}.json"
     if not path.is_file():
         return "-"
     s = json.loads(path.read_text())["summary"]
@@ -218,16 +220,17 @@ def cmd_table(names: list[str]) -> None:
     print(
         f"dsb2018/val: 1-point and box on the first {VAL_IMAGES} images x up to {VAL_PER_IMAGE} nuclei; "
         f"AR@100 on the first {AR_IMAGES} images, all nuclei, {AR_GRID}x{AR_GRID} grid "
-        "(mIoU / AR x 100; paired change vs zero-shot vit_t)"
+        "(mIoU / AR x 100; paired change vs zero-shot vit_t); AR@100 with MaskGenerator's filters, and "
+        "without its predicted-IoU filter (pred_iou_thresh 0)"
     )
-    print("| model | objects | 1-point top-1 | 1-point oracle | box | AR@100 |")
-    print("|---|---|---|---|---|---|")
+    print("| model | objects | 1-point top-1 | 1-point oracle | box | AR@100 | AR@100, IoU filter off |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         sp = _items("eval", name, "dsb2018", "single-point")
         if sp is None and _ar(name) == "-":
             continue
         cells = [_cell(name, "dsb2018", "single-point", k) for k in ("iou_top", "iou_oracle")]
-        cells += [_cell(name, "dsb2018", "box", "iou"), _ar(name)]
+        cells += [_cell(name, "dsb2018", "box", "iou"), _ar(name), _ar(name, "_iou0")]
         print(f"| {name} | {len(sp or {})} | " + " | ".join(cells) + " |")
 
     print(f"\nHeld-out training images dsb2018/train[-{HELDOUT_IMAGES}:] (model selection; mIoU x 100)")
@@ -290,6 +293,8 @@ def main() -> None:
         p.add_argument("spec", help="zoo name or checkpoint path")
         if stage == "eval":
             p.add_argument("--sets", nargs="+", default=["dsb2018", *FORGET_SETS])
+        if stage == "proposals":
+            p.add_argument("--pred-iou-thresh", type=float, default=None)
     sub.add_parser("baseline-val")
     sub.add_parser("ceiling")
     p = sub.add_parser("table")
@@ -301,7 +306,7 @@ def main() -> None:
     elif args.stage == "eval":
         cmd_eval(args.name, args.spec, args.sets)
     elif args.stage == "proposals":
-        cmd_proposals(args.name, args.spec)
+        cmd_proposals(args.name, args.spec, args.pred_iou_thresh)
     elif args.stage == "heldout":
         cmd_heldout(args.name, args.spec)
     elif args.stage == "baseline-val":
