@@ -224,3 +224,29 @@ def test_bf16_encoder_runs_under_autocast(ref_checkpoint, photo, pred):
     assert 0 < rel < 0.05
     masks, scores, _ = p.predict([[300, 200]], [1])
     assert masks.shape == (3, *photo.shape[:2]) and np.isfinite(scores).all()
+
+
+def test_folded_attention_equals_plain_attention():
+    """tokens_to_image / image_to_tokens (projections moved to the token side) equal Attention.forward."""
+    from samkit.models.transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(256, 8, downsample_rate=2)
+    tokens = torch.randn(3, 7, 256)
+    image = torch.randn(1, 4096, 256) * 2  # one image broadcast over 3 prompts
+    image3 = image.expand(3, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            attn.tokens_to_image(tokens, image, image * 0.5),
+            attn(tokens, image3, image3 * 0.5),
+            atol=2e-5,
+            rtol=1e-4,
+        )
+        plain = attn(image3, tokens, tokens * 0.3)
+        torch.testing.assert_close(
+            attn.image_to_tokens(image, tokens, tokens * 0.3), plain, atol=2e-5, rtol=1e-4
+        )
+        qp = attn.q_proj(image)
+        torch.testing.assert_close(
+            attn.image_to_tokens(None, tokens, tokens * 0.3, qp=qp), plain, atol=2e-5, rtol=1e-4
+        )
