@@ -120,6 +120,10 @@ def zero_shot(work: Path) -> dict:
     return run_arm("none", 0, 0, work, "zero_shot")
 
 
+def _var(xs: list[float]) -> float:
+    return statistics.variance(xs) if len(xs) > 1 else 0.0
+
+
 def table(rows: list[dict], base: dict, seeds: list[int], steps: int) -> str:
     lines = [
         f"vit_t decoder-only fine-tune, dsb2018/train[0:{TRAIN_IMAGES}], {steps} steps x 1 image x 4 masks, "
@@ -128,13 +132,16 @@ def table(rows: list[dict], base: dict, seeds: list[int], steps: int) -> str:
         f"{VAL_PER_IMAGE} objects per image ({base['val']['objects']} objects); held-out training images",
         f"zero-shot vit_t: top-1 {100 * base['val']['mIoU_top']:.1f}, oracle {100 * base['val']['mIoU_oracle']:.1f}",
         "",
-        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs none | oracle mean | min/run |",
+        "| arm | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean | sd | vs none (+- s.e.) | oracle mean | wall min/run |",
         "|---|" + "---|" * (len(seeds) + 5),
     ]
     by_arm: dict[str, list[dict]] = {}
     for r in rows:
         by_arm.setdefault(r["arm"], []).append(r)
-    ref = statistics.mean(100 * r["val"]["mIoU_top"] for r in by_arm["none"])
+    ref_tops = [100 * r["val"]["mIoU_top"] for r in by_arm.get("none", rows)]
+    ref, ref_var = statistics.mean(ref_tops), _var(ref_tops) / len(ref_tops)
     for arm in ARMS:
         rs = sorted(by_arm.get(arm, []), key=lambda r: r["seed"])
         if not rs:
@@ -145,7 +152,11 @@ def table(rows: list[dict], base: dict, seeds: list[int], steps: int) -> str:
         oracle = statistics.mean(100 * r["val"]["mIoU_oracle"] for r in rs)
         minutes = statistics.mean(r["wall_s"] for r in rs) / 60
         cells = " | ".join(f"{by_seed[s]:.1f}" if s in by_seed else "not run" for s in seeds)
-        lines.append(f"| {arm} | {cells} | {mean:.1f} | {mean - ref:+.1f} | {oracle:.1f} | {minutes:.1f} |")
+        se = (ref_var + _var(tops) / len(tops)) ** 0.5
+        lines.append(
+            f"| {arm} | {cells} | {mean:.1f} | {_var(tops) ** 0.5:.1f} | {mean - ref:+.1f} (+-{se:.1f}) "
+            f"| {oracle:.1f} | {minutes:.1f} |"
+        )
     spreads = [
         max(100 * r["val"]["mIoU_top"] for r in rs) - min(100 * r["val"]["mIoU_top"] for r in rs)
         for rs in by_arm.values()
@@ -155,7 +166,8 @@ def table(rows: list[dict], base: dict, seeds: list[int], steps: int) -> str:
         lines += ["", f"seed-to-seed spread within an arm: {min(spreads):.1f} to {max(spreads):.1f} points"]
     lines.append(
         f"machine: {platform.machine()}, {os.cpu_count()} shared cores, 1 torch thread, load average "
-        f"{os.getloadavg()[0]:.1f} at the end (min/run includes encoding the arm's new images)"
+        f"{os.getloadavg()[0]:.1f} at the end; wall min/run includes encoding the arm's new images and "
+        "depends on the load at the time (indicative only)"
     )
     return "\n".join(lines)
 
