@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -261,3 +262,46 @@ def test_bf16_autocast_on_cpu(tmp_path):
     after = trainer.model.state_dict()
     assert all(after[k].dtype == torch.float32 for k in after if after[k].is_floating_point())
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def _running(pid: str) -> bool:
+    """A live (not zombie) process; Linux /proc."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads worker ids from Linux /proc")
+def test_worker_processes_die_with_a_killed_training_process(tmp_path):
+    """SIGKILL the training process: its data workers go too (they could block for good on a full pipe)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    cfg = _tiny(tmp_path / "run", log_every=1)
+    cfg["optim"]["steps"] = 1000
+    cfg["data"]["workers"] = 2
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(cfg))
+    code = "import sys; from samkit.cli import main; sys.exit(main())"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, "train", str(path)], env=env, stderr=subprocess.DEVNULL
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    workers = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+    assert len(workers) == 2
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_running(w) for w in workers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -460,6 +461,12 @@ def _worker_init(_: int) -> None:
     # Ctrl-C reaches the whole process group: the main process finishes its step and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
+    if sys.platform.startswith("linux"):
+        # Die with the training process: if it is killed, torch's workers can otherwise block for good
+        # writing a batch into a pipe that a sibling worker still holds open (seen with SIGTERM).
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def step_batches(
