@@ -152,7 +152,7 @@ class Attention(nn.Module):
     def _row_blocks(self, q, k, v, rh, rw, h: int, w: int) -> torch.Tensor:
         """CPU: logits of `rows_per_block` query rows at a time, bias added in place."""
         out = torch.empty_like(q)
-        kt = k.transpose(1, 2)
+        kt = k.transpose(1, 2).contiguous()  # one copy per layer (bf16 matmuls copied it per block)
         rq = q.reshape(-1, h, w, q.shape[-1])
         for r0 in range(0, h, self.rows_per_block):
             r1 = min(h, r0 + self.rows_per_block)
@@ -166,7 +166,7 @@ class Attention(nn.Module):
             # The shift is detached: softmax does not depend on it, and amax's backward would need the
             # logits this overwrites (training through the encoder failed without it).
             attn.sub_(attn.amax(-1, keepdim=True).detach()).exp_()
-            sums = attn.sum(-1, keepdim=True, dtype=torch.float32)
+            sums = attn.sum(-1, keepdim=True).float()  # (a dtype= argument would copy bf16 logits to fp32)
             out[:, r0 * w : r1 * w] = ((attn @ v).float() / sums).to(out.dtype)
         return out
 
