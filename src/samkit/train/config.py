@@ -44,8 +44,8 @@ DEFAULTS: dict[str, Any] = {
         "cache_variants": 1,  # augmented copies per image in the embedding cache (variant 0 is unaugmented)
         "cache_dir": None,  # default <out>/embeddings
         "precache": False,  # encode every training and validation image before step 1 (one progress bar)
-        # processes drawing batches ahead of the step (0: in the training process). Off by default: forked
-        # workers can deadlock when the trainer used OpenCV's thread pool first (seen with dsb2018 + precache)
+        # processes drawing batches ahead of the step (0: in the training process). Off by default: 2 forked
+        # workers hung in the dsb2018 decoder test after precaching (cause not found yet)
         "workers": 0,
     },
     "recipe": {
