@@ -460,7 +460,8 @@ def _as_is(item: Any) -> Any:
 def _worker_init(_: int) -> None:
     # Ctrl-C reaches the whole process group: the main process finishes its step and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cv2.setNumThreads(1)
+    # No cv2.setNumThreads here: in a forked child it can block for good on the parent's pool lock
+    # (seen in CI). step_batches sets OpenCV to one thread in the parent before forking instead.
     if sys.platform.startswith("linux"):
         # Die with the training process: if it is killed, torch's workers can otherwise block for good
         # writing a batch into a pipe that a sibling worker still holds open (seen with SIGTERM).
@@ -486,10 +487,18 @@ def step_batches(
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=2 if workers else None,
     )
-    for step, item in zip(range(start, stop), loader, strict=True):
-        if isinstance(item, SamkitError):
-            raise item
-        batch, state = item
-        rng = np.random.default_rng([drawer.seed, step])
-        rng.bit_generator.state = state
-        yield batch, rng
+    threads = cv2.getNumThreads()
+    if workers:
+        # Forked workers inherit this: OpenCV then runs inline in them, never touching a thread pool
+        # whose locks the fork may have copied in a held state.
+        cv2.setNumThreads(1)
+    try:
+        for step, item in zip(range(start, stop), loader, strict=True):
+            if isinstance(item, SamkitError):
+                raise item
+            batch, state = item
+            rng = np.random.default_rng([drawer.seed, step])
+            rng.bit_generator.state = state
+            yield batch, rng
+    finally:
+        cv2.setNumThreads(threads)
