@@ -194,7 +194,7 @@ class Predictor:
         multimask_output: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits (B, C, 256, 256) and scores (B, C) only, without upsampling to the image size."""
-        iou, rows, low_res = self.decode_candidates(
+        iou, _, low_res = self.decode_candidates(
             point_coords, point_labels, boxes, mask_input, multimask_output, min_iou=None
         )
         return low_res, iou

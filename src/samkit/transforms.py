@@ -84,9 +84,9 @@ def upscale_logits(
     out = np.empty((c, original_size[0], original_size[1]), dtype=np.float32)
     big = np.empty((image_size, image_size), dtype=np.float32)
     h, w = input_size
+    size = (original_size[1], original_size[0])  # OpenCV sizes are (width, height)
     for i in range(c):  # one plane at a time: no channel transposes, results written in place
         plane = np.ascontiguousarray(low_res[i], dtype=np.float32)
         cv2.resize(plane, (image_size, image_size), dst=big, interpolation=cv2.INTER_LINEAR)
-        size = (original_size[1], original_size[0])
         cv2.resize(big[:h, :w], size, dst=out[i], interpolation=cv2.INTER_LINEAR)
     return out

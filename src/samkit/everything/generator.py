@@ -151,7 +151,6 @@ class MaskGenerator:
                 )
             self.point_grids = grids
         self.predictor = Predictor(model)
-        self._embedded: Predictor | None = None
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -180,21 +179,17 @@ class MaskGenerator:
                 raise InputError(
                     f"embedded holds a {embedded.original_size} image, not this {arr.shape[:2]} one"
                 )
-        self._embedded = embedded
-        try:
-            masks = self._generate_masks(arr)
-        finally:
-            self._embedded = None
+        masks = self._generate_masks(arr, embedded)
         if self.min_mask_region_area > 0:
             masks = self._remove_small_regions(masks)
         return self._records(masks)
 
     # --- stages --------------------------------------------------------------------------------------
 
-    def _generate_masks(self, image: np.ndarray) -> _Masks:
+    def _generate_masks(self, image: np.ndarray, embedded: Predictor | None = None) -> _Masks:
         size = (image.shape[0], image.shape[1])
         crops = crop_boxes(size, self.crop_n_layers, self.crop_overlap_ratio)
-        masks = _Masks.cat([self._process_crop(image, crop, size) for crop in crops])
+        masks = _Masks.cat([self._process_crop(image, crop, size, embedded) for crop in crops])
         if len(crops) > 1 and len(masks):
             # Between crops, prefer the mask from the smaller crop.
             cb = masks.crop_boxes.float()
@@ -203,12 +198,15 @@ class MaskGenerator:
             masks = masks.select(keep)
         return masks
 
-    def _process_crop(self, image: np.ndarray, crop: Crop, image_size: tuple[int, int]) -> _Masks:
+    def _process_crop(
+        self, image: np.ndarray, crop: Crop, image_size: tuple[int, int], embedded: Predictor | None
+    ) -> _Masks:
+        """Masks of one crop; the whole-image crop uses `embedded`'s embedding when given."""
         x0, y0, x1, y1 = crop.box
         cropped = image[y0:y1, x0:x1]
         crop_size = (cropped.shape[0], cropped.shape[1])
-        reuse = self._embedded is not None and crop.layer == 0
-        pred = self._embedded if reuse else self.predictor
+        reuse = embedded is not None and crop.layer == 0
+        pred = embedded if reuse else self.predictor
         if not reuse:
             pred.set_image(cropped)
         model = pred.model
