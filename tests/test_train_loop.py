@@ -155,6 +155,49 @@ def test_distillation_reduces_embedding_mse(tmp_path):
     assert torch.equal(student.mask_decoder.iou_token.weight, teacher.mask_decoder.iou_token.weight)
 
 
+def test_online_teacher_distils_from_an_image_folder(tmp_path):
+    """teacher_online: no embedding cache; the teacher sees each step's augmented batch; images need no masks."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    teacher_path = samkit.save(
+        samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(TINY_ARCH)),
+        tmp_path / "t.safetensors",
+    )
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        pixels = rng.integers(0, 255, (40 + 8 * k, 64, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1)
+        Image.fromarray(pixels).save(folder / f"p{k}.png")
+    (folder / "notes.txt").write_text("not an image")
+    cfg = _tiny(
+        tmp_path / "run",
+        mode="distill",
+        teacher=str(teacher_path),
+        teacher_online=True,
+        model={"init": "scratch", "arch": {**TINY_ARCH, "embed_dim": 16}},
+        data={
+            "train": [{"type": "images", "path": str(folder)}],
+            "batch_size": 2,
+            "augment": {"scale": [0.7, 1.3], "hflip": 0.5, "color": 0.2},
+        },
+        optim={"steps": 30, "lr": 3.0e-3, "warmup": 2},
+        log_every=5,
+    )
+    result = train(cfg, progress=False)
+    rows, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["mse"] < 0.75 * rows[0]["mse"], [r["mse"] for r in rows]
+    assert not (tmp_path / "run" / "embeddings").exists()
+    assert samkit.load(result["model"]).config.embed_dim == 16
+
+
+def test_image_folders_only_serve_distillation(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="only train mode distill"):
+        train(_tiny(tmp_path / "run", data={"train": [{"type": "images", "path": str(tmp_path)}]}))
+
+
 def test_cli_train_runs_a_config(tmp_path, capsys):
     from samkit.cli import main
 

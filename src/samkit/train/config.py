@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
         "freeze": [],  # parameter-name prefixes kept frozen in any mode, e.g. image_encoder.backbone.layers
     },
     "teacher": None,  # distill: zoo name or checkpoint path whose image embeddings are the targets
+    # distill: run the teacher on every step's (augmented) batch instead of caching its embeddings on disk
+    # (a GPU can afford it; each image is then seen under fresh augmentation every time)
+    "teacher_online": False,
     "lora": {"rank": 4, "alpha": 4.0, "targets": ["qkv", "proj"]},
     "data": {
         "train": [],  # list of source specs (see samkit.train.data.build_source)
@@ -177,6 +180,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError("model.init scratch needs model.arch (SamConfig fields, e.g. encoder: vit)")
     if not cfg["data"]["train"]:
         raise ConfigError("data.train is empty: list at least one data source")
+    specs = cfg["data"]["train"] if isinstance(cfg["data"]["train"], list) else [cfg["data"]["train"]]
+    if cfg["mode"] != "distill" and any(isinstance(s, dict) and s.get("type") == "images" for s in specs):
+        raise ConfigError("`type: images` sources have no masks; they can only train mode distill")
     if cfg["recipe"]["rounds"] < 1:
         raise ConfigError("recipe.rounds must be at least 1")
     if cfg["recipe"]["loss_resolution"] not in ("low", "full"):

@@ -183,6 +183,23 @@ class MaskFolderSource(Source):
         return Sample(f"{self.name}/{image_path.stem}", image, _stack(masks, *image.shape[:2]))
 
 
+class ImageFolderSource(Source):
+    """Every image in a folder (sorted, not recursive) with no masks: data for encoder distillation, which
+    needs only the teacher's embeddings."""
+
+    def __init__(self, root: Path, spec: dict | None = None) -> None:
+        self.name = f"images:{root.resolve()}"
+        paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        self.items = _slice(paths, spec or {})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        image = load_image(self.items[i])
+        return Sample(f"{self.name}/{self.items[i].name}", image, np.zeros((0, *image.shape[:2]), bool))
+
+
 class Bsds500Source(Source):
     """BSDS500 `train`/`val` splits: every region of every annotator is one mask.
 
@@ -233,8 +250,10 @@ def _refuse_eval_split(path: Path) -> None:
     parts = path.resolve().parts
     if "datasets" in parts:
         rest = parts[parts.index("datasets") + 1 :]
-        if (rest and rest[0] in _EVAL_MARKERS) or (
-            len(rest) >= 3 and rest[0] == "instances" and rest[2] == "val"
+        if (
+            (rest and rest[0] in _EVAL_MARKERS)
+            or (len(rest) >= 3 and rest[0] == "instances" and rest[2] == "val")
+            or (rest[:1] == ("bsds500",) and "test" in rest[1:])
         ):
             raise ConfigError(
                 f"{path} is an evaluation split; never train or validate on it (use a train split, "
@@ -243,10 +262,12 @@ def _refuse_eval_split(path: Path) -> None:
 
 
 def build_source(spec: dict[str, Any], base: Path | None = None) -> Source:
-    """A source from its config spec. `type` is one of coco, sa1b, masks, bsds500, synthetic, copy_paste.
+    """A source from its config spec. `type` is one of coco, sa1b, masks, bsds500, images, synthetic,
+    copy_paste.
 
     coco: `path` (annotations JSON or the folder holding annotations.json), optional `images`.
     sa1b / masks / bsds500: `path` (a folder; bsds500 also `splits`, default [train, val]).
+    images: `path`, a folder of images without masks (encoder distillation only).
     synthetic: `count`, `size` (longest side), `seed`, `max_shapes`, `textured`. copy_paste: `objects` and `backgrounds` (specs),
     `count`, `max_objects`, `seed`. Any file source takes `range: [start, stop]` (a slice of its sorted
     images), which is how a held-out validation part of a train split is named.
@@ -290,12 +311,16 @@ def build_source(spec: dict[str, Any], base: Path | None = None) -> Source:
         source = MaskFolderSource(path, spec)
     elif kind == "bsds500":
         source = Bsds500Source(path, tuple(spec.get("splits", ("train", "val"))), spec)
+    elif kind == "images":
+        source = ImageFolderSource(path, spec)
     else:
         raise ConfigError(
-            f"unknown data source type {kind!r}: use coco, sa1b, masks, bsds500, synthetic or copy_paste"
+            f"unknown data source type {kind!r}: use coco, sa1b, masks, bsds500, images, synthetic or "
+            "copy_paste"
         )
     if len(source) == 0:
-        raise ConfigError(f"data source {path} ({kind}) holds no images with masks")
+        what = "images" if kind == "images" else "images with masks"
+        raise ConfigError(f"data source {path} ({kind}) holds no {what}")
     source.selection = spec.get("range")
     return source
 
@@ -399,6 +424,7 @@ class BatchDrawer:
     seed: int
     image_size: int
     cached: bool = False
+    needs_masks: bool = True  # False in distillation: images without masks are drawn too
 
     def variant(self, s: int, i: int, v: int, sample: Sample) -> tuple[str, dict[str, Any] | None]:
         """Cache key and augmentation of version `v` of image `i` of source `s`.
@@ -421,7 +447,7 @@ class BatchDrawer:
                 break
             s, i = self.mix.draw(rng)
             sample = self.sources[s][i]
-            if len(sample.masks) == 0:
+            if len(sample.masks) == 0 and self.needs_masks:
                 continue
             pick = rng.permutation(len(sample.masks))[: 2 * want]
             if self.cached:
@@ -429,8 +455,8 @@ class BatchDrawer:
             else:
                 key, params = sample.key, augment_params(self.data["augment"], rng)
             image, masks = to_input_frame(sample.image, sample.masks[pick], self.image_size, params)
-            masks = masks[masks.reshape(len(masks), -1).sum(1) >= 4][:want]
-            if len(masks):
+            masks = masks[masks.reshape(len(masks), -1).sum(1) >= 4][:want] if len(masks) else masks
+            if len(masks) or not self.needs_masks:
                 batch.append((key, image, masks))
         if not batch:
             raise ConfigError("no usable masks found in 100 draws; check the training data")

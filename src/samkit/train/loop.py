@@ -153,12 +153,18 @@ class Trainer:
         if opt["epochs"]:
             self.steps = math.ceil(float(opt["epochs"]) * len(self.mix) / int(data["batch_size"]))
         self.cache = None
-        if self.mode in CACHED_MODES:
+        if self.mode in CACHED_MODES and not (self.mode == "distill" and cfg["teacher_online"]):
             encoder_model = self.teacher if self.teacher is not None else self.model
             cache_dir = Path(data["cache_dir"]) if data["cache_dir"] else self.out / "embeddings"
             self.cache = EmbeddingCache(encoder_model, cache_dir)
         self.drawer = BatchDrawer(
-            self.sources, self.mix, data, self.seed, self.image_size, cached=self.cache is not None
+            self.sources,
+            self.mix,
+            data,
+            self.seed,
+            self.image_size,
+            cached=self.cache is not None,
+            needs_masks=self.mode != "distill",
         )
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tuple(opt["betas"]))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -416,8 +422,13 @@ class Trainer:
         return total, stats
 
     def _distill_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        target = self._embeddings(batch).float()  # the teacher's, from the cache
         x = self.model.preprocess(torch.stack([self._pad(self._to_tensor(img)) for _, img, _ in batch]))
+        if self.cache is not None:
+            target = self._embeddings(batch).float()  # the teacher's, from the cache
+        else:  # teacher_online: the teacher sees the same augmented batch
+            assert self.teacher is not None
+            with torch.no_grad(), self._autocast():
+                target = self.teacher.image_encoder(x).float()
         with self._autocast():
             student = self.model.image_encoder(x)
         loss = F.mse_loss(student.float(), target)
@@ -581,6 +592,8 @@ class Trainer:
                 if self.step % every["log_every"] == 0 or self.step == self.steps or stop.requested:
                     row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                     row["sec_per_step"] = (time.perf_counter() - t0) / len(window)
+                    if self.device.type == "cuda":
+                        row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     _append(metrics_path, {"step": self.step, **row})
                     window, t0 = [], time.perf_counter()
                 if every["checkpoint_every"] > 0 and self.step % every["checkpoint_every"] == 0:
