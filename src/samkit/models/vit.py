@@ -104,14 +104,19 @@ class Block(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention over a (B, H, W, C) grid with decomposed relative-position bias.
 
-    The bias for query (i, j) and key (k, l) is q . Rh[i, k] + q . Rw[j, l]. It is added in place to the
-    logits of a block of query rows at a time, so global attention never holds the full (N x N) logits of
-    every head at once (the reference holds them, plus two copies while adding the bias).
+    The bias for query (i, j) and key (k, l) is q . Rh[i, k] + q . Rw[j, l]. On a CPU the logits are
+    computed for one small block of (head, query rows) at a time, with the bias as the added term of the
+    matrix product, so global attention never holds the full (N x N) logits of every head at once (the
+    reference holds them, plus two copies while adding the bias).
     """
 
-    # Query rows per block for global attention: 2 rows x 64 columns = 128 queries per block, whose
-    # logits (heads x 128 x 4096) stay in the CPU's cache (measured on 2 cores: ~20% faster than 16 rows).
-    rows_per_block = 2
+    # Block sizes for the CPU path, measured on 2 cores (benchmarks/bench_attention.py, vit_b at 1024):
+    # about `block_queries` query positions of one head per block (global attention: 8 rows x 64
+    # columns, ~1.4x faster than 2 rows of all 12 heads at once), and windowed attention in whole
+    # windows, batched so a block holds about `block_logits` logits (27 windows x heads of 14 x 14:
+    # 1.2x faster in fp32 and 2x in bf16 than row blocks).
+    block_queries = 512
+    block_logits = 1 << 20
 
     def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]) -> None:
         super().__init__()
@@ -132,7 +137,7 @@ class Attention(nn.Module):
         if q.is_cuda:
             out = self._fused(q, k, v, rh, rw, h, w)
         else:
-            out = self._row_blocks(q, k, v, rh, rw, h, w)
+            out = self._blocked(q, k, v, rh, rw, h, w)
         out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
@@ -149,26 +154,34 @@ class Attention(nn.Module):
         )
         return out[:, 0]
 
-    def _row_blocks(self, q, k, v, rh, rw, h: int, w: int) -> torch.Tensor:
-        """CPU: logits of `rows_per_block` query rows at a time, bias added in place."""
-        out = torch.empty_like(q)
-        kt = k.transpose(1, 2).contiguous()  # one copy per layer (bf16 matmuls copied it per block)
-        rq = q.reshape(-1, h, w, q.shape[-1])
-        for r0 in range(0, h, self.rows_per_block):
-            r1 = min(h, r0 + self.rows_per_block)
-            qb = rq[:, r0:r1]  # (B*heads, rows, W, C)
-            attn = (qb * self.scale).reshape(qb.shape[0], -1, qb.shape[-1]) @ kt  # (B*heads, rows*W, N)
-            grid = attn.view(-1, r1 - r0, w, h, w)
-            grid.add_(torch.einsum("bhwc,hkc->bhwk", qb, rh[r0:r1])[..., None])
-            grid.add_(torch.einsum("bhwc,wkc->bhwk", qb, rw)[..., None, :])
-            # Softmax without another (rows*W, N) buffer: exponentiate in place, and divide the (rows*W,
-            # head_dim) product by the row sums instead of dividing the N-wide weights.
-            # The shift is detached: softmax does not depend on it, and amax's backward would need the
-            # logits this overwrites (training through the encoder failed without it).
-            attn.sub_(attn.amax(-1, keepdim=True).detach()).exp_()
-            sums = attn.sum(-1, keepdim=True).float()  # (a dtype= argument would copy bf16 logits to fp32)
-            out[:, r0 * w : r1 * w] = ((attn @ v).float() / sums).to(out.dtype)
-        return out
+    def _blocked(self, q, k, v, rh, rw, h: int, w: int) -> torch.Tensor:
+        """CPU: q, k, v (B*heads, H*W, C) -> (B*heads, H*W, C), one block of heads x query rows at a time.
+
+        Each block's logits are `baddbmm(bias, q * scale, k^T)` with the block's bias broadcast from the
+        two small per-axis terms, then an (out-of-place, per-row cache-resident) softmax and a product
+        with v. Every step is an ordinary differentiable op, so the encoder trains through it.
+        """
+        bh, n, c = q.shape
+        rq = q.view(bh, h, w, c)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", rq, rh)  # (B*heads, H, W, H): query (i, j), key row k
+        rel_w = torch.einsum("bhwc,wkc->bhwk", rq, rw)  # (B*heads, H, W, W): query (i, j), key column l
+        qs = q * self.scale
+        kt = k.transpose(1, 2).contiguous()  # (B*heads, C, N): one copy per layer, not one per block
+        rows = max(1, min(h, self.block_queries // w))
+        batch = max(1, min(bh, self.block_logits // (rows * w * n)))
+        blocks = []
+        for b0 in range(0, bh, batch):
+            b1 = min(bh, b0 + batch)
+            row_blocks = []
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                bias = rel_h[b0:b1, r0:r1, :, :, None] + rel_w[b0:b1, r0:r1, :, None, :]
+                logits = torch.baddbmm(
+                    bias.reshape(b1 - b0, (r1 - r0) * w, n), qs[b0:b1, r0 * w : r1 * w], kt[b0:b1]
+                )
+                row_blocks.append(torch.softmax(logits, -1) @ v[b0:b1])
+            blocks.append(torch.cat(row_blocks, 1) if len(row_blocks) > 1 else row_blocks[0])
+        return torch.cat(blocks, 0) if len(blocks) > 1 else blocks[0]
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:

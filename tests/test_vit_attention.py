@@ -1,0 +1,104 @@
+"""The ViT encoder's blocked CPU attention vs a plain full-logits attention with decomposed rel-pos bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samkit.models.vit import Attention, get_rel_pos
+
+
+def _full_attention(q, k, v, rel_pos_h, rel_pos_w, h, w, scale):
+    """softmax(scale q k^T + bias) v with all logits at once; bias[(i, j), (a, b)] = q.Rh[i, a] + q.Rw[j, b]."""
+    bh, n, c = q.shape
+    rh = get_rel_pos(h, h, rel_pos_h)  # (H, H, C)
+    rw = get_rel_pos(w, w, rel_pos_w)  # (W, W, C)
+    grid = q.reshape(bh, h, w, c)
+    bias_h = (grid[:, :, :, None, :] * rh[None, :, None, :, :]).sum(-1)  # (B, H, W, H)
+    bias_w = (grid[:, :, :, None, :] * rw[None, None, :, :, :]).sum(-1)  # (B, H, W, W)
+    bias = (bias_h[..., None] + bias_w[..., None, :]).reshape(bh, n, n)
+    logits = scale * q @ k.transpose(1, 2) + bias
+    return torch.softmax(logits, -1) @ v
+
+
+def _attention(h: int, w: int, heads: int, dim: int, block_queries: int, block_logits: int) -> Attention:
+    torch.manual_seed(0)
+    attn = Attention(dim, heads, (h, w))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    attn.block_queries = block_queries
+    attn.block_logits = block_logits
+    return attn
+
+
+# (grid h, w, batch*heads, block_queries, block_logits): one block; several row blocks of one head
+# (global-attention style, last block partial); several whole-window batches (windowed style, last partial).
+CASES = {
+    "one_block": (6, 5, 3, 1000, 1 << 20),
+    "row_blocks": (7, 6, 4, 12, 1 << 20),
+    "window_batches": (5, 5, 7, 1000, 2 * 25 * 25),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_blocked_matches_full_attention(case):
+    h, w, bh, block_queries, block_logits = CASES[case]
+    attn = _attention(h, w, heads=1, dim=16, block_queries=block_queries, block_logits=block_logits)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(bh, h * w, 16, generator=g) for _ in range(3))
+    rh = get_rel_pos(h, h, attn.rel_pos_h)
+    rw = get_rel_pos(w, w, attn.rel_pos_w)
+    with torch.no_grad():
+        ours = attn._blocked(q, k, v, rh, rw, h, w)
+        full = _full_attention(q, k, v, attn.rel_pos_h, attn.rel_pos_w, h, w, attn.scale)
+    assert ours.shape == (bh, h * w, 16)
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_blocked_gradients_match_full_attention(case):
+    h, w, bh, block_queries, block_logits = CASES[case]
+    attn = _attention(h, w, heads=1, dim=16, block_queries=block_queries, block_logits=block_logits)
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(bh, h * w, 16, generator=g, requires_grad=True) for _ in range(3)]
+    weight = torch.randn(bh, h * w, 16, generator=g)
+    params = [attn.rel_pos_h, attn.rel_pos_w]
+
+    rh = get_rel_pos(h, h, attn.rel_pos_h)
+    rw = get_rel_pos(w, w, attn.rel_pos_w)
+    ours = torch.autograd.grad((attn._blocked(*inputs, rh, rw, h, w) * weight).sum(), inputs + params)
+    full_out = _full_attention(*inputs, attn.rel_pos_h, attn.rel_pos_w, h, w, attn.scale)
+    full = torch.autograd.grad((full_out * weight).sum(), inputs + params)
+    for name, a, b in zip(["q", "k", "v", "rel_pos_h", "rel_pos_w"], ours, full, strict=True):
+        assert a.abs().max() > 0, name
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_module_cpu_path_equals_fused_path():
+    """The whole Attention module (qkv, heads, projection) on the CPU path vs its GPU-path formulation."""
+    attn = _attention(6, 6, heads=2, dim=16, block_queries=12, block_logits=1 << 20)
+    x = torch.randn(2, 6, 6, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = attn(x)
+        b, h, w, _ = x.shape
+        qkv = attn.qkv(x).reshape(b, h * w, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * 2, h * w, -1).unbind(0)
+        rh = get_rel_pos(h, h, attn.rel_pos_h)
+        rw = get_rel_pos(w, w, attn.rel_pos_w)
+        fused = attn._fused(q, k, v, rh, rw, h, w)
+        fused = attn.proj(fused.view(b, 2, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, fused, atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_close_to_fp32():
+    attn = _attention(8, 8, heads=2, dim=32, block_queries=16, block_logits=1 << 20)
+    x = torch.randn(1, 8, 8, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fp32 = attn(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = attn(x)
+    assert bf16.dtype == torch.bfloat16
+    assert torch.isfinite(bf16.float()).all()
+    torch.testing.assert_close(bf16.float(), fp32, atol=5e-2, rtol=5e-2)
