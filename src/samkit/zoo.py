@@ -112,7 +112,7 @@ def _registry() -> dict[str, ModelEntry]:
             NANO,
             "samkit_nano.safetensors",
             19_864_104,
-            "f794068042c3a12fe9071c4e17bf7ccea6134c430afc5ac3904c0bd4c2e9ddbe",
+            "55b076d4eb449bbed9e064097732c2b0befd864a080f3bfb29506c2dd6271224",
             _sources(UrlSource((PACKAGED_WEIGHTS / "samkit_nano.safetensors").as_uri())),
             "Apache-2.0",
             "samkit-nano: MobileSAM's TinyViT on a 512 px input + upsampling neck, distilled here (ships inside)",
