@@ -47,8 +47,9 @@ DEFAULTS: dict[str, Any] = {
         "cache_variants": 1,  # augmented copies per image in the embedding cache (variant 0 is unaugmented)
         "cache_dir": None,  # default <out>/embeddings
         "precache": False,  # encode every training and validation image before step 1 (one progress bar)
-        # processes drawing batches ahead of the step (0: in the training process). Off by default: 2 forked
-        # workers hung in the dsb2018 decoder test after precaching (cause not found yet)
+        # processes drawing batches ahead of the step (0: in the training process). 0 suits CPU runs on few
+        # cores; GPU configs set it. The hang once seen with 2 workers (a forked worker's cv2.setNumThreads
+        # blocked on the parent's OpenCV pool lock) is fixed in train/data.py.
         "workers": 0,
     },
     "recipe": {
