@@ -97,3 +97,58 @@ def tiny_ckpt(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     samkit.save(build_sam(cfg), path)
     return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small ops run faster on one than on two contended cores); restored after.
+    Use per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# A tiny ViT SAM and a toy TinyViT's stage fields: train in seconds on CPU.
+TINY_ARCH = {
+    "encoder": "vit",
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 2,
+    "global_attn_indexes": [0],
+    "window_size": 8,
+    "image_size": 128,
+}
+TOY_TINY_VIT = {
+    "tiny_embed_dims": [16, 32, 64, 320],
+    "tiny_depths": [1, 1, 1, 1],
+    "tiny_num_heads": [1, 1, 2, 5],
+    "tiny_window_sizes": [7, 7, 7, 7],
+}
+
+
+def tiny_train_config(out, **over) -> dict:
+    """A `samkit.train` config for TINY_ARCH from scratch on 8 synthetic 128 px scenes, 6 steps. Overrides:
+    `key=value` replaces a top-level key or a whole section, `section__leaf=value` one leaf of a section."""
+    cfg = {
+        "out": str(out),
+        "mode": "scratch",
+        "model": {"init": "scratch", "arch": dict(TINY_ARCH)},
+        "data": {
+            "train": [{"type": "synthetic", "count": 8, "size": 128}],
+            "masks_per_image": 2,
+            "batch_size": 1,
+        },
+        "recipe": {"rounds": 3},
+        "optim": {"steps": 6, "lr": 3.0e-4, "warmup": 2},
+        "log_every": 1,
+        "checkpoint_every": 3,
+        "val_every": 0,
+    }
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            cfg[section][leaf] = value
+        else:
+            cfg[key] = value
+    return cfg

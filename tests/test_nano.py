@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOY_TINY_VIT, tiny_train_config
 from test_predictor import (  # noqa: F401  (run here again, on the shipped nano model)
     test_bad_images,
     test_bad_prompts,
@@ -21,22 +22,9 @@ from samkit.models.build import NANO, SamConfig, build_sam
 from samkit.models.nano import NanoEncoder, _resample_biases, warm_start
 from samkit.train import read_metrics, train
 
-TOY_TINY = {
-    "tiny_embed_dims": [16, 32, 64, 320],
-    "tiny_depths": [1, 1, 1, 1],
-    "tiny_num_heads": [1, 1, 2, 5],
-    "tiny_window_sizes": [7, 7, 7, 7],
-    "tiny_classifier_head": False,
-    "image_size": 256,
-}
+TOY_TINY = {**TOY_TINY_VIT, "tiny_classifier_head": False, "image_size": 256}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_nano_encoder_shape_and_config_round_trip(tmp_path):
@@ -79,16 +67,15 @@ def test_distilling_a_toy_nano_student_reduces_embedding_mse(tmp_path):
     torch.manual_seed(0)
     teacher_cfg = SamConfig.from_dict({**TOY_TINY, "encoder": "tiny_vit"})
     teacher_path = samkit.save(build_sam(teacher_cfg), tmp_path / "t.safetensors")
-    cfg = {
-        "out": str(tmp_path / "run"),
-        "mode": "distill",
-        "teacher": str(teacher_path),
-        "model": {"init": str(teacher_path), "arch": {**TOY_TINY, "encoder": "nano", "nano_input_size": 128}},
-        "data": {"train": [{"type": "synthetic", "count": 4, "size": 256}], "batch_size": 2},
-        "optim": {"steps": 24, "lr": 2.0e-3, "warmup": 2},
-        "log_every": 4,
-        "val_every": 0,
-    }
+    cfg = tiny_train_config(
+        tmp_path / "run",
+        mode="distill",
+        teacher=str(teacher_path),
+        model={"init": str(teacher_path), "arch": {**TOY_TINY, "encoder": "nano", "nano_input_size": 128}},
+        data={"train": [{"type": "synthetic", "count": 4, "size": 256}], "batch_size": 2},
+        optim={"steps": 24, "lr": 2.0e-3, "warmup": 2},
+        log_every=4,
+    )
     result = train(cfg, progress=False)
     rows, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[-1]["mse"] < 0.75 * rows[0]["mse"], [r["mse"] for r in rows]

@@ -17,13 +17,7 @@ CONFIG = ROOT / "configs" / "dsb2018_decoder.yaml"
 TRAIN = DATASETS / "instances" / "dsb2018" / "train"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On the shared 2-core CPU one torch thread is faster than two contended ones; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_config_holds_out_validation_from_training():
@@ -56,9 +50,6 @@ def test_short_decoder_finetune_raises_validation_iou_and_exports_a_usable_model
             "val_objects=12",
             "val_per_image=12",
             "log_every=1",
-            # DataLoader workers forked from the pytest process hung here (blocked on a futex, no CPU)
-            # while `samkit train` with the default 2 workers runs; this test is about learning.
-            "data.workers=0",
         ],
         progress=False,
         out=str(out),

@@ -3,68 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DATASETS
+from conftest import DATASETS, TINY_ARCH, TOY_TINY_VIT, tiny_train_config
 
 import samkit
 from samkit.train import read_metrics, train
 from samkit.train.config import ConfigError
 
-TINY_ARCH = {
-    "encoder": "vit",
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-    "global_attn_indexes": [0],
-    "window_size": 8,
-    "image_size": 128,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small ops run faster on one thread than on two contended ones; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tiny(out, **over):
-    cfg = {
-        "out": str(out),
-        "mode": "scratch",
-        "model": {"init": "scratch", "arch": TINY_ARCH},
-        "data": {
-            "train": [{"type": "synthetic", "count": 8, "size": 128}],
-            "masks_per_image": 2,
-            "batch_size": 1,
-        },
-        "recipe": {"rounds": 3},
-        "optim": {"steps": 6, "lr": 3.0e-4, "warmup": 2},
-        "log_every": 1,
-        "checkpoint_every": 3,
-        "val_every": 0,
-    }
-    for key, value in over.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            cfg[section][leaf] = value
-        else:
-            cfg[key] = value
-    return cfg
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = train(_tiny(tmp_path / "a"), progress=False)
+    straight = train(tiny_train_config(tmp_path / "a"), progress=False)
     rows_a, _ = read_metrics(tmp_path / "a" / "metrics.jsonl")
 
-    train(_tiny(tmp_path / "b", optim={"steps": 3, "lr": 3.0e-4, "warmup": 2}), progress=False)
-    resumed = train(_tiny(tmp_path / "b"), resume=True, progress=False)
+    train(tiny_train_config(tmp_path / "b", optim={"steps": 3, "lr": 3.0e-4, "warmup": 2}), progress=False)
+    resumed = train(tiny_train_config(tmp_path / "b"), resume=True, progress=False)
     rows_b, _ = read_metrics(tmp_path / "b" / "metrics.jsonl")
 
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
@@ -76,9 +40,9 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    train(_tiny(tmp_path, optim={"steps": 2, "lr": 3.0e-4, "warmup": 2}), progress=False)
+    train(tiny_train_config(tmp_path, optim={"steps": 2, "lr": 3.0e-4, "warmup": 2}), progress=False)
     with pytest.raises(ConfigError, match="differs"):
-        train(_tiny(tmp_path, seed=1), resume=True, progress=False)
+        train(tiny_train_config(tmp_path, seed=1), resume=True, progress=False)
 
 
 def test_decoder_finetune_keeps_encoder_and_loads_in_reference(tmp_path, ref_checkpoint):
@@ -124,26 +88,15 @@ def test_distillation_reduces_embedding_mse(tmp_path):
         samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(TINY_ARCH)),
         tmp_path / "t.safetensors",
     )
-    cfg = {
-        "out": str(tmp_path / "run"),
-        "mode": "distill",
-        "teacher": str(teacher_path),
-        "model": {
-            "init": "scratch",
-            "arch": {
-                "encoder": "tiny_vit",
-                "tiny_embed_dims": [16, 32, 64, 320],
-                "tiny_depths": [1, 1, 1, 1],
-                "tiny_num_heads": [1, 1, 2, 5],
-                "tiny_window_sizes": [7, 7, 7, 7],
-                "image_size": 128,
-            },
-        },
-        "data": {"train": [{"type": "synthetic", "count": 4, "size": 128}], "batch_size": 2},
-        "optim": {"steps": 30, "lr": 2.0e-3, "warmup": 2},
-        "log_every": 5,
-        "val_every": 0,
-    }
+    cfg = tiny_train_config(
+        tmp_path / "run",
+        mode="distill",
+        teacher=str(teacher_path),
+        model={"init": "scratch", "arch": {**TOY_TINY_VIT, "encoder": "tiny_vit", "image_size": 128}},
+        data={"train": [{"type": "synthetic", "count": 4, "size": 128}], "batch_size": 2},
+        optim={"steps": 30, "lr": 2.0e-3, "warmup": 2},
+        log_every=5,
+    )
     result = train(cfg, progress=False)
     rows, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[-1]["mse"] < 0.75 * rows[0]["mse"], [r["mse"] for r in rows]
@@ -171,7 +124,7 @@ def test_online_teacher_distils_from_an_image_folder(tmp_path):
         pixels = rng.integers(0, 255, (40 + 8 * k, 64, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1)
         Image.fromarray(pixels).save(folder / f"p{k}.png")
     (folder / "notes.txt").write_text("not an image")
-    cfg = _tiny(
+    cfg = tiny_train_config(
         tmp_path / "run",
         mode="distill",
         teacher=str(teacher_path),
@@ -195,13 +148,15 @@ def test_online_teacher_distils_from_an_image_folder(tmp_path):
 def test_image_folders_only_serve_distillation(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ConfigError, match="only train mode distill"):
-        train(_tiny(tmp_path / "run", data={"train": [{"type": "images", "path": str(tmp_path)}]}))
+        train(
+            tiny_train_config(tmp_path / "run", data={"train": [{"type": "images", "path": str(tmp_path)}]})
+        )
 
 
 def test_cli_train_runs_a_config(tmp_path, capsys):
     from samkit.cli import main
 
-    cfg = _tiny(tmp_path / "run", optim={"steps": 2, "lr": 3.0e-4, "warmup": 1})
+    cfg = tiny_train_config(tmp_path / "run", optim={"steps": 2, "lr": 3.0e-4, "warmup": 1})
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     assert main(["train", str(path), "--set", "recipe.rounds=1", "--out", str(tmp_path / "cli")]) == 0
@@ -210,11 +165,22 @@ def test_cli_train_runs_a_config(tmp_path, capsys):
     assert main(["train", str(path), "--set", "nope=1"]) == 2
 
 
+def test_cli_names_an_interrupt_that_brings_no_message(monkeypatch, capsys):
+    from samkit import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_train", interrupted)
+    assert cli.main(["train", "c.yaml"]) == 130
+    assert capsys.readouterr().err == "samkit: interrupted\n"
+
+
 def test_tiny_model_learns_single_point_segmentation(tmp_path):
     """A tiny SAM from scratch, the full recipe (3 rounds here), a small synthetic set, CPU: the single-point
     mIoU (samkit.eval's protocol) on that set rises clearly above its value at step 0."""
     scenes = {"type": "synthetic", "count": 4, "size": 128, "max_shapes": 2, "textured": False}
-    cfg = _tiny(tmp_path, log_every=20, val_every=120, val_objects=10)
+    cfg = tiny_train_config(tmp_path, log_every=20, val_every=120, val_objects=10)
     cfg["data"].update(train=[scenes], val=scenes)
     cfg["optim"] = {"steps": 120, "lr": 3.0e-4, "warmup": 10}
     result = train(cfg, progress=False)
@@ -225,49 +191,63 @@ def test_tiny_model_learns_single_point_segmentation(tmp_path):
     assert result["val"] == last
 
 
-def test_ctrl_c_finishes_the_step_saves_and_resume_matches_a_straight_run(tmp_path):
-    """`samkit train` in a child process with worker processes; Ctrl-C (SIGINT to the whole process group,
-    as a terminal sends it) after a few steps: exit 130 with one line naming the checkpoint, which holds the
-    last finished step; --resume then continues with the losses and weights of an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    cfg = _tiny(tmp_path / "run", log_every=1, checkpoint_every=1000)
-    cfg["optim"]["steps"] = 1000
-    cfg["data"]["workers"] = 2
-    path = tmp_path / "c.yaml"
-    path.write_text(json.dumps(cfg))
+def _train_in_child(cfg: dict, ready: Callable[[], bool]) -> subprocess.Popen:
+    """`samkit train` on `cfg` in a child process of its own session (one OpenMP thread, stderr piped);
+    returns once `ready()` holds, the child has ended, or 180 s have passed."""
+    path = Path(cfg["out"] + ".yaml")
+    path.write_text(json.dumps(cfg))  # JSON is YAML
     code = "import sys; from samkit.cli import main; sys.exit(main())"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
         [sys.executable, "-c", code, "train", str(path)],
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         start_new_session=True,
     )
-    metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    os.killpg(child.pid, signal.SIGINT)
+    while time.monotonic() < deadline and child.poll() is None and not ready():
+        time.sleep(0.05)
+    return child
+
+
+def _has_rows(metrics: Path, n: int) -> Callable[[], bool]:
+    return lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= n
+
+
+@pytest.mark.parametrize(
+    ("send", "signum", "exit_code", "stopped"),
+    [
+        (os.killpg, signal.SIGINT, 130, "interrupted"),
+        (os.kill, signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stop_signal_finishes_the_step_saves_and_resume_matches_a_straight_run(
+    tmp_path, send, signum, exit_code, stopped
+):
+    """`samkit train` in a child process with worker processes; after a few steps Ctrl-C (SIGINT to the
+    whole process group, workers included, as a terminal sends it) or SIGTERM to the training process (as
+    `kill PID` or docker stop sends it): exit 128 + the signal's number with one line naming the checkpoint,
+    which holds the last finished step; --resume then continues with the losses and weights of an
+    uninterrupted run."""
+    cfg = tiny_train_config(tmp_path / "run", log_every=1, checkpoint_every=1000)
+    cfg["optim"]["steps"] = 1000
+    cfg["data"]["workers"] = 2
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    child = _train_in_child(cfg, _has_rows(metrics, 3))
+    send(child.pid, signum)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 130, err
+    assert child.returncode == exit_code, err
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     saved = torch.load(ckpt, weights_only=False)["step"]
     said = [line for line in err.splitlines() if line.startswith("samkit:")]
-    assert said == [f"samkit: interrupted at step {saved}; saved {ckpt}; continue with --resume"], err
+    assert said == [f"samkit: {stopped} at step {saved}; saved {ckpt}; continue with --resume"], err
     rows, _ = read_metrics(metrics)
     assert 3 <= saved < 1000 and [r["step"] for r in rows] == list(range(1, saved + 1))
 
     steps = {"steps": saved + 2, "lr": 3.0e-4, "warmup": 2}
-    resumed = train(_tiny(tmp_path / "run", optim=steps, log_every=1), resume=True, progress=False)
-    straight = train(_tiny(tmp_path / "straight", optim=steps, log_every=1), progress=False)
+    resumed = train(tiny_train_config(tmp_path / "run", optim=steps), resume=True, progress=False)
+    straight = train(tiny_train_config(tmp_path / "straight", optim=steps), progress=False)
     rows_r, _ = read_metrics(metrics)
     rows_s, _ = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     assert [r["step"] for r in rows_r] == [r["step"] for r in rows_s] == list(range(1, saved + 3))
@@ -277,12 +257,45 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_matches_a_straight_run(tmp_pa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_ctrl_c_while_caching_embeddings_keeps_them_and_the_same_command_continues(tmp_path, monkeypatch):
+    """Ctrl-C during precache (before step 1): exit 130 with one line saying the cache is kept; each kept
+    entry is whole, and the same command again encodes only the images still missing."""
+    from safetensors.torch import load_file
+
+    from samkit.train import load_config, loop
+
+    count = 150
+    cfg = tiny_train_config(tmp_path / "run", mode="decoder")
+    cfg["data"].update(train=[{"type": "synthetic", "count": count, "size": 128}], precache=True)
+    cache = tmp_path / "run" / "embeddings"
+    child = _train_in_child(cfg, lambda: any(cache.glob("*/*.safetensors")))
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    said = [line for line in err.splitlines() if line.startswith("samkit:")]
+    assert said == [
+        "samkit: interrupted while caching embeddings; the cached ones are kept: "
+        "run the same command again to continue"
+    ], err
+    kept = {p: p.stat().st_mtime_ns for p in cache.glob("*/*.safetensors")}
+    assert 0 < len(kept) < count
+    assert all(load_file(str(p))["embedding"].shape == (1, 256, 8, 8) for p in kept)
+
+    encoded = []
+    encode = loop._encode
+    monkeypatch.setattr(loop, "_encode", lambda pred, image: encoded.append(1) or encode(pred, image))
+    loop.Trainer(load_config(cfg), progress=False).precache()
+    assert len(encoded) == count - len(kept)
+    assert len(list(cache.glob("*/*.safetensors"))) == count
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+
+
 def test_worker_processes_change_nothing(tmp_path):
     """data.workers 0 and 2: the same losses step for step (batches are a function of (seed, step))."""
     aug = {"scale": [0.7, 1.3], "hflip": 0.5, "color": 0.2}
     runs = []
     for workers in (0, 2):
-        cfg = _tiny(tmp_path / f"w{workers}", log_every=1)
+        cfg = tiny_train_config(tmp_path / f"w{workers}", log_every=1)
         cfg["optim"]["steps"] = 4
         cfg["data"].update(workers=workers, augment=aug)
         train(cfg, progress=False)
@@ -297,7 +310,9 @@ def test_bf16_autocast_on_cpu(tmp_path):
     from samkit.train.config import load_config
     from samkit.train.loop import Trainer
 
-    trainer = Trainer(load_config(_tiny(tmp_path, amp="bf16", optim={"steps": 2, "lr": 3.0e-4, "warmup": 1})))
+    trainer = Trainer(
+        load_config(tiny_train_config(tmp_path, amp="bf16", optim={"steps": 2, "lr": 3.0e-4, "warmup": 1}))
+    )
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     stats = [trainer.train_step() for _ in range(2)]
@@ -309,8 +324,6 @@ def test_bf16_autocast_on_cpu(tmp_path):
 
 def _running(pid: str) -> bool:
     """A live (not zombie) process; Linux /proc."""
-    from pathlib import Path
-
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
@@ -320,30 +333,14 @@ def _running(pid: str) -> bool:
 @pytest.mark.skipif(sys.platform != "linux", reason="reads worker ids from Linux /proc")
 def test_worker_processes_die_with_a_killed_training_process(tmp_path):
     """SIGKILL the training process: its data workers go too (they could block for good on a full pipe)."""
-    import os
-    import signal
-    import subprocess
-    import time
-    from pathlib import Path
-
-    cfg = _tiny(tmp_path / "run", log_every=1)
+    cfg = tiny_train_config(tmp_path / "run", log_every=1)
     cfg["optim"]["steps"] = 1000
     cfg["data"]["workers"] = 2
-    path = tmp_path / "c.yaml"
-    path.write_text(json.dumps(cfg))
-    code = "import sys; from samkit.cli import main; sys.exit(main())"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, "train", str(path)], env=env, stderr=subprocess.DEVNULL
-    )
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
-        time.sleep(0.2)
+    child = _train_in_child(cfg, _has_rows(tmp_path / "run" / "metrics.jsonl", 1))
     workers = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
     assert len(workers) == 2
     child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
+    child.communicate(timeout=30)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(_running(w) for w in workers):
         time.sleep(0.2)

@@ -465,9 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     except SamkitError as exc:
         print(f"samkit: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # `samkit train` says where it saved its checkpoint
-        print(f"samkit: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # `samkit train` says what it kept, and exits 143 on SIGTERM
+        print(f"samkit: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
     return 0
 
 

@@ -284,19 +284,18 @@ class Trainer:
         ]
         val = self.val_source if self.mode == "decoder" else None
         total = len(jobs) + (len(val) if val is not None else 0)
-        bar = tqdm(
+        with tqdm(  # closed on an interrupt too, so that the CLI's message starts a line of its own
             total=total, desc="caching embeddings", unit="img", disable=not self.progress, file=sys.stderr
-        )
-        for s, i, v in jobs:
-            sample = self.sources[s][i]
-            key, params = self.drawer.variant(s, i, v, sample)
-            image = to_input_frame(sample.image, sample.masks[:0], self.image_size, params)[0]
-            self.cache.path(key, lambda p, img=image: _encode(p, img))
-            bar.update(1)
-        for i in range(len(val) if val is not None else 0):
-            self._val_embedding_path(val[i])
-            bar.update(1)
-        bar.close()
+        ) as bar:
+            for s, i, v in jobs:
+                sample = self.sources[s][i]
+                key, params = self.drawer.variant(s, i, v, sample)
+                image = to_input_frame(sample.image, sample.masks[:0], self.image_size, params)[0]
+                self.cache.path(key, lambda p, img=image: _encode(p, img))
+                bar.update(1)
+            for i in range(len(val) if val is not None else 0):
+                self._val_embedding_path(val[i])
+                bar.update(1)
         return total
 
     def _val_embedding_path(self, sample: Sample) -> Path:
@@ -566,7 +565,17 @@ class Trainer:
             metrics_path.write_text("")
             (self.out / "config.json").write_text(json.dumps(self.cfg, indent=2))
         if self.cfg["data"]["precache"]:
-            self.precache()
+            # Each cache entry is written whole or not at all (temp file + rename), so a stop here keeps
+            # what was encoded and the same command continues from there.
+            with _StopOnSignals(at_once=True) as stop:
+                try:
+                    self.precache()
+                except KeyboardInterrupt:
+                    raise TrainingInterrupted(
+                        f"{_stopped_by(stop.signum)} while caching embeddings; the cached ones are kept: "
+                        "run the same command again to continue",
+                        stop.signum,
+                    ) from None
         every = {k: int(self.cfg[k]) for k in ("log_every", "checkpoint_every", "val_every")}
         val: dict[str, float] = {}
         if not resume and self.val_source is not None and every["val_every"] > 0:
@@ -582,7 +591,7 @@ class Trainer:
         window: list[dict[str, float]] = []
         t0 = time.perf_counter()
         batches = step_batches(self.drawer, self.step, self.steps, int(self.cfg["data"]["workers"]))
-        with _StopOnSigint() as stop:
+        with _StopOnSignals() as stop:
             for drawn in batches:
                 if stop.requested:
                     break
@@ -610,7 +619,8 @@ class Trainer:
         if stop.requested and self.step < self.steps:
             path = self.save_checkpoint()
             raise TrainingInterrupted(
-                f"interrupted at step {self.step}; saved {path}; continue with --resume"
+                f"{_stopped_by(stop.signum)} at step {self.step}; saved {path}; continue with --resume",
+                stop.signum,
             )
         self.save_checkpoint()
         if self.val_source is not None:
@@ -644,28 +654,59 @@ class Trainer:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: the step in progress was finished and a checkpoint written."""
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM (`kill`, docker stop, a scheduler's preemption); the
+    message says what was kept. `exit_code` is what `samkit train` exits with: 128 + the signal's number,
+    as a shell reports a process ended by it (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum or signal.SIGINT)
 
 
-class _StopOnSigint:
-    """While active, the first SIGINT (Ctrl-C) only sets `requested`, so the loop can finish its step and
-    save; a second one raises KeyboardInterrupt at once. Outside the main thread it does nothing."""
+def _stopped_by(signum: int) -> str:
+    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
 
-    def __enter__(self) -> _StopOnSigint:
-        self.requested = False
-        self.previous: Any = None
+
+class _StopOnSignals:
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM only records its number in `signum` and sets
+    `requested`, so the loop can finish its step and save; a second one raises TrainingInterrupted at once.
+    With `at_once`, the first one raises already (for work that keeps nothing half done).
+
+    Outside the main thread it installs nothing. A signal sent to the whole process group (a terminal's
+    Ctrl-C, SLURM's SIGTERM) also reaches the DataLoader workers: they must ignore it (train/data.py's
+    `_worker_init`), or torch ends them and the step in progress fails."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, at_once: bool = False) -> None:
+        self.at_once = at_once
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def __enter__(self) -> _StopOnSignals:
+        self.signum = 0
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            raise TrainingInterrupted(
+                f"{_stopped_by(signum)} again: stopped at once, without saving the step in progress", signum
+            )
+        self.signum = signum
+        if self.at_once:
             raise KeyboardInterrupt
-        self.requested = True
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        self.previous = {}
 
 
 def _layer_scales(encoder: nn.Module, decay: float) -> dict[str, float]:
