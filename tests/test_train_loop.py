@@ -219,15 +219,16 @@ def _has_rows(metrics: Path, n: int) -> Callable[[], bool]:
     [
         (os.killpg, signal.SIGINT, 130, "interrupted"),
         (os.kill, signal.SIGTERM, 143, "terminated (SIGTERM)"),
+        (os.killpg, signal.SIGTERM, 143, "terminated (SIGTERM)"),
     ],
-    ids=["ctrl-c", "sigterm"],
+    ids=["ctrl-c", "sigterm", "sigterm-to-group"],
 )
 def test_a_stop_signal_finishes_the_step_saves_and_resume_matches_a_straight_run(
     tmp_path, send, signum, exit_code, stopped
 ):
     """`samkit train` in a child process with worker processes; after a few steps Ctrl-C (SIGINT to the
     whole process group, workers included, as a terminal sends it) or SIGTERM to the training process (as
-    `kill PID` or docker stop sends it): exit 128 + the signal's number with one line naming the checkpoint,
+    `kill PID` or docker stop sends it) or to its whole group (as SLURM sends it): exit 128 + the signal's number with one line naming the checkpoint,
     which holds the last finished step; --resume then continues with the losses and weights of an
     uninterrupted run."""
     cfg = tiny_train_config(tmp_path / "run", log_every=1, checkpoint_every=1000)

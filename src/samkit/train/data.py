@@ -486,6 +486,8 @@ def _as_is(item: Any) -> Any:
 def _worker_init(_: int) -> None:
     # Ctrl-C reaches the whole process group: the main process finishes its step and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM to the whole group (SLURM, `kill -- -PGID`) likewise: the main process saves and stops us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # No cv2.setNumThreads here: in a forked child it can block for good on the parent's pool lock
     # (seen in CI). step_batches sets OpenCV to one thread in the parent before forking instead.
     if sys.platform.startswith("linux"):
