@@ -102,3 +102,57 @@ def test_bf16_autocast_close_to_fp32():
     assert bf16.dtype == torch.bfloat16
     assert torch.isfinite(bf16.float()).all()
     torch.testing.assert_close(bf16.float(), fp32, atol=5e-2, rtol=5e-2)
+
+
+# (grid h, w, batch*heads, block_logits): one batch; several batches of whole grids, the last one partial.
+FOLDED_CASES = {"one_batch": (4, 3, 3, 1 << 20), "grid_batches": (4, 4, 7, 2 * 16 * 16)}
+
+
+@pytest.mark.parametrize("case", list(FOLDED_CASES))
+def test_folded_matches_full_attention_with_gradients(case):
+    """The bias-in-the-product path (bf16 windowed layers) is the same attention, values and gradients."""
+    h, w, bh, block_logits = FOLDED_CASES[case]
+    attn = _attention(h, w, heads=1, dim=16, block_queries=1000, block_logits=block_logits)
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(bh, h * w, 16, generator=g, requires_grad=True) for _ in range(3)]
+    weight = torch.randn(bh, h * w, 16, generator=g)
+    params = [attn.rel_pos_h, attn.rel_pos_w]
+    rh = get_rel_pos(h, h, attn.rel_pos_h)
+    rw = get_rel_pos(w, w, attn.rel_pos_w)
+    out = attn._folded(*inputs, rh, rw, h, w)
+    full_out = _full_attention(*inputs, attn.rel_pos_h, attn.rel_pos_w, h, w, attn.scale)
+    torch.testing.assert_close(out, full_out, atol=1e-5, rtol=0)
+    ours = torch.autograd.grad((out * weight).sum(), inputs + params)
+    full = torch.autograd.grad((full_out * weight).sum(), inputs + params)
+    for name, a, b in zip(["q", "k", "v", "rel_pos_h", "rel_pos_w"], ours, full, strict=True):
+        assert a.abs().max() > 0, name
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bf16_small_grid_uses_folded_path_and_matches_fp32(monkeypatch):
+    """Under bf16 autocast a small grid takes `_folded` (fp32 keeps `_blocked`); both stay close to fp32."""
+    attn = _attention(4, 4, heads=1, dim=16, block_queries=1000, block_logits=1 << 20)
+    x = torch.randn(2, 4, 4, 16, generator=torch.Generator().manual_seed(6))
+    calls = []
+    folded = Attention._folded
+    monkeypatch.setattr(Attention, "_folded", lambda self, *a: calls.append(a[0].dtype) or folded(self, *a))
+    with torch.no_grad():
+        fp32 = attn(x)
+        assert calls == []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = attn(x)
+    assert calls == [torch.bfloat16]
+    torch.testing.assert_close(bf16.float(), fp32, atol=5e-2, rtol=5e-2)
+
+
+def test_block_inference_mlp_equals_training_mlp():
+    """Without autograd the block's MLP runs GELU in place; the result is the same as the module's."""
+    from samkit.models.vit import Block
+
+    torch.manual_seed(7)
+    block = Block(dim=32, num_heads=2, mlp_ratio=2.0, window_size=0, input_size=(4, 4)).eval()
+    x = torch.randn(1, 4, 4, 32)
+    with torch.no_grad():
+        hidden = block.norm2(x)
+        torch.testing.assert_close(block._mlp(hidden), block.mlp(hidden), atol=0, rtol=0)
+    assert block(x.requires_grad_()).requires_grad  # the autograd path still builds a graph
