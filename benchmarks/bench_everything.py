@@ -10,7 +10,9 @@ interleaved, `--repeats` times; the table shows medians and samkit / reference r
 The photo is a COCO train image (640 x 427) upscaled to 1500 x 1000 (bicubic): the data sets hold no
 photo that large. Random weights give noise-like masks with predicted IoU near 0; to push several hundred
 of them per crop through the post-processing, `--weights random` sets pred_iou_thresh to the value that
-keeps ~`--survivors` of the 3 x 32 x 32 candidates of the whole image, and stability_score_thresh to 0.
+keeps ~`--survivors` of the 3 x 32 x 32 candidates of the whole image, and stability_score_thresh to 0;
+with real weights `--survivors N` does the same (several hundred masks then survive NMS), else the
+generator's default thresholds apply.
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict]:
     if args.weights == "real":
         from samkit.zoo import checkpoint_path
 
-        return checkpoint_path(args.model), kw
+        state = checkpoint_path(args.model)
+        if args.survivors is not None:  # else the generator's default thresholds
+            _keep_survivors(state, args, kw)
+        return state, kw
     torch.manual_seed(0)
     if args.model == "vit_t":
         from mobile_sam import sam_model_registry
@@ -98,10 +103,20 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict]:
     state = workdir / f"{args.model}_random.pth"
     if not state.exists():
         torch.save(sam_model_registry[args.model]().state_dict(), state)
+    if args.survivors is None:
+        args.survivors = 300
+    _keep_survivors(state, args, kw)
+    return state, kw
+
+
+def _keep_survivors(state: Path, args: argparse.Namespace, kw: dict) -> None:
+    """Set pred_iou_thresh so that about `args.survivors` of the 3 x N x N whole-image candidates pass it,
+    and stability_score_thresh to 0 (both sides get the same thresholds)."""
+    import torch
+
     import samkit
     from samkit.everything.grids import point_grid
 
-    # Predicted IoUs of the whole-image grid, to keep about `survivors` of them.
     pred = samkit.Predictor(samkit.load(state))
     image = _image(args.size)
     pred.set_image(image)
@@ -110,7 +125,6 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict]:
     _, iou = pred.decode_low_res(coords, torch.ones(len(grid), 1, dtype=torch.int))
     ranked = iou.flatten().sort(descending=True).values
     kw.update(pred_iou_thresh=float(ranked[args.survivors]), stability_score_thresh=0.0)
-    return state, kw
 
 
 def main() -> None:
@@ -119,7 +133,13 @@ def main() -> None:
     p.add_argument("--weights", default="real", choices=["real", "random"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--survivors", type=int, default=300)
+    p.add_argument(
+        "--survivors",
+        type=int,
+        default=None,
+        help="thresholds that pass ~N whole-image candidates (default: 300 with random weights, the "
+        "generator's own thresholds with real ones)",
+    )
     p.add_argument("--points-per-side", type=int, default=32, help="fewer for a quick run on a busy machine")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--workdir", default="/tmp/samkit_bench")

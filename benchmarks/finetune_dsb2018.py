@@ -184,6 +184,41 @@ def cmd_ceiling() -> None:
     print(f"low-res (256x256) ceiling on {len(ious)} dsb2018/val objects: mIoU {100 * np.mean(ious):.1f}")
 
 
+def cmd_boundary() -> None:
+    """What one pixel of boundary is worth on these nuclei: the IoU of each ground-truth mask (the
+    dsb2018/val subset) with itself grown or shrunk by one pixel (3x3 cross), by box side."""
+    import cv2
+
+    from samkit.eval.metrics import iou
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    bins = {"< 10 px": [], "10-16 px": [], "16-25 px": [], ">= 25 px": []}
+    for item in coco_subset("val", 0, VAL_IMAGES, VAL_PER_IMAGE).images():
+        for m in item.masks:
+            ys, xs = np.nonzero(m)
+            side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+            u8 = m.astype(np.uint8)
+            grown = iou(cv2.dilate(u8, kernel).astype(bool), m, item.ignore)
+            shrunk = iou(cv2.erode(u8, kernel).astype(bool), m, item.ignore)
+            key = (
+                "< 10 px"
+                if side < 10
+                else "10-16 px"
+                if side < 16
+                else "16-25 px"
+                if side < 25
+                else ">= 25 px"
+            )
+            bins[key].append((grown, shrunk))
+    every = [v for b in bins.values() for v in b]
+    print("IoU of each ground-truth nucleus with itself one pixel larger / smaller (mIoU x 100)")
+    print("| box side | nuclei | +1 px | -1 px |")
+    print("|---|---|---|---|")
+    for key, vals in [*bins.items(), ("all", every)]:
+        g, s_ = np.mean(vals, axis=0) * 100 if vals else (float("nan"), float("nan"))
+        print(f"| {key} | {len(vals)} | {g:.1f} | {s_:.1f} |")
+
+
 # --- tables -------------------------------------------------------------------------------------------
 
 METRICS = {"single-point": ("iou_top", "iou_oracle"), "box": ("iou",)}
@@ -277,6 +312,21 @@ def cmd_table(names: list[str]) -> None:
             f"| {run} | {steps} | {rec['wall_s']:.0f} | {s_step:.1f} | {rec['peak_rss_mb']:.0f} | {curve} |"
         )
 
+    gpu = sorted(RESULTS.glob("gpu_train_*.json"))
+    if gpu:
+        print(f"\nTraining cost on a GPU ({json.loads(gpu[0].read_text())['gpu']})")
+        print("| run | steps | wall (s) | median s/step | peak GPU memory (GiB) | held-out 1-point top-1 |")
+        print("|---|---|---|---|---|---|")
+    for rec_path in gpu:
+        rec = json.loads(rec_path.read_text())
+        rows, vals = read_metrics(RESULTS / f"{rec_path.stem}_metrics.jsonl")
+        curve = ", ".join(f"{v['step']}: {100 * v['val']['mIoU_top']:.1f}" for v in vals if v["val"])
+        s_step = float(np.median([r["sec_per_step"] for r in rows]))
+        print(
+            f"| {rec['name']} | {rows[-1]['step']} | {rec['wall_s']:.0f} | {s_step:.2f} | "
+            f"{rec['peak_gpu_gib']:.1f} | {curve} |"
+        )
+
 
 def main() -> None:
     global WORK
@@ -297,6 +347,7 @@ def main() -> None:
             p.add_argument("--pred-iou-thresh", type=float, default=None)
     sub.add_parser("baseline-val")
     sub.add_parser("ceiling")
+    sub.add_parser("boundary")
     p = sub.add_parser("table")
     p.add_argument("--names", nargs="+", default=["vit_t", "medsam_lite", "decoder", "lora", "full"])
     args = ap.parse_args()
@@ -313,6 +364,8 @@ def main() -> None:
         cmd_baseline_val()
     elif args.stage == "ceiling":
         cmd_ceiling()
+    elif args.stage == "boundary":
+        cmd_boundary()
     else:
         cmd_table(args.names)
 
