@@ -342,14 +342,14 @@ def _label(label: Any) -> str:
 
 def _candidates(logits: np.ndarray, scores: np.ndarray) -> list[Candidate]:
     """Masks (C, H, W) float logits and scores (C,) -> candidates sorted by predicted IoU."""
-    from samkit.masks import masks_to_coco_rle, stability_score
+    from samkit.masks import coco_rle_areas, masks_to_coco_rle, stability_score
 
     masks = logits > 0.0
     stability = np.nan_to_num(stability_score(torch.from_numpy(logits), 0.0, 1.0).numpy())
     rles = masks_to_coco_rle(masks)
     encoded = [{"size": r["size"], "counts": r["counts"].encode()} for r in rles]
     boxes = mask_utils.toBbox(encoded) if encoded else np.zeros((0, 4))
-    areas = mask_utils.area(encoded) if encoded else np.zeros(0)
+    areas = coco_rle_areas(encoded)
     out = [
         Candidate(rles[i], [float(v) for v in boxes[i]], int(areas[i]), float(scores[i]), float(stability[i]))
         for i in range(len(rles))

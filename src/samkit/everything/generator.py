@@ -24,6 +24,7 @@ from samkit.image import ImageLike, load_image
 from samkit.masks import (
     batched_nms,
     box_xyxy_to_xywh,
+    coco_rle_areas,
     is_box_near_crop_edge,
     mask_to_rle,
     masks_to_boxes,
@@ -328,7 +329,7 @@ class MaskGenerator:
         return masks.select(keep)
 
     def _records(self, masks: _Masks) -> list[dict[str, Any]]:
-        areas = mask_utils.area(masks.rles).tolist() if len(masks) else []
+        areas = coco_rle_areas(masks.rles).tolist()
         bboxes = box_xyxy_to_xywh(masks.boxes).tolist()
         crops = box_xyxy_to_xywh(masks.crop_boxes).tolist()
         records = []

@@ -5,6 +5,7 @@ from samkit.masks.nms import batched_nms
 from samkit.masks.regions import remove_small_regions
 from samkit.masks.rle import (
     coco_encode_rle,
+    coco_rle_areas,
     mask_to_rle,
     masks_to_coco_rle,
     rle_area,
@@ -17,6 +18,7 @@ __all__ = [
     "batched_nms",
     "box_xyxy_to_xywh",
     "coco_encode_rle",
+    "coco_rle_areas",
     "is_box_near_crop_edge",
     "mask_iou",
     "mask_to_rle",

@@ -85,6 +85,15 @@ def rle_area(rle: dict[str, Any]) -> int:
     return int(sum(counts[1::2]))
 
 
+def coco_rle_areas(encoded: list[dict[str, Any]]) -> np.ndarray:
+    """Foreground pixel counts (N,) int64 of pycocotools-encoded RLEs (counts as bytes), in one call per 255.
+
+    pycocotools' `area` fails with numpy 2 on 256 or more RLEs at once (it builds a uint8 array from the
+    count), so a segment-everything result with hundreds of masks must not pass them all together."""
+    parts = [mask_utils.area(encoded[i : i + 255]) for i in range(0, len(encoded), 255)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def masks_to_coco_rle(masks: MaskArray) -> list[dict[str, Any]]:
     """COCO RLEs of bool (N, H, W) masks (torch or numpy) in one pycocotools call; the fast path to files."""
     cols_first = _column_major(masks)
