@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,17 +68,28 @@ def worker(args: argparse.Namespace) -> None:
         import samkit
 
         gen = samkit.MaskGenerator(samkit.load(args.state), **kw)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Peak RSS of this process from here on: ru_maxrss would also count the parent's size at fork
+    # (Linux carries it across exec), so reset the kernel's high-water mark and read VmHWM instead.
+    Path("/proc/self/clear_refs").write_text("5")
+    rss_before = _status_kb("VmRSS")
     with torch.no_grad():
         start = time.perf_counter()
         records = gen.generate(image)
         wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM")
     print(
         json.dumps(
             {"wall": wall, "peak_mb": peak / 1024, "before_mb": rss_before / 1024, "masks": len(records)}
         )
     )
+
+
+def _status_kb(field: str) -> int:
+    """A memory field of /proc/self/status, in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict]:
