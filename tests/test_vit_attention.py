@@ -60,19 +60,27 @@ def test_blocked_matches_full_attention(case):
 def test_blocked_gradients_match_full_attention(case):
     h, w, bh, block_queries, block_logits = CASES[case]
     attn = _attention(h, w, heads=1, dim=16, block_queries=block_queries, block_logits=block_logits)
-    g = torch.Generator().manual_seed(2)
+    _assert_gradients_match_full_attention(attn, attn._blocked, h, w, bh, seed=2)
+
+
+def _assert_gradients_match_full_attention(attn: Attention, path, h: int, w: int, bh: int, seed: int):
+    """`path` (attn._blocked or attn._folded) on random q, k, v (B*heads, H*W, 16): its gradients w.r.t.
+    q, k, v and both rel-pos tables, for a random weighting of the output, equal full attention's and are
+    not all zero. Returns (its output, full attention's output)."""
+    g = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(bh, h * w, 16, generator=g, requires_grad=True) for _ in range(3)]
     weight = torch.randn(bh, h * w, 16, generator=g)
     params = [attn.rel_pos_h, attn.rel_pos_w]
-
     rh = get_rel_pos(h, h, attn.rel_pos_h)
     rw = get_rel_pos(w, w, attn.rel_pos_w)
-    ours = torch.autograd.grad((attn._blocked(*inputs, rh, rw, h, w) * weight).sum(), inputs + params)
+    out = path(*inputs, rh, rw, h, w)
     full_out = _full_attention(*inputs, attn.rel_pos_h, attn.rel_pos_w, h, w, attn.scale)
+    ours = torch.autograd.grad((out * weight).sum(), inputs + params)
     full = torch.autograd.grad((full_out * weight).sum(), inputs + params)
     for name, a, b in zip(["q", "k", "v", "rel_pos_h", "rel_pos_w"], ours, full, strict=True):
         assert a.abs().max() > 0, name
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    return out, full_out
 
 
 def test_module_cpu_path_equals_fused_path():
@@ -113,20 +121,8 @@ def test_folded_matches_full_attention_with_gradients(case):
     """The bias-in-the-product path (bf16 windowed layers) is the same attention, values and gradients."""
     h, w, bh, block_logits = FOLDED_CASES[case]
     attn = _attention(h, w, heads=1, dim=16, block_queries=1000, block_logits=block_logits)
-    g = torch.Generator().manual_seed(5)
-    inputs = [torch.randn(bh, h * w, 16, generator=g, requires_grad=True) for _ in range(3)]
-    weight = torch.randn(bh, h * w, 16, generator=g)
-    params = [attn.rel_pos_h, attn.rel_pos_w]
-    rh = get_rel_pos(h, h, attn.rel_pos_h)
-    rw = get_rel_pos(w, w, attn.rel_pos_w)
-    out = attn._folded(*inputs, rh, rw, h, w)
-    full_out = _full_attention(*inputs, attn.rel_pos_h, attn.rel_pos_w, h, w, attn.scale)
-    torch.testing.assert_close(out, full_out, atol=1e-5, rtol=0)
-    ours = torch.autograd.grad((out * weight).sum(), inputs + params)
-    full = torch.autograd.grad((full_out * weight).sum(), inputs + params)
-    for name, a, b in zip(["q", "k", "v", "rel_pos_h", "rel_pos_w"], ours, full, strict=True):
-        assert a.abs().max() > 0, name
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    out, full_out = _assert_gradients_match_full_attention(attn, attn._folded, h, w, bh, seed=5)
+    torch.testing.assert_close(out.detach(), full_out.detach(), atol=1e-5, rtol=0)
 
 
 def test_bf16_small_grid_uses_folded_path_and_matches_fp32(monkeypatch):

@@ -79,7 +79,6 @@ class MBConv(nn.Module):
         self.conv1 = Conv2dBN(dim, hidden)
         self.conv2 = Conv2dBN(hidden, hidden, 3, 1, 1, groups=hidden)
         self.conv3 = Conv2dBN(hidden, dim)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _gelu(self.conv1(x))
@@ -96,7 +95,6 @@ class PatchMerging(nn.Module):
         self.conv1 = Conv2dBN(dim, out_dim)
         self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride, 1, groups=out_dim)
         self.conv3 = Conv2dBN(out_dim, out_dim)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
@@ -175,7 +173,6 @@ class TokenMLP(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(_gelu(self.fc1(self.norm(x))))

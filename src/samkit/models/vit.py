@@ -157,12 +157,8 @@ class Attention(nn.Module):
 
     def _fused(self, q, k, v, rh, rw, h: int, w: int) -> torch.Tensor:
         """GPU: the bias as an additive mask to the fused (memory-efficient) attention kernel."""
-        rq = q.reshape(-1, h, w, q.shape[-1])
-        bias = (
-            torch.einsum("bhwc,hkc->bhwk", rq, rh)[..., None]
-            + torch.einsum("bhwc,wkc->bhwk", rq, rw)[..., None, :]
-        )
-        bias = bias.reshape(q.shape[0], 1, h * w, h * w)
+        rel_h, rel_w = _rel_terms(q, rh, rw, h, w)
+        bias = (rel_h[..., None] + rel_w[..., None, :]).reshape(q.shape[0], 1, h * w, h * w)
         out = F.scaled_dot_product_attention(
             q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=self.scale
         )
@@ -175,10 +171,8 @@ class Attention(nn.Module):
         two small per-axis terms, then an (out-of-place, per-row cache-resident) softmax and a product
         with v. Every step is an ordinary differentiable op, so the encoder trains through it.
         """
-        bh, n, c = q.shape
-        rq = q.view(bh, h, w, c)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", rq, rh)  # (B*heads, H, W, H): query (i, j), key row k
-        rel_w = torch.einsum("bhwc,wkc->bhwk", rq, rw)  # (B*heads, H, W, W): query (i, j), key column l
+        bh, n, _ = q.shape
+        rel_h, rel_w = _rel_terms(q, rh, rw, h, w)
         qs = q * self.scale
         kt = k.transpose(1, 2).contiguous()  # (B*heads, C, N): one copy per layer, not one per block
         rows = max(1, min(h, self.block_queries // w))
@@ -206,10 +200,9 @@ class Attention(nn.Module):
         product; no broadcast add over the (N x N) logits and no bias copy (both slow for 14-wide rows).
         Batches of whole grids hold about `block_logits` logits.
         """
-        bh, n, c = q.shape
-        rq = q.view(bh, h, w, c)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", rq, rh).reshape(bh, n, h)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", rq, rw).reshape(bh, n, w)
+        bh, n, _ = q.shape
+        rel_h, rel_w = _rel_terms(q, rh, rw, h, w)
+        rel_h, rel_w = rel_h.reshape(bh, n, h), rel_w.reshape(bh, n, w)
         qa = torch.cat([q * self.scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], -1)  # (B*heads, N, C+H+W)
         index = torch.arange(n, device=q.device)
         indicator = torch.zeros(h + w, n, dtype=k.dtype, device=k.device)
@@ -222,6 +215,15 @@ class Attention(nn.Module):
             for b0 in range(0, bh, batch)
         ]
         return torch.cat(blocks, 0) if len(blocks) > 1 else blocks[0]
+
+
+def _rel_terms(
+    q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two per-axis parts of the decomposed bias for q (B*heads, H*W, C): rel_h (B*heads, H, W, H),
+    query (i, j) against key row k, and rel_w (B*heads, H, W, W), query (i, j) against key column l."""
+    rq = q.reshape(q.shape[0], h, w, q.shape[-1])
+    return torch.einsum("bhwc,hkc->bhwk", rq, rh), torch.einsum("bhwc,wkc->bhwk", rq, rw)
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
