@@ -13,8 +13,8 @@ import samkit
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import crop_boxes, layer_point_grids
-from samkit.everything.upscale import Upscaler
 from samkit.masks import masks_to_boxes, remove_small_regions
+from samkit.masks.upscale import BlockMasks, Upscaler
 from samkit.models.build import SamConfig, build_sam
 
 
@@ -83,13 +83,27 @@ def test_upscaler_matches_interpolation(low_res, model_size, input_size, origina
     which = torch.tensor([4, 0, 2])
     h, w = original_size
     dest = torch.zeros(3, w + 7, h + 5, dtype=torch.uint8)
-    up.paste_colmajor(masks, which, dest, 7, 5)
+    up.paste(masks, which, dest, 7, 5, colmajor=True)
     pasted = dest.transpose(1, 2).bool()
     assert not pasted[:, :5].any() and not pasted[:, :, :7].any()
     mismatch = (pasted[:, 5:, 7:] != ref_masks[which]).sum()
     assert mismatch <= 2
     # Only a small share of the pixels is computed one by one.
     assert masks.exact_bits.numel() < 0.5 * ref_masks.numel()
+
+    # Row-major paste; and the masks regrouped (select, cat) and packed as the generator keeps them.
+    rows = torch.zeros(3, h, w, dtype=torch.bool)
+    up.paste(masks, which, rows)
+    assert (rows != ref_masks[which]).sum() <= 2
+    np.testing.assert_array_equal(rows.numpy(), pasted[:, 5:, 7:].numpy())
+    regrouped = BlockMasks.cat(
+        [masks.select(torch.tensor([4])).packed(), masks.select(torch.tensor([2, 0])).packed()]
+    )
+    assert regrouped.exact_bits.dtype == torch.uint8 and len(regrouped) == 3
+    again = torch.zeros(3, h, w, dtype=torch.bool)
+    up.paste(regrouped, torch.tensor([0, 2, 1]), again)
+    np.testing.assert_array_equal(again.numpy(), rows.numpy())
+    np.testing.assert_array_equal(up.boxes(regrouped).numpy(), up.boxes(masks)[[4, 2, 0]].numpy())
 
 
 def _blobs(h: int, w: int, seed: int) -> np.ndarray:
@@ -184,6 +198,32 @@ def test_generator_returns_hundreds_of_masks(tiny_model, photo):
     for r in records[::37]:
         rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
         assert r["area"] == int(mask_utils.decode(rle).sum())
+
+
+def test_generator_threads_give_the_same_masks(tiny_model, photo):
+    """With 2 torch threads the batches are decoded in 2 Python threads of 1 torch thread each: same
+    masks (up to float rounding) as with 1 thread, and torch's thread count is restored."""
+    kw = dict(
+        points_per_side=8,
+        points_per_batch=16,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        box_nms_thresh=1.0,
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = samkit.MaskGenerator(tiny_model, **kw).generate(photo)
+        torch.set_num_threads(2)
+        threaded = samkit.MaskGenerator(tiny_model, **kw).generate(photo)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(serial) == len(threaded) > 50
+    for a, b in zip(serial, threaded, strict=True):
+        assert a["point_coords"] == b["point_coords"]
+        assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-4
+        assert (a["segmentation"] != b["segmentation"]).sum() <= 2
 
 
 def test_generator_rejects_bad_options(tiny_model):

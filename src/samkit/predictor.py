@@ -9,6 +9,7 @@ import torch
 
 from samkit.errors import CheckpointError, StateError
 from samkit.image import ImageLike, load_image
+from samkit.masks.upscale import Upscaler
 from samkit.models.sam import Sam
 from samkit.models.transformer import ImageSide
 from samkit.prompts import check_prompts, one_prompt_as_batch
@@ -30,6 +31,7 @@ class Predictor:
     def __init__(self, model: Sam) -> None:
         self.model = model
         self.transform = ResizeLongestSide(model.image_size, model.resize)
+        self._upscaler: Upscaler | None = None
         self.reset_image()
 
     # --- image -----------------------------------------------------------------------------------------
@@ -162,6 +164,18 @@ class Predictor:
         full = full.reshape(b, c, *full.shape[1:])
         masks = full if return_logits else full > self.model.mask_threshold
         return masks, scores.float().cpu().numpy(), logits
+
+    def upscaler(self) -> Upscaler:
+        """The `Upscaler` from this image's low-res logits to its full size (kept while the sizes last):
+        thresholded full-size masks by blocks, for segment-everything's many masks."""
+        self._require_image()
+        up = self._upscaler
+        if up is None or up.key != (self.input_size, self.original_size):
+            model = self.model
+            low = model.prompt_encoder.mask_input_size[0]
+            up = Upscaler(model.image_size, low, self.input_size, self.original_size, device=model.device)
+            self._upscaler = up
+        return up
 
     @torch.inference_mode()
     def predict_torch(

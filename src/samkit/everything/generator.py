@@ -8,7 +8,8 @@ full-size masks, encoded to COCO RLE right away. Duplicates are removed with vec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,7 +20,6 @@ from pycocotools import mask as mask_utils
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
-from samkit.everything.upscale import Upscaler
 from samkit.image import ImageLike, load_image
 from samkit.masks import (
     batched_nms,
@@ -29,25 +29,41 @@ from samkit.masks import (
     mask_to_rle,
     masks_to_boxes,
 )
+from samkit.masks.upscale import BlockMasks, Upscaler
 from samkit.models.sam import Sam
 from samkit.predictor import Predictor
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-# Bytes of full-size mask values handled at once (bounds the temporary memory).
+# Bytes of full-size masks pasted at once (bounds the temporary memory of encoding).
 _MASK_BYTES = 128 << 20
+# Low-res logits turned into block masks at once (their block windows take ~0.25 MB per mask).
+_BLOCK_CHUNK = 64
+
+
+@dataclass
+class _Group:
+    """Full-size masks of one decoded batch, kept as blocks (`BlockMasks`) until they are encoded: most
+    candidates fall to NMS, which needs only their boxes. x0, y0: the batch's crop's top-left corner."""
+
+    upscaler: Upscaler
+    blocks: BlockMasks
+    x0: int
+    y0: int
 
 
 @dataclass
 class _Masks:
     """Masks found so far, all in the original-image frame.
 
-    rles: COCO RLEs ({"size": [H, W], "counts": bytes}); boxes: int64 (N, 4) XYXY pixels (inclusive);
-    iou_preds, stability: float32 (N,); points: float64 (N, 2) (x, y) pixels of the prompt that made each
-    mask; crop_boxes: int64 (N, 4) XYXY of the crop each mask came from.
+    groups: where the masks are (mask i is member[i] of groups[group[i]]); boxes: int64 (N, 4) XYXY
+    pixels (inclusive); iou_preds, stability: float32 (N,); points: float64 (N, 2) (x, y) pixels of
+    the prompt that made each mask; crop_boxes: int64 (N, 4) XYXY of the crop each mask came from.
     """
 
-    rles: list[dict[str, Any]]
+    groups: list[_Group]
+    group: torch.Tensor
+    member: torch.Tensor
     boxes: torch.Tensor
     iou_preds: torch.Tensor
     stability: torch.Tensor
@@ -55,7 +71,7 @@ class _Masks:
     crop_boxes: torch.Tensor
 
     def __len__(self) -> int:
-        return len(self.rles)
+        return len(self.group)
 
     def select(self, index: torch.Tensor) -> _Masks:
         """The masks at `index` (int64 indices or a bool mask), in that order."""
@@ -63,7 +79,9 @@ class _Masks:
             index = index.nonzero().flatten()
         idx = index.cpu()
         return _Masks(
-            [self.rles[i] for i in idx.tolist()],
+            self.groups,
+            self.group[idx],
+            self.member[idx],
             self.boxes[idx],
             self.iou_preds[idx],
             self.stability[idx],
@@ -73,8 +91,11 @@ class _Masks:
 
     @staticmethod
     def cat(parts: Sequence[_Masks]) -> _Masks:
+        offsets = np.cumsum([0] + [len(p.groups) for p in parts])
         return _Masks(
-            [r for p in parts for r in p.rles],
+            [g for p in parts for g in p.groups],
+            torch.cat([p.group + int(o) for p, o in zip(parts, offsets[:-1], strict=True)]),
+            torch.cat([p.member for p in parts]),
             torch.cat([p.boxes for p in parts]),
             torch.cat([p.iou_preds for p in parts]),
             torch.cat([p.stability for p in parts]),
@@ -86,12 +107,32 @@ class _Masks:
     def empty() -> _Masks:
         return _Masks(
             [],
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int64),
             torch.zeros(0, 4, dtype=torch.int64),
             torch.zeros(0),
             torch.zeros(0),
             torch.zeros(0, 2, dtype=torch.float64),
             torch.zeros(0, 4, dtype=torch.int64),
         )
+
+    def encode(self, image_size: tuple[int, int]) -> list[dict[str, Any]]:
+        """The masks as COCO RLEs ({"size": [H, W], "counts": bytes}) of the whole image, in order."""
+        h, w = image_size
+        rles: list[dict[str, Any]] = [{}] * len(self)
+        chunk = max(1, _MASK_BYTES // (2 * h * w))  # dest and paste()'s own frame
+        for g, group in enumerate(self.groups):
+            here = (self.group == g).nonzero().flatten()
+            for i in range(0, len(here), chunk):
+                part = here[i : i + chunk]
+                which = self.member[part].to(group.blocks.full.device)
+                dest = torch.zeros(len(part), w, h, dtype=torch.uint8, device=which.device)
+                group.upscaler.paste(group.blocks, which, dest, group.x0, group.y0, colmajor=True)
+                # (D, W, H) in C order is (H, W, D) in Fortran order, the layout pycocotools encodes.
+                encoded = mask_utils.encode(dest.cpu().numpy().transpose(2, 1, 0))
+                for j, rle in zip(part.tolist(), encoded, strict=True):
+                    rles[j] = rle
+        return rles
 
 
 class MaskGenerator:
@@ -181,9 +222,10 @@ class MaskGenerator:
                     f"embedded holds a {embedded.original_size} image, not this {arr.shape[:2]} one"
                 )
         masks = self._generate_masks(arr, embedded)
+        rles = masks.encode((arr.shape[0], arr.shape[1]))
         if self.min_mask_region_area > 0:
-            masks = self._remove_small_regions(masks)
-        return self._records(masks)
+            masks, rles = self._remove_small_regions(masks, rles)
+        return self._records(masks, rles)
 
     # --- stages --------------------------------------------------------------------------------------
 
@@ -210,21 +252,16 @@ class MaskGenerator:
         pred = embedded if reuse else self.predictor
         if not reuse:
             pred.set_image(cropped)
-        model = pred.model
-        upscaler = Upscaler(
-            model.image_size,
-            model.prompt_encoder.mask_input_size[0],
-            pred.input_size,
-            crop_size,
-            device=model.device,
-        )
+        upscaler = pred.upscaler()
         points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
-        parts = [
-            self._process_batch(
-                pred, points[i : i + self.points_per_batch], crop, crop_size, image_size, upscaler
-            )
-            for i in range(0, len(points), self.points_per_batch)
+        batches = [
+            points[i : i + self.points_per_batch] for i in range(0, len(points), self.points_per_batch)
         ]
+        parts = _map_batches(
+            lambda batch: self._process_batch(pred, batch, crop, crop_size, image_size, upscaler),
+            batches,
+            pred.model.device,
+        )
         if not reuse:
             pred.reset_image()
         masks = _Masks.cat(parts) if parts else _Masks.empty()
@@ -266,8 +303,7 @@ class MaskGenerator:
         threshold = pred.model.mask_threshold
         offset = self.stability_score_offset
         h, w = image_size
-        # Masks handled at once, so that their full-size values (float32) stay within _MASK_BYTES.
-        chunk = max(1, _MASK_BYTES // (4 * h * w))
+        chunk = _BLOCK_CHUNK
         thresholds = (threshold + offset, threshold - offset)
         counts = torch.zeros(len(low_res), 2, dtype=torch.int64, device=device)
         for i in range(0, len(low_res), chunk):
@@ -279,24 +315,24 @@ class MaskGenerator:
             passed = stability >= self.stability_score_thresh
             keep, low_res, stability = keep[passed], low_res[passed], stability[passed]
 
-        rles: list[dict[str, Any]] = []
-        boxes, kept = [], []
+        blocks, boxes, kept = [], [], []
         for i in range(0, len(low_res), chunk):
             masks = upscaler.masks(low_res[i : i + chunk], threshold)
             b = upscaler.boxes(masks).cpu()
             ok = (~is_box_near_crop_edge(b, crop.box, [0, 0, w, h])).nonzero().flatten()
             if not len(ok):
                 continue
-            dest = torch.zeros(len(ok), w, h, dtype=torch.uint8, device=device)
-            upscaler.paste_colmajor(masks, ok.to(device), dest, crop.box[0], crop.box[1])
-            # (D, W, H) in C order is (H, W, D) in Fortran order, the layout pycocotools encodes.
-            rles.extend(mask_utils.encode(dest.cpu().numpy().transpose(2, 1, 0)))
+            # Kept as blocks (packed): only the masks that survive NMS are ever made full size.
+            blocks.append(masks.select(ok.to(device)).packed())
             boxes.append(b[ok])
             kept.append(ok + i)
         sel = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
         idx = keep.cpu()[sel]
+        groups = [_Group(upscaler, BlockMasks.cat(blocks), crop.box[0], crop.box[1])] if blocks else []
         return _Masks(
-            rles,
+            groups,
+            torch.zeros(len(sel), dtype=torch.int64),
+            torch.arange(len(sel)),
             torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.int64),
             iou.cpu()[idx],
             stability.cpu()[sel],
@@ -304,14 +340,16 @@ class MaskGenerator:
             torch.tensor(crop.box, dtype=torch.int64).expand(len(sel), 4),
         )
 
-    def _remove_small_regions(self, masks: _Masks) -> _Masks:
+    def _remove_small_regions(
+        self, masks: _Masks, rles: list[dict[str, Any]]
+    ) -> tuple[_Masks, list[dict[str, Any]]]:
         """Fill small holes and drop small islands, then suppress duplicates again, preferring masks
         that needed no change."""
         if not len(masks):
-            return masks
+            return masks, rles
         area = self.min_mask_region_area
         new_boxes, unchanged, new_rles = [], [], {}
-        for i, rle in enumerate(masks.rles):
+        for i, rle in enumerate(rles):
             mask = mask_utils.decode(rle).astype(bool)
             cleaned, changed = clean_mask(mask, area)
             new_boxes.append(masks_to_boxes(torch.from_numpy(np.ascontiguousarray(cleaned))[None])[0])
@@ -324,16 +362,15 @@ class MaskGenerator:
         keep = batched_nms(boxes.float(), scores, torch.zeros(len(boxes)), nms_thresh)
         for i in keep.tolist():
             if i in new_rles:
-                masks.rles[i] = new_rles[i]
                 masks.boxes[i] = boxes[i]
-        return masks.select(keep)
+        return masks.select(keep), [new_rles.get(i, rles[i]) for i in keep.tolist()]
 
-    def _records(self, masks: _Masks) -> list[dict[str, Any]]:
-        areas = coco_rle_areas(masks.rles).tolist()
+    def _records(self, masks: _Masks, rles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        areas = coco_rle_areas(rles).tolist()
         bboxes = box_xyxy_to_xywh(masks.boxes).tolist()
         crops = box_xyxy_to_xywh(masks.crop_boxes).tolist()
         records = []
-        for i, rle in enumerate(masks.rles):
+        for i, rle in enumerate(rles):
             records.append(
                 {
                     "segmentation": self._segmentation(rle),
@@ -354,3 +391,23 @@ class MaskGenerator:
         if self.output_mode == "binary_mask":
             return mask
         return mask_to_rle(mask[None])[0]
+
+
+def _map_batches(fn: Callable[[Any], _Masks], batches: Sequence[Any], device: torch.device) -> list[_Masks]:
+    """`fn` over the batches, in order. On a CPU with n > 1 torch threads the batches run in n Python
+    threads whose torch ops use one thread each: the decoder's many small ops keep the cores busier that
+    way than split across threads one op at a time (torch's thread count is restored afterwards)."""
+
+    def run(batch: Any) -> _Masks:
+        with torch.inference_mode():  # grad mode is per thread
+            return fn(batch)
+
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n < 2 or len(batches) < 2:
+        return [run(b) for b in batches]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(n, len(batches))) as pool:
+            return list(pool.map(run, batches))
+    finally:
+        torch.set_num_threads(n)

@@ -14,6 +14,7 @@ so a pixel can only come out differently when its logit is within ~1e-6 of a thr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,12 +33,52 @@ class BlockMasks:
 
     full: bool (S, n_rb, n_cb), blocks wholly inside the mask. exact_index: int64 (M, 3) rows (mask,
     row block, column block) of the blocks computed pixel by pixel; exact_bits: bool (M, T, T) their
-    pixels (pixels past the image edge are False).
+    pixels (pixels past the image edge are False), or uint8 (M, T * T / 8) once `packed()`.
     """
 
     full: torch.Tensor
     exact_index: torch.Tensor
     exact_bits: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.full.shape[0]
+
+    def select(self, which: torch.Tensor) -> BlockMasks:
+        """The masks `which` (D,) int64, renumbered 0..D-1 in that order."""
+        position = torch.full((len(self),), -1, dtype=torch.int64, device=which.device)
+        position[which] = torch.arange(len(which), device=which.device)
+        new = position[self.exact_index[:, 0]]
+        sel = new >= 0
+        index = torch.cat([new[sel, None], self.exact_index[sel, 1:]], 1)
+        return BlockMasks(self.full[which], index, self.exact_bits[sel])
+
+    @staticmethod
+    def cat(parts: Sequence[BlockMasks]) -> BlockMasks:
+        """The masks of `parts`, one after the other (all packed or all not)."""
+        offsets = np.cumsum([0] + [len(p) for p in parts])
+        index = [
+            p.exact_index + p.exact_index.new_tensor([int(o), 0, 0])
+            for p, o in zip(parts, offsets[:-1], strict=True)
+        ]
+        return BlockMasks(
+            torch.cat([p.full for p in parts]), torch.cat(index), torch.cat([p.exact_bits for p in parts])
+        )
+
+    def packed(self) -> BlockMasks:
+        """The same masks with the exact blocks' pixels packed 8 per byte (CPU; 8x less memory while
+        they wait for NMS); `bits()` unpacks them. Other devices keep bool pixels."""
+        if self.exact_bits.dtype != torch.bool or self.exact_bits.device.type != "cpu":
+            return self
+        bits = self.exact_bits.numpy().reshape(len(self.exact_bits), -1)
+        return BlockMasks(self.full, self.exact_index, torch.from_numpy(np.packbits(bits, axis=1)))
+
+    def bits(self) -> torch.Tensor:
+        """bool (M, T, T): the exact blocks' pixels."""
+        if self.exact_bits.dtype == torch.bool:
+            return self.exact_bits
+        t = math.isqrt(self.exact_bits.shape[1] * 8)
+        bits = np.unpackbits(self.exact_bits.numpy(), axis=1).view(np.bool_)
+        return torch.from_numpy(bits).view(-1, t, t)
 
 
 class _Axis:
@@ -96,6 +137,7 @@ class Upscaler:
         device: torch.device | str = "cpu",
     ) -> None:
         self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.key = ((int(input_size[0]), int(input_size[1])), self.original_size)
         self.block = block
         stage1 = _interp_matrix(low_res, model_size)
         rows = _interp_matrix(input_size[0], original_size[0]) @ stage1[: input_size[0]]
@@ -172,8 +214,9 @@ class Upscaler:
         cols = torch.zeros(s, n_cb, t, dtype=torch.int32, device=masks.full.device)
         rows += masks.full.any(2)[:, :, None]
         cols += masks.full.any(1)[:, :, None]
-        rows.index_put_((m, rb), masks.exact_bits.any(2).to(torch.int32), accumulate=True)
-        cols.index_put_((m, cb), masks.exact_bits.any(1).to(torch.int32), accumulate=True)
+        bits = masks.bits()
+        rows.index_put_((m, rb), bits.any(2).to(torch.int32), accumulate=True)
+        cols.index_put_((m, cb), bits.any(1).to(torch.int32), accumulate=True)
         rows_any = rows.view(s, n_rb * t)[:, :h] > 0
         cols_any = cols.view(s, n_cb * t)[:, :w] > 0
         y0 = rows_any.to(torch.uint8).argmax(1)
@@ -183,26 +226,47 @@ class Upscaler:
         boxes = torch.stack([x0, y0, x1, y1], 1).to(torch.int64)
         return boxes * rows_any.any(1, keepdim=True)
 
-    def paste_colmajor(
-        self, masks: BlockMasks, which: torch.Tensor, dest: torch.Tensor, x0: int, y0: int
+    def paste(
+        self,
+        masks: BlockMasks,
+        which: torch.Tensor,
+        dest: torch.Tensor,
+        x0: int = 0,
+        y0: int = 0,
+        colmajor: bool = False,
     ) -> None:
-        """Write masks `which` (D,) into dest, uint8 (D, W_img, H_img) laid out column-major (pixel (x, y)
-        of mask d is dest[d, x, y]), with this frame's top-left corner at (x0, y0). dest must be zeros."""
+        """Write masks `which` (D,) into dest (D, H_img, W_img), with this frame's top-left corner at
+        (x0, y0); dest must be zeros (bool or uint8). colmajor: dest is (D, W_img, H_img) instead, the
+        column-major layout pycocotools encodes (pixel (x, y) of mask d is dest[d, x, y])."""
         t = self.block
         h, w = self.original_size
         d = which.shape[0]
         n_rb, n_cb = self.rows.n_blocks, self.cols.n_blocks
-        local = torch.zeros(d, n_cb * t, n_rb * t, dtype=torch.uint8, device=masks.full.device)
-        blocks = local.view(d, n_cb, t, n_rb, t).permute(0, 1, 3, 2, 4)  # (D, n_cb, n_rb, T cols, T rows)
-        blocks[masks.full[which].transpose(1, 2)] = 1
+        device = masks.full.device
+        full = masks.full[which]
+        if colmajor:
+            local = torch.zeros(d, n_cb * t, n_rb * t, dtype=dest.dtype, device=device)
+            # (D, n_cb, n_rb, T cols, T rows)
+            blocks = local.view(d, n_cb, t, n_rb, t).permute(0, 1, 3, 2, 4)
+            full = full.transpose(1, 2)
+        else:
+            local = torch.zeros(d, n_rb * t, n_cb * t, dtype=dest.dtype, device=device)
+            blocks = local.view(d, n_rb, t, n_cb, t).permute(0, 1, 3, 2, 4)  # (D, n_rb, n_cb, T, T)
+        blocks[full] = 1
         position = torch.full((masks.full.shape[0],), -1, dtype=torch.int64, device=which.device)
         position[which] = torch.arange(d, device=which.device)
         idx = masks.exact_index
         sel = position[idx[:, 0]] >= 0
         if sel.any():
-            bits = masks.exact_bits[sel].transpose(1, 2).to(torch.uint8)
-            blocks[position[idx[sel, 0]], idx[sel, 2], idx[sel, 1]] = bits
-        dest[:, x0 : x0 + w, y0 : y0 + h] = local[:, :w, :h]
+            bits = masks.bits()[sel].to(dest.dtype)
+            if colmajor:
+                blocks[position[idx[sel, 0]], idx[sel, 2], idx[sel, 1]] = bits.transpose(1, 2)
+            else:
+                blocks[position[idx[sel, 0]], idx[sel, 1], idx[sel, 2]] = bits
+        if colmajor:
+            dest[:, x0 : x0 + w, y0 : y0 + h] = local[:, :w, :h]
+        else:
+            dest[:, y0 : y0 + h, x0 : x0 + w] = local[:, :h, :w]
 
 
 def _count_true(bits: torch.Tensor) -> torch.Tensor:
