@@ -186,6 +186,9 @@ def test_mask_head_matches_transposed_convolutions(model):
         ours, theirs = dec.masks_from(hs, src), _convtranspose_masks(dec, hs, src)
     assert ours.shape == theirs.shape == (3, 4, 256, 256)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # At inference the head runs in bands of rows (no_grad above); with autograd on, in one piece.
+    whole = dec.masks_from(hs, src).detach()
+    assert torch.equal(ours, whole)
 
 
 def test_cached_first_block_and_candidates_match_full_decode(pred):
