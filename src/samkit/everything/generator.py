@@ -2,8 +2,8 @@
 
 The same masks as the reference's SamAutomaticMaskGenerator, computed without ever holding full-size
 logits: masks are filtered by predicted IoU on the low-res logits, stability scores and binary masks
-come from `Upscaler` (exact up to float rounding), and only the survivors of each batch are turned into
-full-size masks, encoded to COCO RLE right away. Duplicates are removed with vectorised NMS.
+come from `Upscaler` (exact up to float rounding) and stay as blocks through the vectorised NMS; only
+the masks that survive it are turned into full-size masks, encoded to COCO RLE right away.
 """
 
 from __future__ import annotations
@@ -300,6 +300,7 @@ class MaskGenerator:
         where = torch.full((len(points),), -1, dtype=torch.int64, device=device)
         where[rows] = torch.arange(len(rows), device=device)
         low_res = rows_low_res[where[keep // n_out], keep % n_out].float()
+        del rows_low_res  # ~50 MB a batch, and two batches run at once on a CPU
         threshold = pred.model.mask_threshold
         offset = self.stability_score_offset
         h, w = image_size
