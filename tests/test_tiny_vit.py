@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from samkit.models.tiny_vit import TinyViT
+from samkit.models.tiny_vit import MBConv, TinyViT
 
 
 def test_inference_path_equals_autograd_path_and_leaves_input_alone():
@@ -28,3 +28,28 @@ def test_training_backward_reaches_the_stem():
     model(torch.randn(2, 3, 256, 256)).square().mean().backward()
     stem = model.patch_embed.seq[0].c.weight.grad
     assert stem is not None and stem.abs().max() > 0
+
+
+def test_mbconv_bands_equal_the_whole_map():
+    """At inference MBConv runs in bands of rows (a row of halo each side for the depthwise conv): the
+    same numbers as the whole map, for a height that leaves a short last band, in fp32 and under bf16."""
+    torch.manual_seed(0)
+    block = MBConv(16, 4.0).eval()
+    for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    x = torch.randn(1, 16, 75, 40).contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():
+        whole = block(x).detach()  # the autograd path runs the whole map at once
+    with torch.no_grad():
+        banded = block(x)
+    assert banded.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(banded, whole, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.enable_grad():
+            whole = block(x.bfloat16()).detach()
+        with torch.no_grad():
+            banded = block(x.bfloat16())
+    torch.testing.assert_close(banded.float(), whole.float(), atol=0, rtol=0)

@@ -116,6 +116,24 @@ class _Masks:
             torch.zeros(0, 4, dtype=torch.int64),
         )
 
+    def compact(self) -> _Masks:
+        """The same masks, with the blocks of masks no longer selected dropped from the groups."""
+        groups, member = [], torch.empty_like(self.member)
+        group = torch.empty_like(self.group)
+        for g, old in enumerate(self.groups):
+            here = (self.group == g).nonzero().flatten()
+            if not len(here):
+                continue
+            which = self.member[here]
+            groups.append(
+                _Group(old.upscaler, old.blocks.select(which.to(old.blocks.full.device)), old.x0, old.y0)
+            )
+            group[here] = len(groups) - 1
+            member[here] = torch.arange(len(here))
+        return _Masks(
+            groups, group, member, self.boxes, self.iou_preds, self.stability, self.points, self.crop_boxes
+        )
+
     def encode(self, image_size: tuple[int, int]) -> list[dict[str, Any]]:
         """The masks as COCO RLEs ({"size": [H, W], "counts": bytes}) of the whole image, in order."""
         h, w = image_size
@@ -266,7 +284,7 @@ class MaskGenerator:
             pred.reset_image()
         masks = _Masks.cat(parts) if parts else _Masks.empty()
         keep = batched_nms(masks.boxes.float(), masks.iou_preds, torch.zeros(len(masks)), self.box_nms_thresh)
-        masks = masks.select(keep)
+        masks = masks.select(keep).compact()
         # Boxes were in the crop's frame (the NMS above and the reference's order depend on it).
         masks.boxes = masks.boxes + torch.tensor([x0, y0, x0, y0])
         masks.points = masks.points + torch.tensor([x0, y0], dtype=torch.float64)

@@ -7,12 +7,16 @@ and for S = 256 (LiteMedSAM, patch stride 1).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from samkit.models.common import LayerNorm2d
+
+# Rows of a stage-0 map an MBConv block processes at once at inference (of 256 for a 1024 input).
+_MBCONV_BAND_ROWS = 32
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -41,11 +45,15 @@ class Conv2dBN(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.bn(self.c(x))
+        return self.folded()(x)
+
+    def folded(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The conv with the BatchNorm folded in (eval mode), as a function of the input."""
         conv, bn = self.c, self.bn
         gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         weight = conv.weight * gain[:, None, None, None]
         bias = bn.bias - bn.running_mean * gain
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return lambda x: F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class PatchEmbed(nn.Module):
@@ -81,9 +89,22 @@ class MBConv(nn.Module):
         self.conv3 = Conv2dBN(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _gelu(self.conv1(x))
-        y = _gelu(self.conv2(y))
-        return _gelu(self.conv3(y) + x)
+        h = x.shape[-2]
+        if self.training or torch.is_grad_enabled() or h <= _MBCONV_BAND_ROWS:
+            y = _gelu(self.conv1(x))
+            y = _gelu(self.conv2(y))
+            return _gelu(self.conv3(y) + x)
+        # Inference: a band of rows at a time, so that the expanded activations (4x the channels) stay
+        # in cache instead of making several passes through memory; the depthwise conv reads one row
+        # of halo on each side. Same result as the whole map.
+        conv1, conv2, conv3 = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
+        out = torch.empty_like(x)
+        for y0 in range(0, h, _MBCONV_BAND_ROWS):
+            y1 = min(h, y0 + _MBCONV_BAND_ROWS)
+            a, b = max(0, y0 - 1), min(h, y1 + 1)
+            y = _gelu(conv2(_gelu(conv1(x[:, :, a:b]))))[:, :, y0 - a : y1 - a]
+            out[:, :, y0:y1] = _gelu(conv3(y) + x[:, :, y0:y1])
+        return out
 
 
 class PatchMerging(nn.Module):
