@@ -242,30 +242,22 @@ class Upscaler:
         h, w = self.original_size
         d = which.shape[0]
         n_rb, n_cb = self.rows.n_blocks, self.cols.n_blocks
+        chosen = masks.select(which)  # renumbered 0..D-1; only their exact blocks get unpacked below
+        m, rb, cb = chosen.exact_index.unbind(1)
+        bits = chosen.bits().to(dest.dtype)
         device = masks.full.device
-        full = masks.full[which]
         if colmajor:
             local = torch.zeros(d, n_cb * t, n_rb * t, dtype=dest.dtype, device=device)
             # (D, n_cb, n_rb, T cols, T rows)
             blocks = local.view(d, n_cb, t, n_rb, t).permute(0, 1, 3, 2, 4)
-            full = full.transpose(1, 2)
+            blocks[chosen.full.transpose(1, 2)] = 1
+            blocks[m, cb, rb] = bits.transpose(1, 2)
+            dest[:, x0 : x0 + w, y0 : y0 + h] = local[:, :w, :h]
         else:
             local = torch.zeros(d, n_rb * t, n_cb * t, dtype=dest.dtype, device=device)
             blocks = local.view(d, n_rb, t, n_cb, t).permute(0, 1, 3, 2, 4)  # (D, n_rb, n_cb, T, T)
-        blocks[full] = 1
-        position = torch.full((masks.full.shape[0],), -1, dtype=torch.int64, device=which.device)
-        position[which] = torch.arange(d, device=which.device)
-        idx = masks.exact_index
-        sel = position[idx[:, 0]] >= 0
-        if sel.any():
-            bits = masks.bits()[sel].to(dest.dtype)
-            if colmajor:
-                blocks[position[idx[sel, 0]], idx[sel, 2], idx[sel, 1]] = bits.transpose(1, 2)
-            else:
-                blocks[position[idx[sel, 0]], idx[sel, 1], idx[sel, 2]] = bits
-        if colmajor:
-            dest[:, x0 : x0 + w, y0 : y0 + h] = local[:, :w, :h]
-        else:
+            blocks[chosen.full] = 1
+            blocks[m, rb, cb] = bits
             dest[:, y0 : y0 + h, x0 : x0 + w] = local[:, :h, :w]
 
 
