@@ -150,6 +150,8 @@ def test_describe_models_rows():
     assert rows["medsam_lite"]["params"] == "9.8M" and rows["medsam_lite"]["input"] == 256
     assert rows["vit_t"]["params"] == "10.1M" and rows["vit_t"]["input"] == 1024
     assert rows["medsam_lite"]["source"] == "url +1 mirror"
+    assert rows["nano"]["source"] == "bundled" and rows["nano"]["cached"] is True
+    assert [name for name, r in rows.items() if r["default"]] == ["vit_t"]
 
 
 def _cli(*args: str, **env_extra: str) -> subprocess.CompletedProcess:
@@ -165,6 +167,9 @@ def test_cli_models_lists_every_model():
     for name in registry():
         assert name in res.stdout
     assert "lite_medsam.pth" in res.stdout and "Apache-2.0" in res.stdout
+    lines = {line.split()[0]: line for line in res.stdout.splitlines()[1:]}
+    assert "vit_t (default)" in lines["vit_t"] and "(default)" not in lines["nano"]
+    assert lines["nano"].split()[-2:] == ["True", "bundled"]
 
 
 @pytest.mark.network

@@ -118,6 +118,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=2))
         return
     cols = ["name", "params", "input", "file", "size_mb", "licence", "cached", "source"]
+    for r in rows:
+        r["name"] += " (default)" if r["default"] else ""
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:

@@ -368,8 +368,12 @@ def describe_models() -> list[dict[str, Any]]:
     for name, e in registry().items():
         with torch.device("meta"):
             params = sum(p.numel() for p in build_sam(e.config).parameters())
-        source = type(e.sources[0]).__name__.replace("Source", "").lower() + (
-            f" +{len(e.sources) - 1} mirror" if len(e.sources) > 1 else ""
+        bundled = _is_bundled(e)
+        source = (
+            "bundled"
+            if bundled
+            else type(e.sources[0]).__name__.replace("Source", "").lower()
+            + (f" +{len(e.sources) - 1} mirror" if len(e.sources) > 1 else "")
         )
         rows.append(
             {
@@ -379,12 +383,21 @@ def describe_models() -> list[dict[str, Any]]:
                 "file": e.filename,
                 "size_mb": round(e.size / 1e6, 1),
                 "licence": e.licence,
-                "cached": (cache_dir() / e.filename).is_file(),
+                "cached": bundled or (cache_dir() / e.filename).is_file(),
                 "source": source,
+                "default": name == DEFAULT_MODEL,
                 "description": e.description,
             }
         )
     return rows
+
+
+def _is_bundled(entry: ModelEntry) -> bool:
+    """True when the entry's file ships inside the package (no download needed)."""
+    from samkit.download import UrlSource
+
+    first = entry.sources[0]
+    return isinstance(first, UrlSource) and first.url.startswith(PACKAGED_WEIGHTS.as_uri())
 
 
 def _entry(name: str) -> ModelEntry:
