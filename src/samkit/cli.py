@@ -127,6 +127,9 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    from samkit.extras import require
+
+    require("app", "samkit serve")
     from samkit.serve import ServeConfig, serve
 
     config = ServeConfig(
@@ -139,6 +142,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_annotate(args: argparse.Namespace) -> None:
+    from samkit.extras import require
+
+    require("app", "samkit annotate")
     from samkit.annotate import Project
     from samkit.annotate.app import serve
 

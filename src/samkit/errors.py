@@ -29,3 +29,7 @@ class CheckpointError(SamkitError):
 
 class DownloadError(SamkitError):
     """A model file that could not be fetched from any of its sources."""
+
+
+class MissingExtraError(SamkitError, ImportError):
+    """A feature whose optional dependencies (a pip extra such as `samkit[app]`) are not installed."""

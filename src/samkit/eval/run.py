@@ -19,6 +19,7 @@ from samkit.eval import protocols as P
 from samkit.eval.cache import CachedPredictor
 from samkit.eval.datasets import Dataset, ImageItem, ObjectItem, open_dataset
 from samkit.eval.grabcut import GrabCutPredictor
+from samkit.extras import require
 from samkit.image import load_image
 
 PROTOCOLS = ("single-point", "clicks", "box", "edges", "proposals")
@@ -134,6 +135,10 @@ def run_eval(
     if limit is not None and limit < 1:
         raise ProtocolError(f"--limit must be a positive number of items, got {limit}")
     dataset = data if isinstance(data, Dataset) else open_dataset(data)
+    if protocol == "edges":
+        require("eval", "the edges protocol")
+    elif protocol == "clicks" and out is not None:
+        require("eval", "the clicks protocol's curve plot")
     predictor, meta = resolve_model(model, embedding_cache)
 
     if protocol == "edges":

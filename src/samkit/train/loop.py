@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.errors import CheckpointError
+from samkit.errors import CheckpointError, MissingExtraError
+from samkit.extras import require
 from samkit.formats import atomic_write_bytes
 from samkit.models.build import SamConfig, build_sam
 from samkit.models.nano import warm_start
@@ -757,6 +758,11 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
     if not train:
         return None
     import matplotlib
+    try:
+        require("eval", "the training plot")
+    except MissingExtraError as exc:
+        print(f"samkit: {out.name} not written: {exc}", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
