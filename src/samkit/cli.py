@@ -13,6 +13,9 @@ from pathlib import Path
 
 from samkit.errors import SamkitError
 
+# A photo that ships with samkit (scikit-image's coffee.png, CC0, Rachel Michetti), so examples run anywhere.
+SAMPLE_IMAGE = Path(__file__).parent / "data" / "coffee.jpg"
+
 
 def _point(text: str) -> tuple[float, float, int]:
     parts = text.split(",")
@@ -77,7 +80,10 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     save_overlay(
         out / f"{stem}_overlay.png", image, [masks[0]], points=coords, point_labels=labels, boxes=boxes
     )
-    print(f"{len(masks)} mask(s) -> {out} (best predicted IoU {scores[0]:.3f})")
+    print(
+        f"{len(masks)} mask(s) -> {out}; best predicted IoU {scores[0]:.3f} "
+        "(the model's own estimate of the mask's quality; it can exceed 1)"
+    )
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
@@ -101,6 +107,10 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         pred.save_embedding(target)
         done += 1
     print(f"embedded {done} image(s) into {out}; {failed} failed")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    print(SAMPLE_IMAGE)
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
@@ -272,11 +282,13 @@ def _cmd_everything(args: argparse.Namespace) -> None:
 
 
 EXAMPLES = {
-    "segment": "samkit segment photo.jpg --point 400,300 --out out/\n"
+    "segment": 'samkit segment "$(samkit sample)" --point 365,285 --out out/   (the spoon in the sample photo)\n'
+    "  samkit segment photo.jpg --point 400,300 --out out/\n"
     "  samkit segment photo.jpg --point 400,300 --point 420,80,0 --box 10,10,600,400 --single --out out/",
     "embed": "samkit embed photos/ --out embeddings/",
     "everything": "samkit everything photos/ --out masks/ --overlay\n"
     "  samkit everything list.txt --out masks/ --model vit_b --points-per-side 16 --crop-n-layers 1 --coco coco.json",
+    "sample": "samkit sample   (prints the path of the photo shipped with samkit)",
     "download": "samkit download vit_t",
     "models": "samkit models",
     "serve": "samkit serve --model vit_t --port 8000 --workers 2   (OpenAPI docs at /docs)",
@@ -372,6 +384,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs (torch threads) per actor")
     r.add_argument("--shard-size", type=int, default=None, help="ray: also pack SA-1B-style tars of K images")
     p.set_defaults(func=_cmd_everything)
+
+    p = command("sample", "print the path of the photo that ships with samkit (CC0), to try commands on")
+    p.set_defaults(func=_cmd_sample)
 
     p = command("download", "download model checkpoints into $SAMKIT_HOME ahead of time")
     p.add_argument("names", nargs="+")

@@ -356,7 +356,7 @@ function updateCandInfo() {
     el.textContent = "no mask";
   } else {
     const c = S.candidates[S.cand];
-    el.textContent = `mask ${S.cand + 1}/${n} · IoU ${c.score.toFixed(3)}`;
+    el.textContent = `mask ${S.cand + 1}/${n} · predicted IoU ${c.score.toFixed(3)}`;
   }
   el.dataset.candidate = String(S.cand);
   el.dataset.count = String(n);
