@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samkit.devices import cpu_tuned
 from samkit.errors import CheckpointError, StateError
 from samkit.image import ImageLike, load_image
 from samkit.masks.upscale import Upscaler
@@ -158,11 +159,16 @@ class Predictor:
         )
         low_res, scores = self.decode_low_res(coords_t, labels_t, boxes_t, mask_t, multimask_output)
         logits = low_res.float().cpu().numpy()
-        b, c = logits.shape[:2]
-        flat = logits.reshape(b * c, *logits.shape[2:])
-        full = upscale_logits(flat, self.model.image_size, self.input_size, self.original_size)
-        full = full.reshape(b, c, *full.shape[1:])
-        masks = full if return_logits else full > self.model.mask_threshold
+        if cpu_tuned(low_res):
+            b, c = logits.shape[:2]
+            flat = logits.reshape(b * c, *logits.shape[2:])
+            full = upscale_logits(flat, self.model.image_size, self.input_size, self.original_size)
+            full = full.reshape(b, c, *full.shape[1:])
+            masks = full if return_logits else full > self.model.mask_threshold
+        else:
+            # On the device: upsampled and thresholded there, so only the bool masks cross to the host.
+            up = self.model.postprocess_masks(low_res.float(), self.input_size, self.original_size)
+            masks = (up if return_logits else up > self.model.mask_threshold).cpu().numpy()
         return masks, scores.float().cpu().numpy(), logits
 
     def upscaler(self) -> Upscaler:
@@ -239,7 +245,7 @@ class Predictor:
         image_pe = pe.get_dense_pe()
         sel = slice(1, None) if multimask_output else slice(0, 1)
         b = sparse.shape[0]
-        step = b if features.device.type != "cpu" else CPU_DECODE_CHUNK
+        step = CPU_DECODE_CHUNK if cpu_tuned(features) else b
         ious, rows, logits = [], [], []
         for i in range(0, b, step):
             j = min(b, i + step)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from samkit.devices import cpu_tuned
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
@@ -422,7 +423,7 @@ def _map_batches(fn: Callable[[Any], _Masks], batches: Sequence[Any], device: to
             return fn(batch)
 
     n = torch.get_num_threads()
-    if device.type != "cpu" or n < 2 or len(batches) < 2:
+    if not cpu_tuned(device) or n < 2 or len(batches) < 2:
         return [run(b) for b in batches]
     torch.set_num_threads(1)
     try:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samkit.devices import cpu_tuned
+
 # A block is decided without computing its pixels only when its support clears the threshold by this
 # fraction of its largest |logit|: the float32 rounding of the interpolation is below 1e-6 of that.
 _REL_TOL = 1e-5
@@ -67,7 +69,7 @@ class BlockMasks:
     def packed(self) -> BlockMasks:
         """The same masks with the exact blocks' pixels packed 8 per byte (CPU; 8x less memory while
         they wait for NMS); `bits()` unpacks them. Other devices keep bool pixels."""
-        if self.exact_bits.dtype != torch.bool or self.exact_bits.device.type != "cpu":
+        if self.exact_bits.dtype != torch.bool or not cpu_tuned(self.exact_bits):
             return self
         bits = self.exact_bits.numpy().reshape(len(self.exact_bits), -1)
         return BlockMasks(self.full, self.exact_index, torch.from_numpy(np.packbits(bits, axis=1)))
@@ -263,7 +265,7 @@ class Upscaler:
 
 def _count_true(bits: torch.Tensor) -> torch.Tensor:
     """int64 (M,): True entries of bool (M, ...) per row."""
-    if bits.device.type == "cpu":
+    if cpu_tuned(bits):
         # numpy counts bytes several times faster than torch sums bools on CPU; the memory is shared.
         arr = bits.numpy()
         return torch.from_numpy(arr.reshape(len(arr), -1).view(np.uint8).sum(1, dtype=np.int64))

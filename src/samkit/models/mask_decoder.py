@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samkit.devices import cpu_tuned
 from samkit.models.common import MLP, LayerNorm2d
 from samkit.models.transformer import ImageSide, TwoWayTransformer
 
@@ -123,8 +124,8 @@ class MaskDecoder(nn.Module):
         The two stride-2 transposed convolutions of `output_upscaling` run as per-pixel matrix
         products in pixel-major order (no layout changes between them); one permute of the 4 output
         maps at the end puts the pixels in place. Same weights, same result as the convolutions.
-        At inference the embedding is upscaled a few rows at a time: each band's intermediate
-        activations then stay in cache (~25% faster on a CPU, bit-identical).
+        At inference on a CPU the embedding is upscaled a few rows at a time: each band's intermediate
+        activations then stay in cache (~25% faster, bit-identical); a GPU takes it whole.
         """
         b, n, c = src.shape
         h = w = math.isqrt(int(n))  # SAM's embeddings are square
@@ -132,7 +133,8 @@ class MaskDecoder(nn.Module):
         hyper = torch.stack(
             [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        band = h if torch.is_grad_enabled() or torch.jit.is_tracing() else _BAND_ROWS
+        inference = not (torch.is_grad_enabled() or torch.jit.is_tracing())
+        band = _BAND_ROWS if inference and cpu_tuned(src) else h
         if band >= h:
             return self._mask_band(hyper, src, w)
         out = torch.empty(b, hyper.shape[1], 4 * h, 4 * w, dtype=hyper.dtype, device=hyper.device)

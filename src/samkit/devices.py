@@ -1,0 +1,42 @@
+"""Which form of a hot path runs for a tensor: the CPU-tuned one, or plain batched torch ops.
+
+Several inference steps have a form tuned for a CPU's caches and cores: prompts decoded one at a time
+(each prompt's image tokens stay in cache), the mask head upscaled a band of rows at a time, TinyViT's
+MBConv blocks run a band of rows at a time, one click's masks upsampled by OpenCV on the host, candidate
+mask blocks packed 8 pixels to a byte while they wait for NMS, and batches run in Python threads of one
+torch thread each. On a GPU every one of those costs kernel launches or trips through the host, so there
+the plain form runs: all prompts decoded in one batch, `F.interpolate` and the threshold on the device.
+
+The choice is made from the tensor's device. `plain_ops()` makes CPU tensors take the plain form too,
+so that both forms can be checked against each other on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_force_plain = False
+
+
+def cpu_tuned(where: torch.Tensor | torch.device) -> bool:
+    """True when the CPU-tuned form should run for a tensor (or device): it is on the CPU, and
+    `plain_ops()` is not in effect."""
+    device = where if isinstance(where, torch.device) else where.device
+    return device.type == "cpu" and not _force_plain
+
+
+@contextmanager
+def plain_ops() -> Iterator[None]:
+    """Run the plain (GPU) form of every hot path, also for CPU tensors, inside this block.
+
+    Process-wide (threads started inside the block see it too); meant for tests and comparisons."""
+    global _force_plain
+    before = _force_plain
+    _force_plain = True
+    try:
+        yield
+    finally:
+        _force_plain = before
