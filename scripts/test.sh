@@ -8,6 +8,12 @@ pip install -q torch==2.13.0
 pip install -q -e ".[test]"
 # Test-only references (Meta's segment-anything, MobileSAM), run on ../shared/refshim's stand-ins.
 pip install -q --no-deps segment-anything mobilesam-mirror
+# `samkit labelstudio` (its extra), and for its end-to-end test a Label Studio server in an environment of its
+# own: the server pins numpy, Django etc. to versions samkit does not use.
+pip install -q -e ".[labelstudio]"
+if [ ! -x .venv-labelstudio/bin/label-studio ]; then
+  python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install -q label-studio==1.23.2
+fi
 # Debian's chromium for the annotator's browser tests (driven by Playwright; never a downloaded browser).
 if [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,6 +163,24 @@ def _cmd_annotate(args: argparse.Namespace) -> None:
     serve(Project(args.images, db, args.model), host=args.host, port=args.port)
 
 
+def _cmd_labelstudio(args: argparse.Namespace) -> None:
+    from samkit.labelstudio import BackendConfig, serve
+
+    config = BackendConfig(
+        model=args.model,
+        auto=args.auto,
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        auto_label=args.auto_label,
+        label_studio_url=args.label_studio_url,
+        api_key=args.api_key,
+        document_root=args.document_root,
+        allow_roots=args.allow_root,
+        cache_dir=args.cache_dir,
+    )
+    serve(config, host=args.host, port=args.port)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from samkit.annotate import Store, export_project
 
@@ -299,6 +318,8 @@ EXAMPLES = {
     "export": "samkit export --db project.sqlite --format coco --out dataset/\n"
     "  samkit export onnx --model vit_t --out vit_t_onnx/ [--quantize int8] [--opset 18]",
     "import": "samkit import dataset/annotations.json --db project.sqlite --images photos/",
+    "labelstudio": "samkit labelstudio --model vit_t --port 9090 --label-studio-url http://localhost:8080 "
+    "--api-key $LABEL_STUDIO_API_KEY [--auto]",
 }
 
 
@@ -471,6 +492,44 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["sa1b", "coco"], default="coco")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
+
+    p = command(
+        "labelstudio",
+        "Label Studio ML backend: smart keypoints/rectangles -> brush masks; --auto pre-labels whole tasks "
+        "(pip install 'samkit[labelstudio]')",
+    )
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--auto", action="store_true", help="answer prompt-less /predict with segment-everything")
+    p.add_argument("--points-per-side", type=int, default=32, help="--auto: N x N prompts (default 32)")
+    p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--auto: keep masks above this IoU")
+    p.add_argument("--auto-label", default=None, help="--auto: BrushLabels label (default: the first)")
+    p.add_argument(
+        "--label-studio-url",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="server to fetch uploaded images from ($LABEL_STUDIO_URL; default: as Label Studio reports it)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LABEL_STUDIO_API_KEY"),
+        help="Label Studio API token ($LABEL_STUDIO_API_KEY; default: the one Label Studio sends on connect)",
+    )
+    p.add_argument(
+        "--allow-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="read local-storage images from disk only under DIR (repeatable); without it they are fetched "
+        "through Label Studio",
+    )
+    p.add_argument(
+        "--document-root",
+        default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
+        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: that variable)",
+    )
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default $SAMKIT_HOME/labelstudio)")
+    p.set_defaults(func=_cmd_labelstudio)
 
     p = command("import", "load COCO or SA-1B annotations into a project, to correct them in the annotator")
     p.add_argument("files", nargs="+", help="COCO instances JSON, SA-1B JSONs, or folders of SA-1B JSONs")

@@ -1,0 +1,174 @@
+"""The model side of the ML backend: prompts -> one mask, or a whole task -> every mask (`auto`).
+
+One `Predictor` answers every request, behind a lock. Its embeddings are cached on disk under a
+fingerprint of the image encoder's weights, one file per image named by a hash of its pixels, so a
+fine-tuned checkpoint never reuses another model's embeddings and a restarted backend does not encode
+an image twice; the image of the last request stays set, so further clicks on a task only run the
+mask decoder.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samkit.errors import ImageError
+from samkit.labelstudio.images import ImageReader
+from samkit.labelstudio.protocol import (
+    LabelConfig,
+    Prompt,
+    brush_result,
+    converter_brush,
+    parse_label_config,
+    prompt_from_context,
+)
+
+
+@dataclass
+class BackendConfig:
+    """What the backend loads and where it may read images.
+
+    model: zoo name or checkpoint path (None: the default model). auto: answer `/predict` calls without
+    a prompt with segment-everything masks (pre-labelling). points_per_side / pred_iou_thresh /
+    stability_score_thresh / min_mask_region_area: MaskGenerator options for `auto`. auto_label:
+    the BrushLabels label of automatic masks (default: the config's first). label_studio_url / api_key:
+    the server uploads are fetched from (else learnt from `/setup`). document_root: Label Studio's
+    LOCAL_FILES_DOCUMENT_ROOT; allow_roots: folders whose files may be read from disk. cache_dir: where
+    embeddings are kept (default $SAMKIT_HOME/labelstudio).
+    """
+
+    model: str | None = None
+    auto: bool = False
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    min_mask_region_area: int = 0
+    auto_label: str | None = None
+    label_studio_url: str | None = None
+    api_key: str | None = None
+    document_root: str | None = None
+    allow_roots: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+
+
+class Backend:
+    """A loaded model that turns Label Studio `/predict` requests into `brushlabels` predictions."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        import samkit
+        from samkit.download import cache_dir
+        from samkit.eval.cache import CachedPredictor, encoder_fingerprint
+
+        converter_brush()  # fail now, not on the first click, when the extra is not installed
+        self.config = config
+        self.model = samkit.load(config.model)
+        self.name = Path(str(config.model)).stem if config.model else samkit.DEFAULT_MODEL
+        self.fingerprint = encoder_fingerprint(self.model)
+        self.model_version = f"samkit-{self.name}-{self.fingerprint[:8]}"
+        root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "labelstudio"
+        self.predictor = CachedPredictor(self.model, root)
+        self.images = ImageReader(
+            config.label_studio_url, config.api_key, config.document_root, list(config.allow_roots)
+        )
+        self._generator: Any = None
+        self._current: Path | None = None
+        self._lock = threading.Lock()
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    def setup(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`/setup`: check the project's config and learn the server's URL and token."""
+        parse_label_config(body.get("schema") or "")
+        self.images.connect(body.get("hostname"), body.get("access_token"))
+        return {"model_version": self.model_version}
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`/predict`: one prediction per task, `{"results": [{"result": [...], "score", "model_version"}]}`.
+
+        With a prompt in `params.context` (the labelling UI's smart keypoint or rectangle) the one task
+        gets the mask of that prompt; without one, every task gets its segment-everything masks if the
+        backend runs with `auto`, and an empty prediction otherwise.
+        """
+        config = parse_label_config(body.get("label_config") or "")
+        tasks = body.get("tasks") or []
+        prompt = prompt_from_context((body.get("params") or {}).get("context"))
+        if prompt is not None:
+            return {"results": [self._interactive(tasks[0], prompt, config)] if tasks else []}
+        if not self.config.auto:
+            return {"results": [self._prediction([]) for _ in tasks]}
+        return {"results": [self._automatic(task, config) for task in tasks]}
+
+    # --- work ------------------------------------------------------------------------------------------
+
+    def _interactive(self, task: dict[str, Any], prompt: Prompt, config: LabelConfig) -> dict[str, Any]:
+        image = self._image(task, config)
+        if image.shape[:2] != prompt.size:
+            raise ImageError(
+                f"the prompt is for a {prompt.size[1]}x{prompt.size[0]} image but the task's image is "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
+        with self._lock:
+            self._set_image(image)
+            masks, scores, _ = self.predictor.predict(
+                prompt.points if len(prompt.points) else None,
+                prompt.point_labels if len(prompt.points) else None,
+                prompt.box,
+                multimask_output=prompt.single_click,
+            )
+        best = int(np.argmax(scores))
+        result = brush_result(masks[best], float(scores[best]), config, prompt.label)
+        return self._prediction([result], float(scores[best]))
+
+    def _automatic(self, task: dict[str, Any], config: LabelConfig) -> dict[str, Any]:
+        image = self._image(task, config)
+        with self._lock:
+            self._set_image(image)
+            records = self._mask_generator().generate(image, embedded=self.predictor)
+        label = self.config.auto_label
+        results = [brush_result(r["segmentation"], r["predicted_iou"], config, label) for r in records]
+        score = float(np.mean([r["predicted_iou"] for r in records])) if records else 0.0
+        return self._prediction(results, score)
+
+    def _prediction(self, results: list[dict[str, Any]], score: float = 0.0) -> dict[str, Any]:
+        return {"result": results, "score": score, "model_version": self.model_version}
+
+    def _image(self, task: dict[str, Any], config: LabelConfig) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        from samkit.image import load_image
+
+        ref = (task.get("data") or {}).get(config.image_key)
+        data = self.images.read(ref)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return load_image(im)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ImageError(
+                f"task {task.get('id')}: {ref} is not an image Pillow can read ({exc})"
+            ) from None
+
+    def _set_image(self, image: np.ndarray) -> None:
+        """Set `image` on the predictor unless it is already set (same pixels, same encoder weights)."""
+        key = self.predictor.path_for(image)
+        if key != self._current or not self.predictor.is_image_set:
+            self.predictor.set_image(image)
+            self._current = key
+
+    def _mask_generator(self) -> Any:
+        if self._generator is None:
+            import samkit
+
+            c = self.config
+            self._generator = samkit.MaskGenerator(
+                self.model,
+                points_per_side=c.points_per_side,
+                pred_iou_thresh=c.pred_iou_thresh,
+                stability_score_thresh=c.stability_score_thresh,
+                min_mask_region_area=c.min_mask_region_area,
+            )
+        return self._generator
