@@ -3,6 +3,8 @@ windowed small-region cleanup vs the full-image one, and the generator on a tiny
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -283,3 +285,30 @@ def test_generator_point_grids_and_crops(tiny_model, photo):
         x, y, cw, ch = r["crop_box"]
         assert (x, y, x + cw, y + ch) in crops
         assert r["segmentation"]["size"] == [h, w]
+
+
+def test_generator_progress_counts_every_prompt_batch_of_every_crop(tiny_model, photo, capsys):
+    # 1 crop of 8 x 8 points + 4 crops of 4 x 4 (downscale 2), 16 per batch: 4 + 4 x 1 = 8 batches.
+    kw = dict(points_per_side=8, points_per_batch=16, crop_n_layers=1, crop_n_points_downscale_factor=2)
+    gen = samkit.MaskGenerator(tiny_model, **kw)
+    quiet = gen.generate(photo)
+    assert "prompt batches" not in capsys.readouterr().err
+    shown = gen.generate(photo, progress=True)
+    err = capsys.readouterr().err
+    assert "prompt batches" in err and "8/8" in err and "9/8" not in err
+    assert len(shown) == len(quiet)
+
+
+def test_run_local_shows_per_image_bars_only_on_a_terminal(tiny_model, photo, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from samkit.engine.local import run_local
+
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    gen = samkit.MaskGenerator(tiny_model, points_per_side=4, points_per_batch=8)
+    run_local([tmp_path / "a.png"], gen, tmp_path / "piped")
+    err = capsys.readouterr().err
+    assert "everything" in err and "prompt batches" not in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run_local([tmp_path / "a.png"], gen, tmp_path / "tty")
+    assert "prompt batches" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,15 +85,17 @@ def process_image(
     json_rel: Path,
     image_id: int,
     overlay: bool = False,
+    progress: bool = False,
 ) -> ImageResult:
     """Segment everything in one image and write `out_dir / json_rel` (SA-1B), plus an overlay picture
-    next to it (`<name>.overlay.jpg`) when asked. Never raises for a bad image: returns status "failed"
-    with the reason instead. The engine for many machines calls this once per image."""
+    next to it (`<name>.overlay.jpg`) when asked; `progress` shows a bar over the image's prompt batches.
+    Never raises for a bad image: returns status "failed" with the reason instead. The engine for many
+    machines calls this once per image."""
     target = out_dir / json_rel
     start = time.perf_counter()
     try:
         image = load_image(path)
-        records = generator.generate(image)
+        records = generator.generate(image, progress=progress)
         h, w = image.shape[:2]
         info = {"image_id": image_id, "width": w, "height": h, "file_name": Path(path).name}
         if overlay:
@@ -129,6 +132,7 @@ def run_local(
     rels = output_paths(images)
     summary = RunSummary()
     bar = _progress(len(images), progress)
+    inner_bars = progress and sys.stderr.isatty()  # a bar per image only where it redraws in place
     try:
         for i, (path, rel) in enumerate(zip(images, rels, strict=True)):
             target = out / rel
@@ -140,7 +144,7 @@ def run_local(
                     )
                 result = ImageResult(Path(path), target, "skipped")
             else:
-                result = process_image(Path(path), generator, out, rel, image_id=i, overlay=overlay)
+                result = process_image(Path(path), generator, out, rel, i, overlay, inner_bars)
                 entry: dict[str, Any] = {"image": str(path), "json": str(rel), "status": result.status}
                 if result.status == "done":
                     entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 from samkit.devices import cpu_tuned
 from samkit.errors import InputError
@@ -224,13 +225,17 @@ class MaskGenerator:
         self.output_mode = output_mode
 
     @torch.inference_mode()
-    def generate(self, image: ImageLike, embedded: Predictor | None = None) -> list[dict[str, Any]]:
+    def generate(
+        self, image: ImageLike, embedded: Predictor | None = None, progress: bool = False
+    ) -> list[dict[str, Any]]:
         """All masks of `image` ((H, W, 3) uint8 RGB, gray, PIL image or path), one record per mask:
 
         segmentation (per output_mode, H x W), area (pixels), bbox (XYWH pixels), predicted_iou,
         point_coords ([[x, y]] original-image pixels), stability_score, crop_box (XYWH pixels).
         embedded: a Predictor of the same model on which this image is already set (e.g. a cached
         embedding); the whole-image crop then reuses its embedding instead of encoding the image again.
+        progress: show a progress bar over this image's batches of point prompts (the long part of the
+        work: 1,024 prompts at the default grid).
         """
         arr = load_image(image)
         if embedded is not None:
@@ -240,7 +245,17 @@ class MaskGenerator:
                 raise InputError(
                     f"embedded holds a {embedded.original_size} image, not this {arr.shape[:2]} one"
                 )
-        masks = self._generate_masks(arr, embedded)
+        crops = crop_boxes((arr.shape[0], arr.shape[1]), self.crop_n_layers, self.crop_overlap_ratio)
+        batches = sum(-(-len(self.point_grids[c.layer]) // self.points_per_batch) for c in crops)
+        with tqdm(
+            total=batches,
+            desc="prompt batches",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not progress,
+        ) as bar:
+            masks = self._generate_masks(arr, embedded, bar)
         rles = masks.encode((arr.shape[0], arr.shape[1]))
         if self.min_mask_region_area > 0:
             masks, rles = self._remove_small_regions(masks, rles)
@@ -248,10 +263,12 @@ class MaskGenerator:
 
     # --- stages --------------------------------------------------------------------------------------
 
-    def _generate_masks(self, image: np.ndarray, embedded: Predictor | None = None) -> _Masks:
+    def _generate_masks(
+        self, image: np.ndarray, embedded: Predictor | None = None, bar: tqdm | None = None
+    ) -> _Masks:
         size = (image.shape[0], image.shape[1])
         crops = crop_boxes(size, self.crop_n_layers, self.crop_overlap_ratio)
-        masks = _Masks.cat([self._process_crop(image, crop, size, embedded) for crop in crops])
+        masks = _Masks.cat([self._process_crop(image, crop, size, embedded, bar) for crop in crops])
         if len(crops) > 1 and len(masks):
             # Between crops, prefer the mask from the smaller crop.
             cb = masks.crop_boxes.float()
@@ -261,7 +278,12 @@ class MaskGenerator:
         return masks
 
     def _process_crop(
-        self, image: np.ndarray, crop: Crop, image_size: tuple[int, int], embedded: Predictor | None
+        self,
+        image: np.ndarray,
+        crop: Crop,
+        image_size: tuple[int, int],
+        embedded: Predictor | None,
+        bar: tqdm | None = None,
     ) -> _Masks:
         """Masks of one crop; the whole-image crop uses `embedded`'s embedding when given."""
         x0, y0, x1, y1 = crop.box
@@ -276,11 +298,14 @@ class MaskGenerator:
         batches = [
             points[i : i + self.points_per_batch] for i in range(0, len(points), self.points_per_batch)
         ]
-        parts = _map_batches(
-            lambda batch: self._process_batch(pred, batch, crop, crop_size, image_size, upscaler),
-            batches,
-            pred.model.device,
-        )
+
+        def one_batch(batch: np.ndarray) -> _Masks:
+            masks = self._process_batch(pred, batch, crop, crop_size, image_size, upscaler)
+            if bar is not None:
+                bar.update(1)  # tqdm's update is thread-safe
+            return masks
+
+        parts = _map_batches(one_batch, batches, pred.model.device)
         if not reuse:
             pred.reset_image()
         masks = _Masks.cat(parts) if parts else _Masks.empty()
