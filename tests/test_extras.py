@@ -48,7 +48,7 @@ def test_require_names_the_missing_package_and_the_extra(monkeypatch):
     _block(monkeypatch, "uvicorn")
     with pytest.raises(MissingExtraError) as exc:
         require("app", "samkit serve")
-    assert str(exc.value) == "samkit serve needs uvicorn: install it with pip install 'samkit[app]'"
+    assert str(exc.value) == "samkit serve needs uvicorn: pip install 'samkit[app]'"
 
 
 @pytest.mark.parametrize("command", [["serve"], ["annotate", "photos/"]])

@@ -40,6 +40,4 @@ def require(extra: str, what: str) -> None:
     `what` names the feature that needs it, e.g. "samkit serve"."""
     missing = [pip_name for pip_name, modules in EXTRAS[extra] if not _importable(modules)]
     if missing:
-        raise MissingExtraError(
-            f"{what} needs {', '.join(missing)}: install it with pip install 'samkit[{extra}]'"
-        )
+        raise MissingExtraError(f"{what} needs {', '.join(missing)}: pip install 'samkit[{extra}]'")
