@@ -46,6 +46,21 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_access(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token",
+        default=None,
+        help="require this token on every request (default: $SAMKIT_TOKEN if set); see docs/security.md",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer to this Host name (besides localhost, 127.0.0.1, [::1]); repeatable; * for any",
+    )
+
+
 def _cmd_segment(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -148,8 +163,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         max_embeddings=args.max_embeddings,
         max_upload_mb=args.max_upload_mb,
+        token=args.token,
     )
-    serve(config, host=args.host, port=args.port, workers=args.workers)
+    serve(config, host=args.host, port=args.port, workers=args.workers, allow_hosts=args.allow_host)
 
 
 def _cmd_annotate(args: argparse.Namespace) -> None:
@@ -160,7 +176,8 @@ def _cmd_annotate(args: argparse.Namespace) -> None:
     from samkit.annotate.app import serve
 
     db = Path(args.db) if args.db else Path(args.images) / "annotations.sqlite"
-    serve(Project(args.images, db, args.model), host=args.host, port=args.port)
+    project = Project(args.images, db, args.model)
+    serve(project, host=args.host, port=args.port, token=args.token, allow_hosts=args.allow_host)
 
 
 def _cmd_labelstudio(args: argparse.Namespace) -> None:
@@ -467,6 +484,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="embedding cache (default $SAMKIT_HOME/serve/MODEL)")
     p.add_argument("--max-embeddings", type=int, default=256, help="LRU bound of the embedding cache")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger requests get 413")
+    _add_access(p)
     p.set_defaults(func=_cmd_serve)
 
     p = command("annotate", "annotate a folder of images in the browser, with the model proposing masks")
@@ -475,6 +493,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     _add_model(p)
+    _add_access(p)
     p.set_defaults(func=_cmd_annotate)
 
     p = command(

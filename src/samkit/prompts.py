@@ -14,6 +14,10 @@ from samkit.errors import PromptError
 
 Prompts = tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]
 
+# Points per prompt. The decoder's tokens attend to each other, so memory grows with the square of the
+# point count (50,000 points: tens of GB); SAM was trained with a handful, interactive tools send < 20.
+MAX_POINTS = 64
+
 
 def one_prompt_as_batch(
     point_coords: Any, point_labels: Any, box: Any, mask_input: Any, mask_size: tuple[int, int]
@@ -64,6 +68,8 @@ def check_prompts(
             raise PromptError(
                 f"point_labels must have one label per point: {labels.shape} vs {coords.shape[:2]}"
             )
+        if coords.shape[1] > MAX_POINTS:
+            raise PromptError(f"too many points ({coords.shape[1]}) in one prompt; {MAX_POINTS} at most")
         bad = ~np.isin(labels, (0, 1, -1))
         if bad.any():
             raise PromptError(f"point label {labels[bad][0]} is not 1 (foreground) or 0 (background)")

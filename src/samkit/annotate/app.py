@@ -1,28 +1,38 @@
 """The web app: a JSON API over `Project` and the static front end (plain HTML/JS/CSS, no build step).
 
 Errors that samkit raises on purpose become 4xx responses `{"error": "<one line>"}`: unknown ids and paths
-outside the images folder 404, missing image files 410, bad prompts 422, an image still embedding 503.
+outside the images folder 404, missing image files 410, bad prompts 422, an image still embedding 503,
+bodies over `MAX_JSON_BYTES` 413. Access (token, Host check) is `samkit.web`'s, shared with `samkit serve`.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samkit.annotate.project import MissingImageError, NotFoundError, Project, Prompt
 from samkit.errors import InputError, SamkitError, StateError
+from samkit.web import (
+    MAX_JSON_BYTES,
+    TOKEN_QUERY,
+    UVICORN_CONNECTIONS,
+    Access,
+    BodyLimit,
+    Guard,
+    install_error_handlers,
+    warn_if_open,
+)
 
 # Formats browsers display as they are; others (TIFF) are sent as PNG.
 _BROWSER_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -34,21 +44,25 @@ class PromptBody(BaseModel):
     multimask: bool | None = None
 
 
+# Annotator names are stored with every event.
+_Name = Field(default="", max_length=200)
+
+
 class AcceptBody(PromptBody):
     candidate: int = 0
     label: str = "object"
-    annotator: str = ""
+    annotator: str = _Name
     duration_ms: float | None = None
 
 
 class LabelBody(BaseModel):
     label: str
-    annotator: str = ""
+    annotator: str = _Name
 
 
 class StatusBody(BaseModel):
     status: str
-    annotator: str = ""
+    annotator: str = _Name
 
 
 class AutoBody(BaseModel):
@@ -56,13 +70,13 @@ class AutoBody(BaseModel):
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     label: str = "object"
-    annotator: str = ""
+    annotator: str = _Name
 
 
 class EventBody(BaseModel):
     kind: str = Field(min_length=1, max_length=40)
     image_id: int | None = None
-    annotator: str = ""
+    annotator: str = _Name
     duration_ms: float | None = None
     detail: dict[str, Any] | None = None
 
@@ -79,8 +93,12 @@ def _status_of(exc: SamkitError) -> int:
     return 400
 
 
-def create_app(project: Project) -> FastAPI:
-    """The FastAPI app serving `project`; `project.start()` is called when the server starts."""
+def create_app(project: Project, access: Access | None = None) -> FastAPI:
+    """The FastAPI app serving `project`; `project.start()` is called when the server starts.
+
+    access: token and Host names (None: every request is answered; `serve` sets it from the address it
+    listens on).
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -92,21 +110,9 @@ def create_app(project: Project) -> FastAPI:
         title="samkit annotate", docs_url="/api/docs", openapi_url="/api/openapi.json", lifespan=lifespan
     )
     static = Path(str(resources.files("samkit.annotate") / "static"))
-
-    @app.exception_handler(SamkitError)
-    def _samkit_error(_: Request, exc: SamkitError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = f"malformed request: {where + ': ' if where else ''}{first.get('msg', 'invalid input')}"
-        return JSONResponse({"error": msg}, status_code=422)
+    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BYTES, key="error")
+    app.add_middleware(Guard, access=access or Access(), key="error")
+    install_error_handlers(app, "error", _status_of)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -241,11 +247,26 @@ def _send_image(path: Path) -> Response:
     return Response(buf.getvalue(), media_type="image/png")
 
 
-def serve(project: Project, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the app with uvicorn until interrupted, printing its URL first."""
+def serve(
+    project: Project,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    allow_hosts: Sequence[str] = (),
+) -> None:
+    """Run the app with uvicorn until interrupted, printing its URL first (with `?token=` when a token
+    is set: opening it once gives the browser the token as a cookie).
+
+    Access: `token` (or $SAMKIT_TOKEN) if set; Host names from `Access.for_bind(host, token, allow_hosts)`.
+    """
     import uvicorn
 
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"
+    access = Access.for_bind(host, token, allow_hosts)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}/"
+    if access.token:
+        url += f"?{TOKEN_QUERY}={quote(access.token)}"
     n = len(project.store.images())
     print(f"samkit annotate: {url}  ({n} images, database {project.store.path})", flush=True)
-    uvicorn.run(create_app(project), host=host, port=port, log_level="warning")
+    warn_if_open(host, access)
+    app = create_app(project, access)
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=UVICORN_CONNECTIONS)

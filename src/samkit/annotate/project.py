@@ -21,11 +21,14 @@ from pycocotools import mask as mask_utils
 
 from samkit.annotate.embeddings import EmbeddingCache
 from samkit.annotate.store import ObjectRecord, Store
-from samkit.errors import InputError, PromptError, SamkitError
+from samkit.errors import InputError, PromptError, SamkitError, StateError
 from samkit.image import IMAGE_SUFFIXES
+from samkit.prompts import MAX_POINTS
 
 # Auto mode keeps a generated mask only if it overlaps every existing object by less than this IoU.
 AUTO_OVERLAP_IOU = 0.5
+# Seconds an auto-mode request waits for the one running before it; then 503.
+AUTO_WAIT_SECONDS = 60.0
 
 
 class NotFoundError(InputError):
@@ -57,8 +60,11 @@ class Prompt:
     @classmethod
     def parse(cls, points: Any, box: Any) -> Prompt:
         """Validate JSON-ish input: points [[x, y, label], ...], box [x0, y0, x1, y1] or None."""
+        points = points or []
+        if len(points) > MAX_POINTS:
+            raise PromptError(f"too many points ({len(points)}); {MAX_POINTS} at most")
         parsed = []
-        for p in points or []:
+        for p in points:
             if not isinstance(p, (list, tuple)) or len(p) != 3:
                 raise PromptError(f"each point must be [x, y, label], got {p!r}")
             x, y, label = p
@@ -66,7 +72,7 @@ class Prompt:
                 raise PromptError(f"point values must be numbers, got {p!r}")
             if label not in (0, 1):
                 raise PromptError(f"point label must be 1 (foreground) or 0 (background), got {label!r}")
-            if not (math.isfinite(x) and math.isfinite(y)):
+            if not (_finite(x) and _finite(y)):
                 raise PromptError(f"point coordinates must be finite numbers, got {p!r}")
             parsed.append((float(x), float(y), int(label)))
         b = None
@@ -77,13 +83,11 @@ class Prompt:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
             ):
                 raise PromptError(f"box must be [x0, y0, x1, y1] numbers, got {box!r}")
-            if not all(math.isfinite(v) for v in box):
+            if not all(_finite(v) for v in box):
                 raise PromptError(f"box coordinates must be finite numbers, got {box!r}")
             b = tuple(float(v) for v in box)
         if not parsed and b is None:
             raise PromptError("empty prompt: give at least one point or a box")
-        if len(parsed) > 64:
-            raise PromptError(f"too many points ({len(parsed)}); 64 at most")
         return cls(tuple(parsed), b)  # type: ignore[arg-type]
 
     def check_inside(self, width: int, height: int) -> None:
@@ -121,8 +125,8 @@ class Project:
         import samkit
 
         self.store = Store(db_path)
-        self.root = register_images(self.store, images_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.root = register_images(self.store, images_dir, self.log)
         if model is None or isinstance(model, (str, Path)):
             self.model_name = None if model is None else str(model)
             self.model = samkit.load(model)
@@ -167,12 +171,16 @@ class Project:
 
     def resolve(self, rel: str) -> Path:
         """The file of a path relative to the images folder; refuses anything outside it or not an image."""
-        candidate = (self.root / rel).resolve()
+        try:  # a NUL byte (ValueError) or an over-long name (OSError) is no file of ours
+            candidate = (self.root / rel).resolve()
+            exists = candidate.is_file()
+        except (OSError, ValueError):
+            raise NotFoundError(f"no image file {rel[:200]!r} in the images folder") from None
         if not candidate.is_relative_to(self.root):
             raise NotFoundError(f"path {rel!r} is outside the images folder; only files under it are served")
         if candidate.suffix.lower() not in IMAGE_SUFFIXES:
             raise NotFoundError(f"{rel!r} is not an image ({', '.join(IMAGE_SUFFIXES)})")
-        if not candidate.is_file():
+        if not exists:
             raise MissingImageError(f"image file {rel!r} is missing from the images folder")
         return candidate
 
@@ -274,8 +282,13 @@ class Project:
         # The cached embedding of this image (waiting for it if the background queue has not reached
         # it yet) saves the generator from encoding the image again.
         embedded = self.embeddings.predictor(image_id)
-        with self._auto_lock:  # one generator run at a time: it takes all the cores
+        # One generator run at a time: it takes all the cores. Others wait a bounded time.
+        if not self._auto_lock.acquire(timeout=AUTO_WAIT_SECONDS):
+            raise StateError("auto mode is running on another image; try again when it is done")
+        try:
             records = generator.generate(self._sam.load_image(path), embedded=embedded)
+        finally:
+            self._auto_lock.release()
         keep_against = [o.rle for o in self.store.objects(image_id) if o.source != "auto"]
         items = []
         for r in sorted(records, key=lambda r: -float(r["predicted_iou"])):
@@ -301,16 +314,25 @@ class Project:
         )
 
 
-def register_images(store: Store, images_dir: str | Path) -> Path:
-    """Add the images under `images_dir` (recursive) to the store; returns the folder, resolved."""
+def register_images(store: Store, images_dir: str | Path, log: Callable[[str], None] | None = None) -> Path:
+    """Add the images under `images_dir` (recursive) to the store; returns the folder, resolved.
+
+    Links that lead outside the folder are skipped with a warning (`log`, default stderr): only files
+    under it are ever served.
+    """
     from samkit.engine.inputs import list_images
 
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     root = Path(images_dir).resolve()
     if not root.is_dir():
         raise InputError(f"images folder not found: {images_dir} (give a folder of images)")
     entries = []
     for path in list_images(root):
-        rel = path.resolve().relative_to(root).as_posix()
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            log(f"samkit annotate: skipping {path.relative_to(root)}: it links outside the images folder")
+            continue
+        rel = target.relative_to(root).as_posix()
         entries.append((rel, *_image_size(path)))
     store.sync_images(entries)
     store.set_meta("images_dir", str(root))
@@ -332,6 +354,14 @@ def _image_size(path: Path) -> tuple[int | None, int | None]:
             return int(im.size[0]), int(im.size[1])
     except (OSError, ValueError, SyntaxError):
         return None, None
+
+
+def _finite(v: float) -> bool:
+    """A finite number, and one a float can hold (JSON integers can be arbitrarily large)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _label(label: Any) -> str:

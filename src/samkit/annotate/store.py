@@ -168,6 +168,8 @@ class Store:
         return [dict(r) for r in rows]
 
     def image(self, image_id: int) -> dict[str, Any] | None:
+        if not _is_row_id(image_id):
+            return None
         row = self._conn().execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
         return None if row is None else dict(row)
 
@@ -274,6 +276,8 @@ class Store:
         return [self.object(i) for i in ids]  # type: ignore[misc]
 
     def object(self, object_id: int) -> ObjectRecord | None:
+        if not _is_row_id(object_id):
+            return None
         row = (
             self._conn()
             .execute("SELECT * FROM objects WHERE id = ? AND deleted_at IS NULL", (object_id,))
@@ -379,6 +383,11 @@ def _event(
             time.time(),
         ),
     )
+
+
+def _is_row_id(value: int) -> bool:
+    """An id SQLite can hold (64-bit); a larger one from a URL is simply not found."""
+    return -(2**63) <= value < 2**63
 
 
 def _opt_float(value: Any) -> float | None:

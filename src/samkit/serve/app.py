@@ -4,28 +4,49 @@ Endpoints: POST /embed (image upload -> embedding id), POST /predict (embedding 
 masks and scores), GET /embeddings/{id} (the raw embedding, for clients that decode locally),
 POST /everything (image -> SA-1B JSON), GET /models, GET /health; OpenAPI docs at /docs.
 Coordinates: points (x, y) and boxes XYXY in original-image pixels.
+
+Concurrency: clicks are decoded in a pool of threads (one per core, one torch thread each) on
+embeddings kept loaded in memory, so clients do not wait for each other's clicks; encodes (/embed,
+/everything) run at most `max_encodes` at a time with `max_waiting` more queued (503 beyond).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import Response
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from samkit.errors import CheckpointError, ImageError, InputError, SamkitError, StateError
+from samkit.prompts import MAX_POINTS
 from samkit.serve.cache import EmbeddingCache
+from samkit.web import (
+    MAX_JSON_BYTES,
+    UVICORN_CONNECTIONS,
+    Access,
+    BodyLimit,
+    Guard,
+    install_error_handlers,
+    too_large_message,
+    warn_if_open,
+)
 
 CONFIG_ENV = "SAMKIT_SERVE_CONFIG"
 
@@ -37,6 +58,10 @@ class ServeConfig:
     model: zoo name or checkpoint path (None: the default model). cache_dir: where embeddings are kept
     (default: $SAMKIT_HOME/serve/<model>). max_embeddings: LRU bound of that cache. max_upload_mb: request
     body limit (413 beyond). max_image_pixels: decoded image limit (400 beyond).
+    token: the token every request must carry (None: none). hosts: Host header names accepted (None:
+    any; `serve` fills it from the address it listens on, see `samkit.web.Access.for_bind`).
+    decode_threads: clicks decoded at once (0: one per CPU core). max_encodes: images encoded at once
+    (/embed, /everything); max_waiting: more encode requests queued, beyond which the answer is 503.
     """
 
     model: str | None = None
@@ -44,82 +69,37 @@ class ServeConfig:
     max_embeddings: int = 256
     max_upload_mb: float = 32.0
     max_image_pixels: int = 64_000_000
+    token: str | None = None
+    hosts: list[str] | None = None
+    decode_threads: int = 0
+    max_encodes: int = 1
+    max_waiting: int = 8
+
+
+# Embeddings kept loaded for clicks (each a few MB); the disk cache behind them keeps `max_embeddings`.
+LOADED_EMBEDDINGS = 8
+# Clicks waiting for a decode thread, beyond which the answer is 503.
+MAX_PENDING_CLICKS = 256
+# Seconds an encode request waits for its turn before the answer is 503.
+ENCODE_WAIT_SECONDS = 120.0
+# Segment-everything needs a few pixels per side; smaller uploads get a 400.
+MIN_EVERYTHING_SIDE = 8
 
 
 class PredictBody(BaseModel):
-    embedding_id: str = Field(description="id returned by POST /embed")
+    embedding_id: str = Field(max_length=64, description="id returned by POST /embed")
     points: list[tuple[float, float]] | None = Field(
-        None, description="[[x, y], ...] in original-image pixels"
+        None,
+        max_length=MAX_POINTS,
+        description=f"[[x, y], ...] in original-image pixels, {MAX_POINTS} at most",
     )
-    labels: list[int] | None = Field(None, description="one per point: 1 foreground, 0 background")
+    labels: list[Annotated[int, Field(ge=0, le=1)]] | None = Field(
+        None, max_length=MAX_POINTS, description="one per point: 1 foreground, 0 background"
+    )
     box: tuple[float, float, float, float] | None = Field(
         None, description="[x0, y0, x1, y1] (XYXY) in original-image pixels"
     )
     multimask: bool = Field(True, description="3 candidate masks (True) or 1")
-
-
-class _TooLarge(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            413, f"request body is larger than the {limit / 2**20:g} MiB limit; send a smaller image"
-        )
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for bodies above `max_bytes`, by Content-Length or while streaming."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(scope, receive, send)
-            return
-        seen = 0
-        exceeded = started = False
-
-        async def limited() -> dict:
-            nonlocal seen, exceeded
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                exceeded = True
-                raise _TooLarge(self.max_bytes)
-            return message
-
-        async def guarded(message: dict) -> None:
-            # Body parsers may turn the error raised in `limited` into their own 400: answer 413 instead.
-            nonlocal started
-            if exceeded:
-                if message["type"] == "http.response.start" and not started:
-                    started = True
-                    await self._reject(scope, receive, send)
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, guarded)
-        except _TooLarge:
-            if not started:
-                await self._reject(scope, receive, send)
-
-    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
-        detail = _TooLarge(self.max_bytes).detail
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-
-
-def _status_of(exc: SamkitError) -> int:
-    if isinstance(exc, InputError):
-        return 400
-    if isinstance(exc, StateError):
-        return 409
-    return 500
 
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
@@ -145,8 +125,52 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     return load_image(img)
 
 
+class Busy(HTTPException):
+    """503: the server has as much work queued as it accepts; the client should retry shortly."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(503, f"the server is busy ({what}); retry in a few seconds", {"Retry-After": "5"})
+
+
+class EncodeGate:
+    """At most `running` encodes at a time and `waiting` more queued; beyond that, or after waiting
+    `timeout` seconds, `Busy`. Admission comes before the upload is read, which bounds the memory that
+    queued images hold."""
+
+    def __init__(self, running: int, waiting: int, timeout: float = ENCODE_WAIT_SECONDS) -> None:
+        if running < 1 or waiting < 0:
+            raise InputError(f"max_encodes must be >= 1 and max_waiting >= 0, got {running} and {waiting}")
+        self._slots = threading.Semaphore(running)
+        self._room = threading.Semaphore(running + waiting)
+        self.timeout = timeout
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        if not self._room.acquire(blocking=False):
+            raise Busy("too many images waiting to be encoded")
+        try:
+            yield
+        finally:
+            self._room.release()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        if not self._slots.acquire(timeout=self.timeout):
+            raise Busy(f"no encoder free within {self.timeout:g} s")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+def _one_torch_thread() -> None:
+    # Per thread (OpenMP): each decode thread runs its ops on one core, and encodes keep all of them.
+    torch.set_num_threads(1)
+
+
 class Service:
-    """The model, a Predictor guarded by a lock, and the embedding cache."""
+    """The model, the embedding cache on disk, the embeddings loaded for clicks, and the two queues:
+    decode threads for clicks and the encode gate for images."""
 
     def __init__(self, config: ServeConfig) -> None:
         import samkit
@@ -155,54 +179,89 @@ class Service:
         self.config = config
         self.model = samkit.load(config.model, progress=False)
         self.name = self.model.arch or Path(str(config.model)).stem
-        self.predictor = samkit.Predictor(self.model)
-        self.lock = threading.Lock()
         root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "serve" / self.name
         self.cache = EmbeddingCache(root, config.max_embeddings)
+        self.encodes = EncodeGate(config.max_encodes, config.max_waiting)
+        threads = config.decode_threads or len(os.sched_getaffinity(0))
+        self.decoders = ThreadPoolExecutor(threads, "samkit-decode", initializer=_one_torch_thread)
+        self._pending = 0
+        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def embedding_id(self, data: bytes) -> str:
         return hashlib.sha256(self.name.encode() + b"\0" + data).hexdigest()[:32]
 
     def embed(self, data: bytes) -> dict[str, Any]:
+        import samkit
+
         key = self.embedding_id(data)
         path = self.cache.get(key)
         cached = path is not None
         if path is None:
             image = decode_upload(data, self.config.max_image_pixels)
             path = self.cache.path(key)
-            with self.lock:
-                self.predictor.set_image(image)
-                self.predictor.save_embedding(path)
+            predictor = samkit.Predictor(self.model)
+            with self.encodes.running():
+                predictor.set_image(image)
+            predictor.save_embedding(path)
             self.cache.added(key)
         meta = _embedding_meta(path)
         h, w = meta["original_size"]
         return {"embedding_id": key, "height": h, "width": w, "model": self.name, "cached": cached}
 
     def _path(self, key: str) -> Path:
-        path = self.cache.get(key) if all(c in "0123456789abcdef" for c in key) else None
+        valid = len(key) == 32 and all(c in "0123456789abcdef" for c in key)
+        path = self.cache.get(key) if valid else None
         if path is None:
             raise HTTPException(
                 404, f"unknown embedding id {key!r}: POST the image to /embed (old ids are evicted)"
             )
         return path
 
+    def predictor(self, key: str) -> Any:
+        """A Predictor holding embedding `key`, from the in-memory LRU or loaded from the disk cache.
+
+        Decode threads share it: predicting only reads the embedding (and fills per-image caches that
+        any thread computes alike)."""
+        import samkit
+
+        with self._lock:
+            pred = self._loaded.get(key)
+            if pred is not None:
+                self._loaded.move_to_end(key)
+                return pred
+        path = self._path(key)
+        pred = samkit.Predictor(self.model)
+        try:
+            pred.load_embedding(path)
+        except CheckpointError:
+            raise HTTPException(404, f"embedding {key} is gone: POST the image again") from None
+        with self._lock:
+            self._loaded[key] = pred
+            while len(self._loaded) > LOADED_EMBEDDINGS:
+                self._loaded.popitem(last=False)
+        return pred
+
+    async def decode(self, body: PredictBody) -> dict[str, Any]:
+        """`predict` on a decode thread; 503 when MAX_PENDING_CLICKS are already waiting."""
+        with self._lock:
+            if self._pending >= MAX_PENDING_CLICKS:
+                raise Busy(f"{self._pending} clicks queued")
+            self._pending += 1
+        try:
+            return await asyncio.wrap_future(self.decoders.submit(self.predict, body))
+        finally:
+            with self._lock:
+                self._pending -= 1
+
     def predict(self, body: PredictBody) -> dict[str, Any]:
         from samkit.masks import masks_to_coco_rle
 
-        path = self._path(body.embedding_id)
+        pred = self.predictor(body.embedding_id)
         coords = None if body.points is None else np.asarray(body.points, dtype=np.float64).reshape(-1, 2)
         labels = None if body.labels is None else np.asarray(body.labels, dtype=np.int64)
-        with self.lock:
-            try:
-                self.predictor.load_embedding(path)
-            except CheckpointError:
-                raise HTTPException(
-                    404, f"embedding {body.embedding_id} is gone: POST the image again"
-                ) from None
-            masks, scores, _ = self.predictor.predict(
-                coords, labels, body.box, multimask_output=body.multimask
-            )
-            h, w = self.predictor.original_size
+        masks, scores, _ = pred.predict(coords, labels, body.box, multimask_output=body.multimask)
+        h, w = pred.original_size
         order = np.argsort(-scores, kind="stable")
         rles = masks_to_coco_rle(masks[order])
         return {
@@ -228,12 +287,28 @@ class Service:
         except ImportError:
             raise HTTPException(501, "segment-everything is not available in this samkit install") from None
         image = decode_upload(data, self.config.max_image_pixels)
-        generator = MaskGenerator(self.model, points_per_side=points_per_side, output_mode="coco_rle")
-        with self.lock:
-            records = generator.generate(image)
         h, w = image.shape[:2]
+        if min(h, w) < MIN_EVERYTHING_SIDE:
+            raise ImageError(
+                f"image is {w}x{h}: too small to segment everything in; send at least "
+                f"{MIN_EVERYTHING_SIDE}x{MIN_EVERYTHING_SIDE} pixels"
+            )
+        generator = MaskGenerator(self.model, points_per_side=points_per_side, output_mode="coco_rle")
+        with self.encodes.running():
+            records = generator.generate(image)
         info = {"image_id": self.embedding_id(data), "width": w, "height": h, "file_name": file_name}
         return sa1b_dict(info, records)
+
+    def close(self) -> None:
+        self.decoders.shutdown(wait=False, cancel_futures=True)
+
+
+def _status_of(exc: SamkitError) -> int:
+    if isinstance(exc, InputError):
+        return 400
+    if isinstance(exc, StateError):
+        return 409
+    return 500
 
 
 def _embedding_meta(path: Path) -> dict[str, Any]:
@@ -247,26 +322,36 @@ def _embedding_meta(path: Path) -> dict[str, Any]:
 async def _read_upload(file: UploadFile, limit: int) -> bytes:
     data = await file.read(limit + 1)
     if len(data) > limit:
-        raise _TooLarge(limit)
+        raise HTTPException(413, too_large_message(limit))
     return data
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI application; loads the model now, so the first request does not wait for it."""
+    """The FastAPI application; loads the model now, so the first request does not wait for it.
+
+    Access (token, Host names) comes from `config.token` and `config.hosts`; with neither, every
+    request is answered (`serve` sets both from the address it listens on).
+    """
     config = config or ServeConfig()
     service = Service(config)
     limit = int(config.max_upload_mb * 2**20)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
     app = FastAPI(
         title="samkit serve",
         summary="Segment Anything as a service: embed an image once, then segment with clicks and boxes.",
         version="1",
+        lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=limit)
+    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BYTES, per_path={"/embed": limit, "/everything": limit})
+    access = Access(config.token, None if config.hosts is None else frozenset(config.hosts))
+    app.add_middleware(Guard, access=access)
     app.state.service = service
-
-    @app.exception_handler(SamkitError)
-    def _samkit_error(_: Request, exc: SamkitError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc))
+    install_error_handlers(app, "detail", _status_of)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -285,8 +370,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
     ) -> dict[str, Any]:
         """Encode an image; returns `embedding_id` (the same for the same bytes) and the image size."""
-        data = await _read_upload(file, limit)
-        return await run_in_threadpool(service.embed, data)
+        with service.encodes.admitted():
+            data = await _read_upload(file, limit)
+            return await run_in_threadpool(service.embed, data)
 
     @app.get("/embeddings/{embedding_id}")
     def embedding(embedding_id: str) -> Response:
@@ -300,9 +386,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return Response(arr.tobytes(), media_type="application/octet-stream", headers=headers)
 
     @app.post("/predict")
-    def predict(body: PredictBody) -> dict[str, Any]:
+    async def predict(body: PredictBody) -> dict[str, Any]:
         """Masks for one prompt on an embedded image, best predicted IoU first, as COCO RLE."""
-        return service.predict(body)
+        return await service.decode(body)
 
     @app.post("/everything")
     async def everything(
@@ -310,9 +396,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         points_per_side: Annotated[int, Query(ge=1, le=64, description="grid of n x n point prompts")] = 32,
     ) -> dict[str, Any]:
         """Segment everything in the image; returns the SA-1B JSON document."""
-        data = await _read_upload(file, limit)
-        name = file.filename or "upload"
-        return await run_in_threadpool(service.everything, data, name, points_per_side)
+        with service.encodes.admitted():
+            data = await _read_upload(file, limit)
+            name = file.filename or "upload"
+            return await run_in_threadpool(service.everything, data, name, points_per_side)
 
     return app
 
@@ -323,22 +410,29 @@ def app_from_env() -> FastAPI:
     return create_app(ServeConfig(**json.loads(raw)))
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
-    """Run the service with uvicorn until interrupted. Each worker process loads its own model."""
+def serve(
+    config: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    allow_hosts: Sequence[str] = (),
+) -> None:
+    """Run the service with uvicorn until interrupted. Each worker process loads its own model.
+
+    Access: `config.token` (or $SAMKIT_TOKEN) if set; Host names from `Access.for_bind(host, ...,
+    allow_hosts)` (on a loopback address only localhost, 127.0.0.1, [::1] and `allow_hosts`).
+    """
     import uvicorn
 
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
+    access = Access.for_bind(host, config.token, allow_hosts)
+    config = replace(config, token=access.token, hosts=None if access.hosts is None else sorted(access.hosts))
     print(f"samkit serve: http://{host}:{port}/docs ({workers} worker(s))", flush=True)
+    warn_if_open(host, access)
+    options = {"host": host, "port": port, "log_level": "warning", "limit_concurrency": UVICORN_CONNECTIONS}
     if workers == 1:
-        uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(config), **options)
         return
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))
-    uvicorn.run(
-        "samkit.serve.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="warning",
-    )
+    uvicorn.run("samkit.serve.app:app_from_env", factory=True, workers=workers, **options)

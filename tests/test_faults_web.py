@@ -1,0 +1,388 @@
+"""Faults and hostile clients of the web apps: `samkit.web` (token, Host check, body limits, error bodies,
+shared by both apps) and `samkit serve` (prompt caps, huge numbers, tiny images, queues, concurrency).
+
+The annotator's cases are in test_faults_web_annotate.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from helpers_annotate import free_port
+from PIL import Image
+
+import samkit
+from samkit.errors import InputError, SamkitError
+from samkit.prompts import MAX_POINTS
+from samkit.web import (
+    LOOPBACK_NAMES,
+    MAX_JSON_BYTES,
+    TOKEN_ENV,
+    Access,
+    BodyLimit,
+    Guard,
+    host_name,
+    install_error_handlers,
+)
+
+PHOTO = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "instances" / "coco_mini"
+PHOTO = PHOTO / "train" / "images" / "000000000790.jpg"
+
+
+def _tiny_app(access: Access | None = None, **limits) -> FastAPI:
+    """An app with the shared middleware and error handlers: GET /ok, POST /echo, GET /boom."""
+    app = FastAPI()
+    app.add_middleware(BodyLimit, **limits)
+    app.add_middleware(Guard, access=access or Access())
+    install_error_handlers(app, "detail", lambda exc: 400 if isinstance(exc, InputError) else 500)
+
+    @app.get("/ok")
+    def ok() -> dict:
+        return {"ok": True}
+
+    @app.post("/echo")
+    def echo(body: dict) -> dict:
+        return {"keys": len(body)}
+
+    @app.get("/boom")
+    def boom() -> dict:
+        raise KeyError("unexpected\nover two lines")
+
+    @app.get("/bad")
+    def bad() -> dict:
+        raise InputError("a one-line message")
+
+    return app
+
+
+def _one_line_error(res, status: int, key: str = "detail") -> str:
+    assert res.status_code == status, res.text
+    body = res.json()
+    assert isinstance(body[key], str) and "\n" not in body[key], body
+    return body[key]
+
+
+# --- Host check -----------------------------------------------------------------------------------------
+
+
+def test_loopback_server_refuses_unknown_host_names() -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    access = Access.for_bind("127.0.0.1")
+    assert access.hosts == LOOPBACK_NAMES and access.token is None
+    for base in ("http://localhost:8000", "http://127.0.0.1:1234", "http://[::1]:8000", "http://LOCALHOST"):
+        with TestClient(_tiny_app(access), base_url=base) as client:
+            assert client.get("/ok").status_code == 200, base
+    for base in ("http://evil.example:8000", "http://127.0.0.1.evil.example", "http://localhost.evil"):
+        with TestClient(_tiny_app(access), base_url=base) as client:
+            msg = _one_line_error(client.get("/ok"), 400)
+            assert "--allow-host" in msg
+    with TestClient(_tiny_app(access), base_url="http://localhost") as client:
+        assert client.get("/ok", headers={"host": ""}).status_code == 400
+
+
+def test_allow_host_and_bind_policies(monkeypatch) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert Access.for_bind("127.0.0.1", allow_hosts=["Box.LAN:8000"]).hosts == LOOPBACK_NAMES | {"box.lan"}
+    assert Access.for_bind("::1").hosts == LOOPBACK_NAMES
+    assert Access.for_bind("localhost").hosts == LOOPBACK_NAMES
+    assert Access.for_bind("0.0.0.0").hosts is None  # any name on a network address (use a token)
+    assert Access.for_bind("0.0.0.0", allow_hosts=["box.lan"]).hosts == LOOPBACK_NAMES | {"box.lan"}
+    assert Access.for_bind("127.0.0.1", allow_hosts=["*"]).hosts is None
+    assert host_name("[::1]:80") == "::1" and host_name("Example.COM:1") == "example.com"
+    with TestClient(
+        _tiny_app(Access.for_bind("127.0.0.1", allow_hosts=["box.lan"])), base_url="http://box.lan:9"
+    ) as c:
+        assert c.get("/ok").status_code == 200
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert Access.for_bind("127.0.0.1").token == "from-env"
+    assert Access.for_bind("127.0.0.1", token="given").token == "given"
+
+
+def test_cross_site_origin_is_refused() -> None:
+    access = Access.for_bind("127.0.0.1")
+    with TestClient(_tiny_app(access), base_url="http://localhost:8000") as client:
+        ok = client.post("/echo", json={"a": 1}, headers={"origin": "http://localhost:8000"})
+        assert ok.status_code == 200
+        res = client.post("/echo", json={"a": 1}, headers={"origin": "https://evil.example"})
+        assert "cross-site" in _one_line_error(res, 403)
+
+
+# --- token ----------------------------------------------------------------------------------------------
+
+
+def test_token_is_required_in_a_header_or_cookie() -> None:
+    access = Access(token="s3cret-token", hosts=LOOPBACK_NAMES)
+    with TestClient(_tiny_app(access), base_url="http://localhost:8000") as client:
+        res = client.get("/ok")
+        assert "token" in _one_line_error(res, 401) and res.headers["www-authenticate"] == "Bearer"
+        assert client.get("/ok", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/ok", headers={"authorization": "Bearer s3cret-tok"}).status_code == 401
+        assert client.get("/ok", headers={"authorization": "Bearer s3cret-token"}).status_code == 200
+        assert client.get("/ok", headers={"x-samkit-token": "s3cret-token"}).status_code == 200
+        assert client.get("/ok?token=s3cret-token").status_code == 200  # an API client's GET
+        assert client.post("/echo?token=nope", json={}).status_code == 401
+
+
+def test_browser_gets_the_token_once_in_the_url_then_a_cookie() -> None:
+    access = Access(token="s3cret-token", hosts=LOOPBACK_NAMES)
+    html = {"accept": "text/html,application/xhtml+xml"}
+    with TestClient(_tiny_app(access), base_url="http://localhost:8000") as client:
+        res = client.get("/ok?x=1&token=s3cret-token", headers=html, follow_redirects=False)
+        assert res.status_code == 303 and res.headers["location"] == "/ok?x=1"  # token gone from the URL
+        cookie = res.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        name, value = cookie.split(";")[0].split("=", 1)
+        assert value == "s3cret-token"
+        assert client.get("/ok").status_code == 200  # the cookie jar, as a browser's, sends it back
+    with TestClient(_tiny_app(access), base_url="http://localhost:8000") as client:
+        assert client.get("/ok", headers={"cookie": f"{name}=wrong"}).status_code == 401
+        assert client.get("/ok?token=bad", headers=html, follow_redirects=False).status_code == 401
+        assert client.get("/ok", headers={"cookie": f"{name}={value}"}).status_code == 200
+
+
+# --- bodies and errors ----------------------------------------------------------------------------------
+
+
+def test_json_bodies_are_limited_to_413() -> None:
+    with TestClient(_tiny_app()) as client:
+        small = client.post("/echo", json={"a": "x" * 1000})
+        assert small.status_code == 200
+        big = client.post("/echo", json={"a": "x" * (MAX_JSON_BYTES + 10)})
+        assert "KiB limit" in _one_line_error(big, 413)
+
+        def chunks():  # no Content-Length: the limit applies while the body streams in
+            yield b'{"a": "'
+            for _ in range(40):
+                yield b"x" * 16384
+            yield b'"}'
+
+        streamed = client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
+        _one_line_error(streamed, 413)
+
+
+def test_a_body_sent_too_slowly_gets_408() -> None:
+    app = _tiny_app(seconds=0.3)
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": b'{"a":', "more_body": True}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(5)  # the rest of the body never comes
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/echo",
+        "raw_path": b"/echo",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"localhost")],
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000),
+        "http_version": "1.1",
+        "app": app,
+    }
+    started = time.monotonic()
+    asyncio.run(app(scope, receive, send))
+    assert time.monotonic() - started < 3
+    assert sent[0]["status"] == 408
+    assert "not received within 0.3 s" in json.loads(sent[1]["body"])["detail"]
+
+
+def test_unexpected_errors_are_one_line_json_500(capsys) -> None:
+    with TestClient(_tiny_app(), raise_server_exceptions=False) as client:
+        msg = _one_line_error(client.get("/boom"), 500)
+        assert "KeyError" in msg and "/boom" in msg
+        assert _one_line_error(client.get("/bad"), 400) == "a one-line message"
+        assert "malformed request" in _one_line_error(client.post("/echo", json=[1]), 422)
+    assert "KeyError" in capsys.readouterr().err  # the traceback goes to the server's log
+
+
+# --- samkit serve ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serve_app(tmp_path_factory):
+    """(TestClient, embedding id of the photo) for `samkit serve --model vit_t` in this process."""
+    from samkit.serve import ServeConfig, create_app
+
+    try:
+        samkit.zoo.checkpoint_path("vit_t", progress=False)
+    except SamkitError as exc:
+        pytest.skip(f"vit_t weights not available: {exc}")
+    if not PHOTO.is_file():
+        pytest.skip(f"missing folder {PHOTO.parent} (../shared/datasets)")
+    config = ServeConfig(model="vit_t", cache_dir=str(tmp_path_factory.mktemp("serve")), decode_threads=4)
+    with TestClient(create_app(config)) as client:
+        res = client.post("/embed", files={"file": ("p.jpg", PHOTO.read_bytes())})
+        assert res.status_code == 200, res.text
+        yield client, res.json()["embedding_id"]
+
+
+def test_points_per_prompt_are_capped(serve_app) -> None:
+    """50,000 points made the server allocate ~20 GB and die; the cap is MAX_POINTS (shared with annotate)."""
+    client, key = serve_app
+    pts = [[10.0 + i % 600, 10.0 + i % 400] for i in range(MAX_POINTS)]
+    ok = client.post("/predict", json={"embedding_id": key, "points": pts, "labels": [1] * MAX_POINTS})
+    assert ok.status_code == 200, ok.text
+    over = {"embedding_id": key, "points": [*pts, [5, 5]], "labels": [1] * (MAX_POINTS + 1)}
+    assert "64" in _one_line_error(client.post("/predict", json=over), 422)
+    n = 50_000
+    huge = {"embedding_id": key, "points": [[1.0, 1.0]] * n, "labels": [1] * n}
+    started = time.monotonic()
+    res = client.post("/predict", json=huge)
+    assert res.status_code in (413, 422) and time.monotonic() - started < 10
+    _one_line_error(res, res.status_code)
+
+
+def test_predictor_refuses_more_points_than_the_cap(serve_app) -> None:
+    """The cap is in the shared prompt check, so every front end (CLI, ONNX, annotate) has it."""
+    pred = samkit.Predictor(samkit.load("vit_t", progress=False))
+    pred.set_image(np.zeros((32, 32, 3), np.uint8))
+    n = MAX_POINTS + 1
+    with pytest.raises(samkit.errors.PromptError, match="too many points"):
+        pred.predict(np.ones((n, 2)), np.ones(n, int))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        f'"points": [[10, 10]], "labels": [{2**70}]',
+        '"points": [[10, 10]], "labels": [2]',
+        '"points": [[10, 10]], "labels": [1.5]',
+        '"points": [[1e400, 10]], "labels": [1]',
+        '"points": [[NaN, 10]], "labels": [1]',
+        f'"points": [[{10**400}, 10]], "labels": [1]',
+        '"box": [0, 0, Infinity, 10]',
+        '"points": "nope"',
+        '"embedding_id": "../../etc/passwd", "points": [[1, 1]], "labels": [1]',
+        f'"embedding_id": "{"f" * 64}", "points": [[1, 1]], "labels": [1]',
+        f'"embedding_id": "{"f" * 5000}", "points": [[1, 1]], "labels": [1]',
+    ],
+)
+def test_hostile_prompts_get_a_one_line_4xx(serve_app, fields) -> None:
+    """label 2**70 used to be a 500; every one of these is the client's fault: 4xx, one line."""
+    client, key = serve_app
+    body = f'{{"embedding_id": "{key}", {fields}}}'  # raw JSON: NaN, 1e400 and big ints as sent
+    res = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert 400 <= res.status_code < 500, res.text
+    _one_line_error(res, res.status_code)
+
+
+def test_unknown_embedding_ids_are_404(serve_app) -> None:
+    client, _ = serve_app
+    for key in ("0" * 32, "x" * 300, "a" * 40):
+        assert client.get(f"/embeddings/{key}").status_code == 404
+
+
+def test_everything_on_a_tiny_image_is_a_clean_answer(serve_app) -> None:
+    client, _ = serve_app
+    for size in ((1, 1), (3, 2)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (200, 10, 10)).save(buf, "PNG")
+        res = client.post("/everything?points_per_side=4", files={"file": ("t.png", buf.getvalue())})
+        if res.status_code == 200:
+            assert res.json()["annotations"] == []
+        else:
+            assert "too small" in _one_line_error(res, 400)
+
+
+def test_clicks_on_different_embeddings_decode_in_parallel(serve_app, monkeypatch) -> None:
+    """Clicks used to queue behind one model lock; four slow decodes must overlap, not add up."""
+    client, key = serve_app
+    real = samkit.Predictor.predict
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(self, *args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.4)
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(samkit.Predictor, "predict", slow)
+
+    def click(i: int) -> int:
+        body = {"embedding_id": key, "points": [[100 + 50 * i, 200]], "labels": [1]}
+        return client.post("/predict", json=body).status_code
+
+    threads_out: list[int] = []
+    workers = [threading.Thread(target=lambda i=i: threads_out.append(click(i))) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    assert threads_out == [200] * 4
+    assert most[0] >= 2, "clicks were decoded one at a time"
+
+
+def test_encode_queue_is_bounded() -> None:
+    from samkit.serve.app import Busy, EncodeGate
+
+    gate = EncodeGate(running=1, waiting=1, timeout=0.2)
+    with gate.admitted(), gate.running():
+        with gate.admitted():
+            with pytest.raises(Busy):  # a third request: no room even to wait
+                with gate.admitted():
+                    pass
+            with pytest.raises(Busy) as err:  # the waiting one gives up after `timeout`
+                with gate.running():
+                    pass
+            assert err.value.status_code == 503 and err.value.headers["Retry-After"]
+    with gate.admitted(), gate.running():  # everything released
+        pass
+    with pytest.raises(InputError):
+        EncodeGate(running=0, waiting=1)
+
+
+def test_connection_reset_mid_body_leaves_the_server_answering(serve_app) -> None:
+    """A client that sends half a request and resets the connection must not take the server down."""
+    import httpx
+    import uvicorn
+
+    client, key = serve_app
+    port = free_port()
+    config = uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="critical", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 5000\r\n\r\n{"embedding_id": "'
+            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # with linger 0: a reset, not a clean close
+        body = {"embedding_id": key, "points": [[100, 100]], "labels": [1]}
+        res = httpx.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=60)
+        assert res.status_code == 200 and len(res.json()["masks"]) == 3
+    finally:
+        server.should_exit = True
+        thread.join(10)
