@@ -10,7 +10,9 @@ from pycocotools import mask as mask_utils
 
 import samkit
 import samkit.predictor
-from samkit.devices import cpu_tuned, plain_ops
+from samkit.cli import main
+from samkit.devices import cpu_tuned, plain_ops, resolve_device
+from samkit.errors import InputError
 from samkit.masks.upscale import BlockMasks, _count_true
 from samkit.models.mask_decoder import MaskDecoder
 from samkit.models.tiny_vit import MBConv
@@ -163,3 +165,34 @@ def test_segment_everything_gpu_form_gives_the_same_records(tiny_model, photo, c
 
 def _decode(segmentation: dict) -> np.ndarray:
     return mask_utils.decode({"size": segmentation["size"], "counts": segmentation["counts"].encode()})
+
+
+def test_resolve_device_names_what_this_machine_lacks_in_one_line():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(InputError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last, or any without CUDA
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(InputError, match="no CUDA device") as exc:
+            resolve_device("cuda")
+        assert "\n" not in str(exc.value)
+
+
+def test_everything_cli_device_option(tiny_ckpt, tmp_path, capsys):
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 60, 3), 90, dtype=np.uint8)).save(image)
+    args = ["everything", str(image.parent), "--out", str(tmp_path / "out"), "--model", tiny_ckpt]
+    args += ["--points-per-side", "2"]
+    assert main([*args, "--device", "cpu"]) == 0 and (tmp_path / "out" / "a.json").exists()
+    capsys.readouterr()
+    assert main([*args, "--device", "cuda:99", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samkit: error: device 'cuda:99'") and "\n" not in err
+    assert main([*args, "--device", "cuda", "--engine", "ray"]) == 2
+    assert "--gpus-per-worker" in capsys.readouterr().err

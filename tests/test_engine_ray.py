@@ -1,9 +1,11 @@
-"""The Ray engine on a real local Ray instance (2 CPUs on 127.0.0.1): same outputs as the local engine,
-a killed worker's images retried elsewhere exactly once, resumable reruns, shards, corrupt files."""
+"""The Ray engine on a real local Ray instance (2 CPUs and 2 logical GPUs on 127.0.0.1): same outputs as
+the local engine, a killed worker's images retried elsewhere exactly once, resumable reruns, shards,
+corrupt files, and GPU actors that each get their own GPU id (on the CPU, as this machine has no CUDA)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,7 +21,7 @@ from conftest import DATASETS
 import samkit
 from samkit.engine.inputs import list_images
 from samkit.engine.local import read_manifest, run_local
-from samkit.engine.ray_engine import RayEngine, run_ray
+from samkit.engine.ray_engine import RayEngine, RayEngineError, actor_device, run_ray
 from samkit.engine.shards import read_shard_index
 
 ray = pytest.importorskip("ray")
@@ -30,10 +32,11 @@ GEN = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real Ray instance with 2 CPUs on 127.0.0.1, shared by this module's tests."""
+    """A real Ray instance with 2 CPUs and 2 logical GPUs on 127.0.0.1, shared by this module's tests."""
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
+            num_gpus=2,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             object_store_memory=80 * 1024**2,
@@ -170,6 +173,7 @@ def test_cli_engine_ray_joins_a_running_cluster(ray_local, tiny_ckpt, images, lo
     address = ray.get_runtime_context().gcs_address
     args = ["everything", str(images), "--out", str(out), "--model", tiny_ckpt, "--engine", "ray"]
     args += ["--address", address, "--workers", "1", "--batch-size", "5", "--points-per-side", "4"]
+    args += ["--gpus-per-worker", "0.5"]  # a logical GPU: the worker finds no CUDA and runs on the CPU
     args += ["--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(
@@ -178,3 +182,78 @@ def test_cli_engine_ray_joins_a_running_cluster(ray_local, tiny_ckpt, images, lo
     assert run.returncode == 0, run.stderr
     assert "done 20" in run.stdout + run.stderr and "corrupt.jpg" in run.stderr
     assert _outputs(out) == _outputs(local_out)
+
+
+# --- GPU actors (Ray's logical GPUs; no CUDA on this machine) --------------------------------------------
+
+CUDA = torch.cuda.is_available()
+
+
+def test_actor_device_is_the_actors_own_gpu_or_the_cpu_with_one_warning(caplog, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # as Ray sets it for an actor holding GPU 1
+    with caplog.at_level(logging.WARNING, logger="samkit.engine.ray_engine"):
+        assert actor_device([]) == "cpu"
+        assert actor_device(["1"], cuda_available=True) == "cuda:0"
+        assert caplog.records == []
+        assert actor_device(["1"], cuda_available=False) == "cpu"
+    (record,) = caplog.records
+    assert "GPU 1" in record.getMessage() and "CPU" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # Ray told not to set it: the id itself names the device
+    assert actor_device([1], cuda_available=True) == "cuda:1"
+    assert actor_device(["0"]) == ("cuda:0" if CUDA else "cpu")  # asks torch
+
+
+def test_default_worker_count_fits_both_the_gpus_and_the_cpus(ray_local):
+    assert RayEngine(gpus_per_worker=1)._default_workers(ray) == 2
+    # 2 GPUs hold 4 half-GPU actors, but 2 CPUs hold only 2 one-CPU actors (more would never start).
+    assert RayEngine(gpus_per_worker=0.5)._default_workers(ray) == 2
+    assert RayEngine(gpus_per_worker=0.5, cpus_per_worker=0.5)._default_workers(ray) == 4
+    with pytest.raises(RayEngineError, match="fewer than --gpus-per-worker 3"):
+        RayEngine(gpus_per_worker=3)._default_workers(ray)
+
+
+@pytest.mark.parametrize("gpus", [1.0, 0.75])
+def test_gpu_actors_each_get_their_own_gpu(ray_local, tiny_ckpt, gpus):
+    engine = RayEngine(tiny_ckpt, GEN, workers=2, gpus_per_worker=gpus)
+    try:
+        engine.start()
+        infos = engine.worker_devices()
+    finally:
+        engine.close()
+    # Two actors of more than half a GPU each cannot share one of the 2 GPUs: Ray gives them one each.
+    assert sorted(tuple(i["gpu_ids"]) for i in infos) == [("0",), ("1",)]
+    assert len({i["pid"] for i in infos}) == 2
+    for info in infos:
+        assert info["cuda_visible_devices"] == info["gpu_ids"][0]  # Ray limits the actor to its GPU
+        assert info["device"] == ("cuda:0" if CUDA else "cpu")
+
+
+def test_half_gpu_actors_run_gives_the_local_engines_records(ray_local, tiny_ckpt, images, tmp_path):
+    paths = [p for p in list_images(images) if p.name != "corrupt.jpg"][::7]  # 3 images
+    assert len(paths) == 3
+    gen = samkit.MaskGenerator(samkit.load(tiny_ckpt), output_mode="coco_rle", **GEN)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each 1-CPU worker
+    try:
+        run_local(paths, gen, tmp_path / "local", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    engine = RayEngine(tiny_ckpt, GEN, workers=2, batch_size=1, gpus_per_worker=0.5)
+    try:
+        summary = engine.run(paths, tmp_path / "ray", progress=False)
+        infos = engine.worker_devices()
+    finally:
+        engine.close()
+
+    assert summary.count("done") == 3
+    expected = _outputs(tmp_path / "local")
+    assert len(expected) == 3 and all(v["annotations"] for v in expected.values())
+    assert _outputs(tmp_path / "ray") == expected
+    # What Ray guarantees for half a GPU each: one GPU id per actor, at most 2 actors on one GPU.
+    ids = [i["gpu_ids"] for i in infos]
+    assert all(len(g) == 1 and g[0] in ("0", "1") for g in ids)
+    assert all(sum(g == [gpu] for g in ids) <= 2 for gpu in ("0", "1"))
+    assert all(i["device"] == ("cuda:0" if CUDA else "cpu") for i in infos)
+    workers = {e["worker"] for e in read_manifest(tmp_path / "ray" / "manifest.jsonl")}
+    assert workers <= {i["pid"] for i in infos}

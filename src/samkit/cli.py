@@ -271,6 +271,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_everything(args: argparse.Namespace) -> None:
     import samkit
+    from samkit.devices import resolve_device
     from samkit.engine.inputs import list_images
     from samkit.engine.local import run_local
 
@@ -291,6 +292,10 @@ def _cmd_everything(args: argparse.Namespace) -> None:
     if args.engine == "ray":
         from samkit.engine.ray_engine import run_ray
 
+        if args.device != "cpu":
+            raise SamkitError(
+                "--device is for the local engine; Ray workers get GPUs with --gpus-per-worker G"
+            )
         summary = run_ray(
             images,
             args.out,
@@ -309,7 +314,8 @@ def _cmd_everything(args: argparse.Namespace) -> None:
     else:
         if args.shard_size:
             raise SamkitError("--shard-size needs --engine ray")
-        generator = samkit.MaskGenerator(samkit.load(args.model), output_mode="coco_rle", **options)
+        model = samkit.load(args.model, device=resolve_device(args.device))
+        generator = samkit.MaskGenerator(model, output_mode="coco_rle", **options)
         summary = run_local(
             images, generator, args.out, overwrite=args.overwrite, overlay=args.overlay, coco=args.coco
         )
@@ -413,6 +419,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg next to each JSON")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a JSON")
     p.add_argument("--coco", default=None, metavar="FILE.json", help="also write one COCO instances file")
+    p.add_argument("--device", default="cpu", help="local engine: cpu (default), cuda or cuda:N")
     r = p.add_argument_group("engine (`--engine ray` runs on a Ray cluster: pip install 'samkit[ray]')")
     r.add_argument("--engine", choices=["local", "ray"], default="local", help="default: local")
     r.add_argument("--address", default=None, help="ray: auto | HOST:PORT (default: new local Ray)")

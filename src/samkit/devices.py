@@ -18,7 +18,26 @@ from contextlib import contextmanager
 
 import torch
 
+from samkit.errors import InputError
+
 _force_plain = False
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device a user named ("cpu", "cuda", "cuda:1"); InputError when this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {name!r}: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"device {name!r}: torch finds no CUDA device here (a CPU-only torch build, or no driver); "
+                "use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def cpu_tuned(where: torch.Tensor | torch.device) -> bool:

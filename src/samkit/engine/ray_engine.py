@@ -10,10 +10,14 @@ replacement and requeues that worker's unfinished images one per task, so a pois
 an image whose worker died `max_attempts` times is listed as failed. A retried image whose JSON was
 already written during this run (the worker died after the rename, before replying) is not redone.
 Inputs and the output folder must be on a file system every node sees at the same path.
+
+GPU actors (`gpus_per_worker` > 0, fractions share a card): Ray gives each actor its GPU ids and limits
+its CUDA_VISIBLE_DEVICES to them, so an actor's own GPU is `cuda:0` inside it (`actor_device`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -35,9 +39,38 @@ from samkit.engine.local import (
 from samkit.engine.shards import Sharder
 from samkit.errors import InputError, SamkitError
 
+log = logging.getLogger(__name__)
+
 
 class RayEngineError(SamkitError):
     """Ray is missing, the cluster cannot be reached, or the workers cannot start."""
+
+
+def actor_device(gpu_ids: Sequence[int | str], cuda_available: bool | None = None) -> str:
+    """The torch device of a Ray actor given the GPU ids Ray assigned to it (`ray.get_gpu_ids()`).
+
+    No ids: "cpu". Ids and a usable CUDA: "cuda:0", the first of the actor's own GPUs, since Ray limits
+    CUDA_VISIBLE_DEVICES to them (where that variable is left unset, the first id itself). Ids but no CUDA
+    in this process (a CPU-only torch, no driver, or Ray's logical GPUs on a CPU machine): "cpu", with
+    one warning line. cuda_available: None asks torch.
+    """
+    if not gpu_ids:
+        return "cpu"
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    ids = ",".join(str(i) for i in gpu_ids)
+    if not cuda_available:
+        log.warning(
+            "Ray assigned GPU %s to worker %d, but torch finds no CUDA device: it runs on the CPU",
+            ids,
+            os.getpid(),
+        )
+        return "cpu"
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return f"cuda:{gpu_ids[0]}"
+    return "cuda:0"
 
 
 @dataclass(frozen=True)
@@ -56,7 +89,7 @@ class Worker:
 
     model: zoo name or checkpoint path (None: the default model). generator_kwargs: MaskGenerator
     options (output_mode is forced to "coco_rle", as the local CLI does). threads: torch intra-op
-    threads; device: "cpu" or "cuda" (Ray sets CUDA_VISIBLE_DEVICES for GPU actors).
+    threads; device: "cpu", or "cuda" for a GPU actor, which then runs on its own GPU (`actor_device`).
     """
 
     def __init__(
@@ -67,6 +100,14 @@ class Worker:
         import samkit
 
         torch.set_num_threads(max(1, threads))
+        if device != "cpu":
+            import ray
+
+            self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+            device = actor_device(self.gpu_ids)
+        else:
+            self.gpu_ids = []
+        self.device = device
         self.generator = samkit.MaskGenerator(
             samkit.load(model, device=device, progress=False),
             **{**generator_kwargs, "output_mode": "coco_rle"},
@@ -75,6 +116,17 @@ class Worker:
     def pid(self) -> int:
         """The worker's process id (tests kill it to simulate a lost worker)."""
         return os.getpid()
+
+    def device_info(self) -> dict[str, Any]:
+        """pid, the GPU ids Ray assigned, CUDA_VISIBLE_DEVICES as Ray set it (None: unset), and the torch
+        device the model runs on."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return {
+            "pid": os.getpid(),
+            "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": visible,
+            "device": self.device,
+        }
 
     def process(
         self, items: Sequence[_Item], out_dir: str, overlay: bool, run_started: float
@@ -153,6 +205,7 @@ class RayEngine:
 
     def _default_workers(self, ray: Any) -> int:
         res = ray.cluster_resources()
+        by_cpu = max(1, int(res.get("CPU", 1) // self.cpus_per_worker))
         if self.gpus_per_worker > 0:
             n = int(res.get("GPU", 0) // self.gpus_per_worker)
             if n < 1:
@@ -160,8 +213,9 @@ class RayEngine:
                     f"the cluster has {res.get('GPU', 0):g} GPU(s), fewer than --gpus-per-worker "
                     f"{self.gpus_per_worker:g}; lower it or add GPU nodes"
                 )
-            return n
-        return max(1, int(res.get("CPU", 1) // self.cpus_per_worker))
+            # Each actor also takes cpus_per_worker CPUs: more actors than the CPUs allow would never start.
+            return min(n, by_cpu)
+        return by_cpu
 
     def _new_actor(self, ray: Any) -> Any:
         if self._actor_class is None:
@@ -192,6 +246,11 @@ class RayEngine:
         ray = self._ray()
         self._pids = ray.get([a.pid.remote() for a in self._actors])
         return list(self._pids)
+
+    def worker_devices(self) -> list[dict[str, Any]]:
+        """`Worker.device_info` of the live actors, in slot order."""
+        ray = self._ray()
+        return ray.get([a.device_info.remote() for a in self._actors])
 
     def close(self) -> None:
         """Stop the actors (the Ray instance itself stays up)."""
