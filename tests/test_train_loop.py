@@ -145,6 +145,48 @@ def test_online_teacher_distils_from_an_image_folder(tmp_path):
     assert samkit.load(result["model"]).config.embed_dim == 16
 
 
+@pytest.mark.parametrize("preprocess", [{}, {"normalize": "minmax", "resize": "area"}])
+def test_training_feeds_the_encoders_what_inference_does(tmp_path, preprocess):
+    """A non-square image reaches the student's and the teacher's encoder exactly as the Predictor sends
+    it: resized by the model's interpolation, normalised, then padded with zeros."""
+    from PIL import Image
+
+    from samkit.train.config import load_config
+    from samkit.train.loop import Trainer
+
+    arch = {**TINY_ARCH, **preprocess}
+    torch.manual_seed(0)
+    teacher_path = samkit.save(
+        samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(arch)),
+        tmp_path / "t.safetensors",
+    )
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = np.random.default_rng(0).integers(0, 256, (90, 200, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(folder / "wide.png")
+    cfg = tiny_train_config(
+        tmp_path / "run",
+        mode="distill",
+        teacher=str(teacher_path),
+        teacher_online=True,
+        model={"init": "scratch", "arch": arch},
+        data={"train": [{"type": "images", "path": str(folder)}], "batch_size": 1},
+    )
+    trainer = Trainer(load_config(cfg), progress=False)
+    seen: dict[str, torch.Tensor] = {}
+    for name, model in (("student", trainer.model), ("teacher", trainer.teacher)):
+        model.image_encoder.register_forward_pre_hook(
+            lambda _, args, name=name: seen.__setitem__(name, args[0].detach().clone())
+        )
+    trainer._distill_loss(trainer.drawer(np.random.default_rng(0)))
+    training = dict(seen)
+    samkit.Predictor(trainer.model).set_image(photo)
+    inference = seen["student"]
+    assert inference.shape == (1, 3, 128, 128) and not inference[..., 58:, :].any()
+    assert torch.equal(training["student"], inference)
+    assert torch.equal(training["teacher"], inference)
+
+
 def test_image_folders_only_serve_distillation(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ConfigError, match="only train mode distill"):

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from samkit import embedding_file
+from samkit.embedding_file import EmbeddingInfo, EncoderId
 from samkit.errors import CheckpointError, InputError, StateError
 from samkit.image import ImageLike, load_image
 from samkit.prompts import check_prompts, one_prompt_as_batch
-from samkit.transforms import preprocess_shape
+from samkit.transforms import ImagePipeline
 
 SPEC_NAME = "samkit_onnx.json"  # the same name as samkit.export.SPEC_NAME, which needs torch to import
 
@@ -45,8 +46,20 @@ class OnnxPredictor:
         self.image_size = int(self.spec["image_size"])
         self.mask_threshold = float(self.spec.get("mask_threshold", 0.0))
         pre = self.spec["preprocess"]
-        self._mean = np.asarray(pre["pixel_mean"], dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(pre["pixel_std"], dtype=np.float32).reshape(3, 1, 1)
+        self.transform = ImagePipeline(
+            self.image_size,
+            pre["pixel_mean"],
+            pre["pixel_std"],
+            pre.get("normalize", "mean_std"),
+            pre.get("resize", "bilinear"),
+        )
+        # Folders exported before encoder fingerprints have none: their embeddings skip that check.
+        self._encoder_id = EncoderId(
+            self.spec.get("model") or "",
+            self.image_size,
+            self.spec.get("model_config_id", ""),
+            self.spec.get("encoder_fingerprint", ""),
+        )
         self._mask_size = tuple(self.spec["mask_input_size"])
         self._embedding_shape = tuple(self.spec["embedding_shape"])
         self._num_threads = num_threads
@@ -91,26 +104,7 @@ class OnnxPredictor:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (1, 3, S, S) float32: resized, normalised, padded bottom-right."""
-        h, w = preprocess_shape(image.shape[0], image.shape[1], self.image_size)
-        pre = self.spec["preprocess"]
-        if pre.get("resize", "bilinear") == "area":
-            try:
-                import cv2
-            except ImportError:
-                raise StateError(
-                    "this model resizes with OpenCV INTER_AREA: pip install opencv-python-headless"
-                ) from None
-            resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
-        else:
-            resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR), dtype=np.float32)
-        x = resized.transpose(2, 0, 1)
-        if pre.get("normalize", "mean_std") == "minmax":
-            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
-        else:
-            x = (x - self._mean) / self._std
-        out = np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32)
-        out[0, :, :h, :w] = x
-        return out
+        return self.transform(image)
 
     def set_image(self, image: ImageLike) -> None:
         """Encode `image`: an (H, W, 3) uint8 RGB or (H, W) gray array, a PIL image, or a path."""
@@ -132,42 +126,18 @@ class OnnxPredictor:
         self.reset_image()
         self.features = emb
         self.original_size = (int(original_size[0]), int(original_size[1]))
-        self.input_size = preprocess_shape(*self.original_size, self.image_size)
+        self.input_size = self.transform.input_size(self.original_size)
 
     def save_embedding(self, path: str | Path) -> None:
-        """Write the embedding as `Predictor.save_embedding` does (safetensors), readable by either."""
-        from safetensors.numpy import save_file
-
-        feats = self._require_image()
-        meta = {
-            "original_size": f"{self.original_size[0]},{self.original_size[1]}",
-            "input_size": f"{self.input_size[0]},{self.input_size[1]}",
-            "arch": self.spec.get("model") or "",
-            "image_size": str(self.image_size),
-            "model_config": self.spec.get("model_config_id", ""),
-        }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"embedding": feats}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        """Write the embedding as `Predictor.save_embedding` does (`samkit.embedding_file`), readable by either."""
+        info = EmbeddingInfo(self.original_size, self.input_size, self._encoder_id)
+        embedding_file.save(path, self._require_image(), info)
 
     def load_embedding(self, path: str | Path) -> None:
-        """Load an embedding written by `Predictor.save_embedding` or `OnnxPredictor.save_embedding`."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                feats = f.get_tensor("embedding")
-            size = tuple(int(v) for v in meta["original_size"].split(","))
-        except Exception as exc:
-            raise CheckpointError(f"cannot read embedding {path}: {exc}") from None
-        arch = self.spec.get("model")
-        if meta.get("model_config") != self.spec.get("model_config_id"):
-            raise CheckpointError(
-                f"embedding {path} was made by model {meta.get('arch')!r}, not {arch!r}; re-embed the image"
-            )
-        self.set_embedding(feats, size)  # type: ignore[arg-type]
+        """Load an embedding written by `Predictor.save_embedding` or `OnnxPredictor.save_embedding` with
+        this model's encoder (same architecture and, where both record it, the same weights)."""
+        feats, info = embedding_file.load(path, self._encoder_id)
+        self.set_embedding(feats, info.original_size)
 
     # --- prompts ---------------------------------------------------------------------------------------
 
@@ -241,15 +211,13 @@ class OnnxPredictor:
         mask: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
         """One prompt in original pixels -> the decoder's inputs in the model-input frame."""
-        h, w = self.original_size
-        scale = np.array([self.input_size[1] / w, self.input_size[0] / h])
         pts: list[np.ndarray] = []
         labs: list[np.ndarray] = []
         if coords is not None and labels is not None:
-            pts.append(coords * scale)
+            pts.append(self.transform.apply_coords(coords, self.original_size))
             labs.append(labels.astype(np.float64))
         if box is not None:
-            pts.append(box.reshape(2, 2) * scale)
+            pts.append(self.transform.apply_coords(box.reshape(2, 2), self.original_size))
             labs.append(np.array([2.0, 3.0]))
         elif coords is not None:
             # SAM's "not a point" token stands in for the missing box, as in the torch prompt encoder.

@@ -7,14 +7,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samkit import embedding_file
 from samkit.devices import cpu_tuned
-from samkit.errors import CheckpointError, StateError
+from samkit.embedding_file import EmbeddingInfo, EncoderId
+from samkit.embedding_file import config_id as _config_id  # noqa: F401 (samkit.export imports it)
+from samkit.errors import StateError
 from samkit.image import ImageLike, load_image
 from samkit.masks.upscale import Upscaler
 from samkit.models.sam import Sam
 from samkit.models.transformer import ImageSide
 from samkit.prompts import check_prompts, one_prompt_as_batch
-from samkit.transforms import ResizeLongestSide, upscale_logits
+from samkit.transforms import ImagePipeline, upscale_logits
 
 # Prompts decoded at once on a CPU: each prompt carries its own (4096, 256) image tokens through the
 # decoder, and a few at a time stay in cache (measured on 2 cores: 64 per batch ~66 ms/prompt, 1 ~40 ms).
@@ -31,7 +34,7 @@ class Predictor:
 
     def __init__(self, model: Sam) -> None:
         self.model = model
-        self.transform = ResizeLongestSide(model.image_size, model.resize)
+        self.transform = ImagePipeline.of(model)
         self._upscaler: Upscaler | None = None
         self.reset_image()
 
@@ -66,48 +69,28 @@ class Predictor:
         """Encode an already resized image: (1, 3, h, w) RGB 0..255, longest side == model.image_size."""
         self.reset_image()
         dtype = next(self.model.image_encoder.parameters()).dtype
-        x = self.model.preprocess(image.float()).to(dtype)
+        x = self.transform.to_input_torch(image.float()).to(dtype)
         amp = self.model.encoder_amp  # set by samkit.load(..., dtype=...)
         with torch.autocast(self.model.device.type, dtype=amp, enabled=amp is not None):
-            self.features = self.model.image_encoder(x).float()
+            features = self.model.image_encoder(x).float()
+        self.features = self._finite(features, "image embedding")
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(image.shape[-2]), int(image.shape[-1]))
 
     def save_embedding(self, path: str | Path) -> None:
-        """Write the embedding and the frame sizes needed to map prompts back (safetensors)."""
-        from safetensors.torch import save_file
-
-        feats = self._require_image()
-        meta = {
-            "original_size": f"{self.original_size[0]},{self.original_size[1]}",
-            "input_size": f"{self.input_size[0]},{self.input_size[1]}",
-            "arch": self.model.arch,
-            "image_size": str(self.model.image_size),
-            "model_config": _config_id(self.model),
-        }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"embedding": feats.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        """Write the embedding, the frame sizes needed to map prompts back and the encoder's identity
+        (`samkit.embedding_file`)."""
+        info = EmbeddingInfo(self.original_size, self.input_size, EncoderId.of(self.model))
+        embedding_file.save(path, self._require_image().detach().cpu().numpy(), info)
 
     def load_embedding(self, path: str | Path) -> None:
-        """Load an embedding written by `save_embedding` (by a model of the same architecture)."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                feats = f.get_tensor("embedding")
-        except Exception as exc:
-            raise CheckpointError(f"cannot read embedding {path}: {exc}") from None
-        if meta.get("model_config") != _config_id(self.model):
-            raise CheckpointError(
-                f"embedding {path} was made by model {meta.get('arch')!r}, not {self.model.arch!r}; re-embed the image"
-            )
+        """Load an embedding file made by this model's encoder (same architecture and, where the file
+        records it, the same weights); CheckpointError otherwise."""
+        feats, info = embedding_file.load(path, EncoderId.of(self.model))
         self.reset_image()
-        self.features = feats.to(self.model.device)
-        self.original_size = tuple(int(v) for v in meta["original_size"].split(","))  # type: ignore[assignment]
-        self.input_size = tuple(int(v) for v in meta["input_size"].split(","))  # type: ignore[assignment]
+        self.features = torch.from_numpy(feats).to(self.model.device)
+        self.original_size = info.original_size
+        self.input_size = info.input_size
 
     # --- prompts ---------------------------------------------------------------------------------------
 
@@ -262,7 +245,7 @@ class Predictor:
                     continue
             rows.append(keep)
             logits.append(dec.masks_from(hs, src)[:, sel])
-        iou = torch.cat(ious)
+        iou = self._finite(torch.cat(ious), "predicted IoU")
         if not rows:
             size = pe.mask_input_size
             empty = torch.zeros(0, iou.shape[1], *size, dtype=iou.dtype, device=iou.device)
@@ -280,6 +263,18 @@ class Predictor:
         return self._image_side
 
     # --- validation ------------------------------------------------------------------------------------
+
+    def _finite(self, values: torch.Tensor, what: str) -> torch.Tensor:
+        """`values`, unless they hold NaN or infinity: then the masks would be empty or garbage without a
+        word, so raise instead (damaged weights, or an encoder overflowing in reduced precision)."""
+        if bool(torch.isfinite(values).all()):
+            return values
+        from samkit.errors import CheckpointError
+
+        raise CheckpointError(
+            f"model {self.model.arch!r} computed a {what} with NaN or infinite values: its weights are "
+            "damaged (download or copy them again) or its reduced precision overflows (load it with dtype='fp32')"
+        )
 
     def _require_image(self) -> torch.Tensor:
         if self.features is None:
@@ -310,14 +305,3 @@ class Predictor:
         if mask_input is not None:
             mask_t = torch.as_tensor(mask_input, device=device)
         return coords_t, labels_t, boxes_t, mask_t
-
-
-def _config_id(model: Sam) -> str:
-    """A short id of the model's architecture: embeddings are only valid for the architecture that made them."""
-    import hashlib
-    import json
-
-    text = json.dumps(
-        model.config.to_dict() if model.config is not None else model.image_size, sort_keys=True
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -53,17 +53,12 @@ class Sam(nn.Module):
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) RGB 0..255 resized so the longest side is `image_size` -> normalised, padded square.
 
-        "mean_std": (x - pixel_mean) / pixel_std. "minmax": each image's min and max over all channels and
-        pixels map to 0 and 1 (LiteMedSAM). Padding (zeros, bottom-right) comes after normalisation.
+        The tensor form of `samkit.transforms.ImagePipeline` (which documents "mean_std" and "minmax"):
+        padding (zeros, bottom-right) comes after normalisation.
         """
-        if self.normalize == "minmax":
-            lo = x.amin(dim=(1, 2, 3), keepdim=True)
-            hi = x.amax(dim=(1, 2, 3), keepdim=True)
-            x = (x - lo) / (hi - lo).clamp_min(1e-8)
-        else:
-            x = (x - self.pixel_mean) / self.pixel_std
-        h, w = x.shape[-2:]
-        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+        from samkit.transforms import ImagePipeline
+
+        return ImagePipeline.of(self).to_input_torch(x)
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]

@@ -361,17 +361,21 @@ def augment_params(aug: dict[str, Any], rng: np.random.Generator) -> dict[str, A
 
 
 def to_input_frame(
-    image: np.ndarray, masks: np.ndarray, image_size: int, params: dict[str, Any] | None = None
+    image: np.ndarray,
+    masks: np.ndarray,
+    image_size: int,
+    params: dict[str, Any] | None = None,
+    interpolation: str = "bilinear",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resize so the longest side is `image_size` (x the jitter scale), crop to fit, flip and colour.
 
     image: (H, W, 3) uint8; masks: (N, H, W) bool. Returns the image (h, w, 3) uint8 and masks (N, h, w)
-    with max(h, w) <= image_size, in the model-input frame (before padding). Without `params` this is
-    exactly the Predictor's resize.
+    with max(h, w) <= image_size, in the model-input frame (before padding). `interpolation` is the
+    model's `resize`; without `params` this is exactly the Predictor's resize.
     """
     p = params or {"scale": 1.0, "anchor": np.zeros(2), "hflip": False, "vflip": False, "color": None}
     long_side = max(8, round(image_size * p["scale"]))
-    out = ResizeLongestSide(long_side).apply_image(image)
+    out = ResizeLongestSide(long_side, interpolation).apply_image(image)
     h, w = out.shape[:2]
     if len(masks):
         stacked = np.ascontiguousarray(masks.transpose(1, 2, 0).astype(np.uint8))
@@ -425,6 +429,7 @@ class BatchDrawer:
     image_size: int
     cached: bool = False
     needs_masks: bool = True  # False in distillation: images without masks are drawn too
+    resize: str = "bilinear"  # the model's interpolation to the input frame (ImagePipeline.resize)
 
     def variant(self, s: int, i: int, v: int, sample: Sample) -> tuple[str, dict[str, Any] | None]:
         """Cache key and augmentation of version `v` of image `i` of source `s`.
@@ -454,7 +459,9 @@ class BatchDrawer:
                 key, params = self.variant(s, i, int(rng.integers(variants)), sample)
             else:
                 key, params = sample.key, augment_params(self.data["augment"], rng)
-            image, masks = to_input_frame(sample.image, sample.masks[pick], self.image_size, params)
+            image, masks = to_input_frame(
+                sample.image, sample.masks[pick], self.image_size, params, self.resize
+            )
             masks = masks[masks.reshape(len(masks), -1).sum(1) >= 4][:want] if len(masks) else masks
             if len(masks) or not self.needs_masks:
                 batch.append((key, image, masks))

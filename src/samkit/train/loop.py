@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samkit import embedding_file
+from samkit.embedding_file import EncoderId, fingerprint
 from samkit.errors import CheckpointError, MissingExtraError
 from samkit.extras import require
 from samkit.formats import atomic_write_bytes
@@ -47,6 +49,7 @@ from samkit.train.data import (
 from samkit.train.lora import add_lora, merge_lora
 from samkit.train.losses import sam_loss
 from samkit.train.prompts import error_points, first_points, jittered_boxes, round_plan
+from samkit.transforms import ImagePipeline
 
 CACHED_MODES = ("decoder", "distill")
 # Keys that may change between a run and its resume without changing the result up to the old end.
@@ -75,20 +78,17 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class EmbeddingCache:
-    """Image embeddings of a frozen encoder on disk, one Predictor embedding file per (image, variant).
+    """Image embeddings of a frozen encoder on disk, one embedding file per (image, variant).
 
-    Files live in `root/<encoder fingerprint>/`, so a changed encoder never reuses stale embeddings and
-    several runs (or configs) can share one cache folder.
+    Files live in `root/<encoder fingerprint>/` (`samkit.embedding_file.fingerprint`), so a changed
+    encoder never reuses stale embeddings and several runs (or configs) can share one cache folder.
     """
 
     def __init__(self, model: Sam, root: Path, max_memory_items: int = 64) -> None:
         self.predictor = Predictor(model)
-        h = hashlib.sha1()
-        for name, t in model.image_encoder.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        self.root = root / h.hexdigest()[:16]
+        self.root = root / fingerprint(model)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.encoder = EncoderId.of(model)
         self.memory: dict[str, torch.Tensor] = {}
         self.max_memory_items = max_memory_items
 
@@ -105,9 +105,8 @@ class EmbeddingCache:
         if key in self.memory:
             return self.memory[key]
 
-        from safetensors.torch import load_file
-
-        emb = load_file(str(self.path(key, lambda p: _encode(p, image()))))["embedding"]
+        path = self.path(key, lambda p: _encode(p, image()))
+        emb = torch.from_numpy(embedding_file.load(path, self.encoder)[0])
         if len(self.memory) < self.max_memory_items:
             self.memory[key] = emb
         return emb
@@ -143,6 +142,7 @@ class Trainer:
         self.teacher = self._build_teacher() if self.mode == "distill" else None
         self._set_trainable()
         self.image_size = self.model.image_size
+        self.pipeline = ImagePipeline.of(self.model)
         data = cfg["data"]
         base = Path.cwd()
         specs = data["train"] if isinstance(data["train"], list) else [data["train"]]
@@ -166,6 +166,7 @@ class Trainer:
             self.image_size,
             cached=self.cache is not None,
             needs_masks=self.mode != "distill",
+            resize=self.model.resize,
         )
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=tuple(opt["betas"]))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -291,7 +292,9 @@ class Trainer:
             for s, i, v in jobs:
                 sample = self.sources[s][i]
                 key, params = self.drawer.variant(s, i, v, sample)
-                image = to_input_frame(sample.image, sample.masks[:0], self.image_size, params)[0]
+                image = to_input_frame(
+                    sample.image, sample.masks[:0], self.image_size, params, self.model.resize
+                )[0]
                 self.cache.path(key, lambda p, img=image: _encode(p, img))
                 bar.update(1)
             for i in range(len(val) if val is not None else 0):
@@ -303,24 +306,27 @@ class Trainer:
         assert self.cache is not None
         return self.cache.path(f"val:{sample.key}", lambda p, s=sample: p.set_image(s.image))
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.image_size
-        return F.pad(x, (0, s - x.shape[-1], 0, s - x.shape[-2]))
+    def _encoder_input(self, batch: Batch, model: Sam) -> torch.Tensor:
+        """(B, 3, S, S) encoder input of the batch's input-frame images, by `model`'s image pipeline: the
+        same normalise-then-pad as inference (`samkit.transforms.ImagePipeline`)."""
+        pipeline = ImagePipeline.of(model)
+        return torch.cat(
+            [
+                pipeline.to_input_torch(torch.tensor(img, device=self.device).permute(2, 0, 1)[None].float())
+                for _, img, _ in batch
+            ]
+        )
 
-    def _embeddings(self, batch: list) -> torch.Tensor:
+    def _embeddings(self, batch: Batch) -> torch.Tensor:
         """(B, 256, g, g) image embeddings: from the cache, or the encoder (with grad if it trains)."""
         if self.cache is not None:
             embs = [self.cache.get(key, lambda img=img: img) for key, img, _ in batch]
             return torch.cat(embs).to(self.device)
-        x = torch.stack([self._pad(self._to_tensor(img)) for _, img, _ in batch])
-        x = self.model.preprocess(x)
+        x = self._encoder_input(batch, self.model)
         if self.mode == "frozen_encoder":
             with torch.no_grad():
                 return self.model.image_encoder(x)
         return self.model.image_encoder(x)
-
-    def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
-        return torch.tensor(img, device=self.device).permute(2, 0, 1).float()
 
     # --- one step ------------------------------------------------------------------------------------
 
@@ -368,7 +374,8 @@ class Trainer:
         """
         recipe = self.cfg["recipe"]
         pe, dec = self.model.prompt_encoder, self.model.mask_decoder
-        gt = self._pad(torch.from_numpy(masks_np).to(self.device).float())[:, None]  # (M, 1, S, S)
+        masks = torch.from_numpy(masks_np).to(self.device).float()
+        gt = self.pipeline.pad_torch(masks)[:, None]  # (M, 1, S, S)
         low_size = pe.mask_input_size
         gt_low = (F.interpolate(gt, size=low_size, mode="area") > 0.5).float()
         target = gt_low if recipe["loss_resolution"] == "low" else gt
@@ -422,13 +429,13 @@ class Trainer:
         return total, stats
 
     def _distill_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        x = self.model.preprocess(torch.stack([self._pad(self._to_tensor(img)) for _, img, _ in batch]))
+        x = self._encoder_input(batch, self.model)
         if self.cache is not None:
             target = self._embeddings(batch).float()  # the teacher's, from the cache
         else:  # teacher_online: the teacher sees the same augmented batch
             assert self.teacher is not None
             with torch.no_grad(), self._autocast():
-                target = self.teacher.image_encoder(x).float()
+                target = self.teacher.image_encoder(self._encoder_input(batch, self.teacher)).float()
         with self._autocast():
             student = self.model.image_encoder(x)
         loss = F.mse_loss(student.float(), target)
