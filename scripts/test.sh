@@ -20,6 +20,13 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
+# The documentation site (the `docs` extra, pulled in by `test`): any warning, such as a broken link or a
+# docstring the API reference cannot render, fails the build.
+site="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$site"
+rm -rf "$site"
+# The wheel: built, installed into a fresh virtualenv, checked for its data files, and the main job run from it.
+bash scripts/check_wheel.sh
 # The generator's default-grid parity runs (marked slow: ~15 min on 2 cores) are left to SAMKIT_SLOW=1 so CI
 # stays near 30 minutes; the same code paths run in the fast parity tests (thresholds 0, crops).
 if [ "${SAMKIT_SLOW:-0}" = "1" ]; then
