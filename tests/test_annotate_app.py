@@ -207,8 +207,6 @@ def test_deleted_image_is_shown_missing_not_a_crash(env):
 
 def test_auto_mode_prefills_confident_masks(env):
     project, client, ids = env
-    if not hasattr(samkit, "MaskGenerator"):
-        pytest.skip("samkit.MaskGenerator not available yet")
     image_id = ids["000000000790.jpg"]
     manual = client.post(f"/api/images/{image_id}/objects", json={"points": [DOG_TABLE_POINT]}).json()
     body = {"points_per_side": 4, "pred_iou_thresh": 0.7, "stability_score_thresh": 0.85}

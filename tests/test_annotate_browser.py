@@ -12,7 +12,6 @@ from helpers_annotate import CHROMIUM, ThreadedServer, launch_chromium, make_pro
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-import samkit
 from samkit.annotate import Project
 from samkit.annotate.app import create_app
 from samkit.cli import main as cli
@@ -224,8 +223,6 @@ def test_zoom_pan_and_next_image(page):
 
 
 def test_auto_mode(app, page):
-    if not hasattr(samkit, "MaskGenerator"):
-        pytest.skip("samkit.MaskGenerator not available yet")
     manual_before = sum(
         m.startswith("manual") for m in page.locator("#object-list li .meta").all_text_contents()
     )

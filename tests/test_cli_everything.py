@@ -193,3 +193,19 @@ def test_segment_point_outside_image_is_one_line(tiny_ckpt, tmp_path):
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "outside" in lines[0]
+
+
+def test_generator_flags_default_to_the_generator_defaults():
+    """`samkit everything`'s generator flags and MaskGenerator's keyword defaults come from one place."""
+    import dataclasses
+    import inspect
+
+    from samkit.cli import GENERATOR_HELP, _build_parser
+    from samkit.everything import GeneratorSettings, MaskGenerator
+
+    args = _build_parser().parse_args(["everything", "photos", "--out", "masks"])
+    signature = inspect.signature(MaskGenerator).parameters
+    names = [f.name for f in dataclasses.fields(GeneratorSettings)]
+    assert names == list(GENERATOR_HELP)
+    assert {n: getattr(args, n) for n in names} == {n: signature[n].default for n in names}
+    assert args.points_per_side == 32 and args.crop_overlap_ratio == 512 / 1500

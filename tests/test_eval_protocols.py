@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from samkit import Predictor, load
 from samkit.eval import GrabCutPredictor, ProtocolError, format_table, run_eval
 from samkit.eval.datasets import EdgeItem, ImageItem, ObjectItem
 from samkit.eval.metrics import boundary_summary
 from samkit.eval.protocols import clicks, edge_map, edges, point_grid, proposals, single_point, tight_box
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/datasets")
+DATA = ROOT.parent / "shared" / "datasets"
 GRABCUT = DATA / "interactive" / "GrabCut"
-REFSHIM = Path("/work/shared/refshim")
-needs_data = pytest.mark.skipif(not GRABCUT.is_dir(), reason="shared datasets not present")
+REFSHIM = ROOT.parent / "shared" / "refshim"
+needs_data = pytest.mark.skipif(not GRABCUT.is_dir(), reason=f"shared data set not present: {GRABCUT}")
 
 
 class DiskModel:
@@ -139,14 +140,6 @@ def test_bad_protocol_and_limit_are_one_line_errors():
 # --- reference equality ----------------------------------------------------------------------------------
 
 
-def _samkit_predictor_or_skip():
-    try:
-        from samkit import Predictor, load
-    except ImportError as exc:
-        pytest.skip(f"samkit.Predictor is not importable yet ({exc})")
-    return Predictor, load
-
-
 class _EncodeOnce:
     """Wraps a predictor so that the three protocol runs encode each image once (keeps the test fast)."""
 
@@ -169,8 +162,7 @@ class _EncodeOnce:
 def ref_and_ours(tmp_path_factory):
     """(reference SamPredictor, samkit Predictor) on the same random tiny MobileSAM checkpoint."""
     if not REFSHIM.is_dir():
-        pytest.skip("reference shims not present")
-    Predictor, load = _samkit_predictor_or_skip()
+        pytest.skip(f"reference shims not present: {REFSHIM}")
     sys.path.insert(0, str(REFSHIM))
     try:
         from mobile_sam.modeling import MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer

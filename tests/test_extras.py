@@ -40,6 +40,7 @@ def test_web_and_plot_packages_are_extras_that_the_test_extra_pulls_in():
     assert any(
         r.replace(" ", "").startswith("samkit[") and "app" in r and "eval" in r for r in extras["test"]
     )
+    assert "samkit[app]" in extras["labelstudio"]  # its backend is a FastAPI app too
     assert {pip for extra in EXTRAS.values() for pip, _ in extra} == MOVED
 
 
@@ -51,7 +52,7 @@ def test_require_names_the_missing_package_and_the_extra(monkeypatch):
     assert str(exc.value) == "samkit serve needs uvicorn: pip install 'samkit[app]'"
 
 
-@pytest.mark.parametrize("command", [["serve"], ["annotate", "photos/"]])
+@pytest.mark.parametrize("command", [["serve"], ["annotate", "photos/"], ["labelstudio"]])
 def test_cli_web_commands_without_the_app_extra_fail_in_one_line(monkeypatch, capsys, command):
     _block(monkeypatch, "fastapi")
     assert cli.main(command) == 2

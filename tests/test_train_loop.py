@@ -82,12 +82,15 @@ def test_decoder_finetune_keeps_encoder_and_loads_in_reference(tmp_path, ref_che
     assert torch.equal(ref.mask_decoder.iou_token.weight, sd["mask_decoder.iou_token.weight"])
 
 
-def test_distillation_reduces_embedding_mse(tmp_path):
+def _saved_teacher(tmp_path: Path, arch: dict = TINY_ARCH) -> Path:
+    """A random teacher model of `arch` (seed 0) saved as tmp_path/t.safetensors."""
     torch.manual_seed(0)
-    teacher_path = samkit.save(
-        samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(TINY_ARCH)),
-        tmp_path / "t.safetensors",
-    )
+    model = samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(arch))
+    return samkit.save(model, tmp_path / "t.safetensors")
+
+
+def test_distillation_reduces_embedding_mse(tmp_path):
+    teacher_path = _saved_teacher(tmp_path)
     cfg = tiny_train_config(
         tmp_path / "run",
         mode="distill",
@@ -112,11 +115,7 @@ def test_online_teacher_distils_from_an_image_folder(tmp_path):
     """teacher_online: no embedding cache; the teacher sees each step's augmented batch; images need no masks."""
     from PIL import Image
 
-    torch.manual_seed(0)
-    teacher_path = samkit.save(
-        samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(TINY_ARCH)),
-        tmp_path / "t.safetensors",
-    )
+    teacher_path = _saved_teacher(tmp_path)
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -155,11 +154,7 @@ def test_training_feeds_the_encoders_what_inference_does(tmp_path, preprocess):
     from samkit.train.loop import Trainer
 
     arch = {**TINY_ARCH, **preprocess}
-    torch.manual_seed(0)
-    teacher_path = samkit.save(
-        samkit.models.build.build_sam(samkit.models.build.SamConfig.from_dict(arch)),
-        tmp_path / "t.safetensors",
-    )
+    teacher_path = _saved_teacher(tmp_path, arch)
     folder = tmp_path / "photos"
     folder.mkdir()
     photo = np.random.default_rng(0).integers(0, 256, (90, 200, 3), dtype=np.uint8)

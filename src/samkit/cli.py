@@ -181,6 +181,9 @@ def _cmd_annotate(args: argparse.Namespace) -> None:
 
 
 def _cmd_labelstudio(args: argparse.Namespace) -> None:
+    from samkit.extras import require
+
+    require("app", "samkit labelstudio")
     from samkit.labelstudio import BackendConfig, serve
 
     config = BackendConfig(

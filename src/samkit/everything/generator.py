@@ -22,6 +22,7 @@ from samkit.devices import cpu_tuned
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
+from samkit.everything.settings import DEFAULTS
 from samkit.image import ImageLike, load_image
 from samkit.masks import (
     batched_nms,
@@ -175,18 +176,18 @@ class MaskGenerator:
     def __init__(
         self,
         model: Sam,
-        points_per_side: int | None = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
+        points_per_side: int | None = DEFAULTS.points_per_side,
+        points_per_batch: int = DEFAULTS.points_per_batch,
+        pred_iou_thresh: float = DEFAULTS.pred_iou_thresh,
+        stability_score_thresh: float = DEFAULTS.stability_score_thresh,
+        stability_score_offset: float = DEFAULTS.stability_score_offset,
+        box_nms_thresh: float = DEFAULTS.box_nms_thresh,
+        crop_n_layers: int = DEFAULTS.crop_n_layers,
+        crop_nms_thresh: float = DEFAULTS.crop_nms_thresh,
+        crop_overlap_ratio: float = DEFAULTS.crop_overlap_ratio,
+        crop_n_points_downscale_factor: int = DEFAULTS.crop_n_points_downscale_factor,
         point_grids: Sequence[np.ndarray] | None = None,
-        min_mask_region_area: int = 0,
+        min_mask_region_area: int = DEFAULTS.min_mask_region_area,
         output_mode: OutputMode = "binary_mask",
     ) -> None:
         if (points_per_side is None) == (point_grids is None):

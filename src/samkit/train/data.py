@@ -24,42 +24,9 @@ from PIL import Image
 from samkit.errors import InputError, SamkitError
 from samkit.image import IMAGE_SUFFIXES, load_image
 from samkit.train.config import ConfigError
+from samkit.train.source import Sample, Source, stack_masks
+from samkit.train.synthetic import CopyPasteSource, SyntheticSource
 from samkit.transforms import ResizeLongestSide
-
-
-@dataclass
-class Sample:
-    """One training image: `image` (H, W, 3) uint8 RGB, `masks` (N, H, W) bool, `key` unique per image."""
-
-    key: str
-    image: np.ndarray
-    masks: np.ndarray
-
-
-class Source:
-    """A random-access list of samples.
-
-    `name` prefixes every sample key; keys name embedding-cache entries, so they must differ between
-    different images: file sources use their resolved path. `ident` also tells apart selections
-    (`range`) of the same files."""
-
-    name = "source"
-    selection: Any = None  # the spec's `range`, if any
-
-    @property
-    def ident(self) -> str:
-        return self.name if self.selection is None else f"{self.name}{list(self.selection)}"
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def __getitem__(self, i: int) -> Sample:
-        raise NotImplementedError
-
-
-def _stack(masks: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:
-    kept = [m for m in masks if m.any()]
-    return np.stack(kept) if kept else np.zeros((0, h, w), dtype=bool)
 
 
 def _slice(items: list, spec: dict[str, Any]) -> list:
@@ -112,7 +79,7 @@ class CocoSource(Source):
                 rle = seg
             masks.append(mask_utils.decode(rle).astype(bool))
         image = load_image(self.image_dir / info["file_name"])
-        return Sample(f"{self.name}/{info['id']}", image, _stack(masks, h, w))
+        return Sample(f"{self.name}/{info['id']}", image, stack_masks(masks, h, w))
 
 
 class Sa1bSource(Source):
@@ -180,7 +147,7 @@ class MaskFolderSource(Source):
         image_path, mask_paths = self.items[i]
         image = load_image(image_path)
         masks = [_read_object_png(p) for p in mask_paths]
-        return Sample(f"{self.name}/{image_path.stem}", image, _stack(masks, *image.shape[:2]))
+        return Sample(f"{self.name}/{image_path.stem}", image, stack_masks(masks, *image.shape[:2]))
 
 
 class ImageFolderSource(Source):
@@ -236,7 +203,7 @@ class Bsds500Source(Source):
             seg = np.asarray(cells[0, k]["Segmentation"][0, 0])
             masks.extend(seg == label for label in np.unique(seg))
         image = load_image(self.root / "images" / mat.parent.name / f"{mat.stem}.jpg")
-        return Sample(f"{self.name}/{mat.stem}", image, _stack(masks, *image.shape[:2]))
+        return Sample(f"{self.name}/{mat.stem}", image, stack_masks(masks, *image.shape[:2]))
 
 
 # --- the mix --------------------------------------------------------------------------------------------
@@ -272,8 +239,6 @@ def build_source(spec: dict[str, Any], base: Path | None = None) -> Source:
     `count`, `max_objects`, `seed`. Any file source takes `range: [start, stop]` (a slice of its sorted
     images), which is how a held-out validation part of a train split is named.
     """
-    from samkit.train.synthetic import CopyPasteSource, SyntheticSource
-
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"a data source needs a `type:`, got {spec!r}")
     kind = spec["type"]

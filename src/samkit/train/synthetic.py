@@ -10,7 +10,7 @@ import hashlib
 import cv2
 import numpy as np
 
-from samkit.train.data import Sample, Source, _stack
+from samkit.train.source import Sample, Source, stack_masks
 
 MIN_AREA = 30  # pixels; smaller (mostly occluded) objects are dropped
 
@@ -79,7 +79,7 @@ def synthetic_scene(
         masks = [m & ~shape for m in masks]
         masks.append(shape)
     kept = [m for m in masks if m.sum() >= MIN_AREA]
-    return np.clip(image, 0, 255).astype(np.uint8), _stack(kept, h, w)
+    return np.clip(image, 0, 255).astype(np.uint8), stack_masks(kept, h, w)
 
 
 class SyntheticSource(Source):
@@ -145,4 +145,4 @@ class CopyPasteSource(Source):
             masks = [m & ~pasted for m in masks]
             masks.append(pasted)
         kept = [m for m in masks if m.sum() >= MIN_AREA]
-        return Sample(f"{self.name}/{i}", image, _stack(kept, h, w))
+        return Sample(f"{self.name}/{i}", image, stack_masks(kept, h, w))
