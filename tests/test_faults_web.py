@@ -149,6 +149,16 @@ def test_browser_gets_the_token_once_in_the_url_then_a_cookie() -> None:
         assert client.get("/ok", headers={"cookie": f"{name}=wrong"}).status_code == 401
         assert client.get("/ok?token=bad", headers=html, follow_redirects=False).status_code == 401
         assert client.get("/ok", headers={"cookie": f"{name}={value}"}).status_code == 200
+    sent = _call(
+        _tiny_app(access), "GET", "//evil.example/ok", b"token=s3cret-token", [(b"accept", b"text/html")]
+    )
+    location = dict(sent[0]["headers"])[b"location"]
+    assert sent[0]["status"] == 303 and location == b"/evil.example/ok"  # a path here, not another site
+    odd = Access(token="a b;c=d", hosts=None)  # any characters survive the cookie
+    with TestClient(_tiny_app(odd)) as client:
+        res = client.get("/ok?token=a%20b%3Bc%3Dd", headers=html, follow_redirects=False)
+        assert res.status_code == 303
+        assert client.get("/ok").status_code == 200
 
 
 # --- bodies and errors ----------------------------------------------------------------------------------
@@ -171,10 +181,10 @@ def test_json_bodies_are_limited_to_413() -> None:
         _one_line_error(streamed, 413)
 
 
-def test_a_body_sent_too_slowly_gets_408() -> None:
-    app = _tiny_app(seconds=0.3)
+def _call(app, method: str, path: str, query: bytes = b"", headers=(), messages=()) -> list[dict]:
+    """Run one raw ASGI request (paths and timings no HTTP client would send); returns the messages sent."""
     sent: list[dict] = []
-    messages = [{"type": "http.request", "body": b'{"a":', "more_body": True}]
+    messages = list(messages) or [{"type": "http.request", "body": b""}]
 
     async def receive() -> dict:
         if messages:
@@ -187,20 +197,26 @@ def test_a_body_sent_too_slowly_gets_408() -> None:
 
     scope = {
         "type": "http",
-        "method": "POST",
-        "path": "/echo",
-        "raw_path": b"/echo",
-        "query_string": b"",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
         "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"localhost")],
+        "headers": [(b"content-type", b"application/json"), (b"host", b"localhost"), *headers],
         "scheme": "http",
         "server": ("127.0.0.1", 8000),
         "client": ("127.0.0.1", 5000),
         "http_version": "1.1",
         "app": app,
     }
-    started = time.monotonic()
     asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_body_sent_too_slowly_gets_408() -> None:
+    started = time.monotonic()
+    first = [{"type": "http.request", "body": b'{"a":', "more_body": True}]
+    sent = _call(_tiny_app(seconds=0.3), "POST", "/echo", messages=first)
     assert time.monotonic() - started < 3
     assert sent[0]["status"] == 408
     assert "not received within 0.3 s" in json.loads(sent[1]["body"])["detail"]

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -187,7 +187,7 @@ class Guard:
         auth = headers.get("authorization", "")
         given = [auth[7:].strip()] if auth[:7].lower() == "bearer " else []
         given.append(headers.get(TOKEN_HEADER, ""))
-        given.append(_cookies(headers).get(_cookie_name(scope), ""))
+        given.append(unquote(_cookies(headers).get(_cookie_name(scope), "")))
         if any(_same(g, token) for g in given if g):
             return None, False
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -203,8 +203,11 @@ class Guard:
         query = [
             (k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1")) if k != TOKEN_QUERY
         ]
-        location = scope.get("root_path", "") + scope["path"] + (f"?{urlencode(query)}" if query else "")
-        cookie = f"{_cookie_name(scope)}={self.access.token}; Path=/; HttpOnly; SameSite=Lax"
+        # One leading slash: "//host/..." would send the browser to another site.
+        path = "/" + quote(scope.get("root_path", "") + scope["path"]).lstrip("/")
+        location = path + (f"?{urlencode(query)}" if query else "")
+        token = quote(self.access.token or "", safe="")
+        cookie = f"{_cookie_name(scope)}={token}; Path=/; HttpOnly; SameSite=Lax"
         await send(
             {
                 "type": "http.response.start",
