@@ -7,12 +7,29 @@ purpose are printed on one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 from samkit.errors import SamkitError
+from samkit.everything.settings import GeneratorSettings
+
+# One help line per MaskGenerator setting; the defaults come from GeneratorSettings.
+GENERATOR_HELP = {
+    "points_per_side": "prompt grid is N x N",
+    "points_per_batch": "prompts decoded at once",
+    "pred_iou_thresh": "keep masks above this predicted IoU",
+    "stability_score_thresh": "keep masks at least this stable",
+    "stability_score_offset": "logit shift for stability",
+    "box_nms_thresh": "box IoU for removing duplicates",
+    "crop_n_layers": "extra layers of image crops",
+    "crop_nms_thresh": "box IoU for duplicates between crops",
+    "crop_overlap_ratio": "overlap of neighbouring crops",
+    "crop_n_points_downscale_factor": "fewer points per crop layer",
+    "min_mask_region_area": "remove holes/islands below this area",
+}
 
 # A photo that ships with samkit (scikit-image's coffee.png, CC0, Rachel Michetti), so examples run anywhere.
 SAMPLE_IMAGE = Path(__file__).parent / "data" / "coffee.jpg"
@@ -279,19 +296,7 @@ def _cmd_everything(args: argparse.Namespace) -> None:
     from samkit.engine.local import run_local
 
     images = list_images(args.input)
-    options = dict(
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        stability_score_offset=args.stability_score_offset,
-        box_nms_thresh=args.box_nms_thresh,
-        crop_n_layers=args.crop_n_layers,
-        crop_nms_thresh=args.crop_nms_thresh,
-        crop_overlap_ratio=args.crop_overlap_ratio,
-        crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
-        min_mask_region_area=args.min_mask_region_area,
-    )
+    options = {name: getattr(args, name) for name in GENERATOR_HELP}
     if args.engine == "ray":
         from samkit.engine.ray_engine import run_ray
 
@@ -402,23 +407,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; mirrors the input's subfolders")
     _add_model(p)
     g = p.add_argument_group("generator options (as in SAM's automatic mask generator)")
-    g.add_argument("--points-per-side", type=int, default=32, help="prompt grid is N x N (default 32)")
-    g.add_argument("--points-per-batch", type=int, default=64, help="prompts decoded at once (default 64)")
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88, help="keep masks above this predicted IoU")
-    g.add_argument(
-        "--stability-score-thresh", type=float, default=0.95, help="keep masks at least this stable"
-    )
-    g.add_argument("--stability-score-offset", type=float, default=1.0, help="logit shift for stability")
-    g.add_argument("--box-nms-thresh", type=float, default=0.7, help="box IoU for removing duplicates")
-    g.add_argument("--crop-n-layers", type=int, default=0, help="extra layers of image crops (default 0)")
-    g.add_argument("--crop-nms-thresh", type=float, default=0.7, help="box IoU for duplicates between crops")
-    g.add_argument(
-        "--crop-overlap-ratio", type=float, default=512 / 1500, help="overlap of neighbouring crops"
-    )
-    g.add_argument(
-        "--crop-n-points-downscale-factor", type=int, default=1, help="fewer points per crop layer"
-    )
-    g.add_argument("--min-mask-region-area", type=int, default=0, help="remove holes/islands below this area")
+    for f in dataclasses.fields(GeneratorSettings):
+        default = getattr(GeneratorSettings, f.name)
+        g.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{GENERATOR_HELP[f.name]} (default %(default).3g)",
+        )
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg next to each JSON")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a JSON")
     p.add_argument("--coco", default=None, metavar="FILE.json", help="also write one COCO instances file")
