@@ -126,6 +126,7 @@ def test_brush_result_round_trips_through_label_studios_codec():
     assert (r["original_width"], r["original_height"]) == (53, 37)
     assert r["value"]["format"] == "rle" and r["value"]["brushlabels"] == ["Background"]
     assert r["score"] == 0.875
+    assert protocol.brush_result(mask, 1.03, cfg, None)["score"] == 1.0  # an overshooting IoU head
     json.dumps(r)  # plain JSON types only
     rgba = brush.decode_rle(r["value"]["rle"]).reshape(37, 53, 4)
     assert np.array_equal(rgba[:, :, 3] == 255, mask) and set(np.unique(rgba)) <= {0, 255}
@@ -326,7 +327,7 @@ def test_prompts_give_the_predictors_mask_and_reuse_the_embedding(client):
         best = int(np.argmax(scores))
         (r,) = pred["result"]
         assert np.array_equal(protocol.decode_brush(r), masks[best])
-        assert r["score"] == pytest.approx(float(scores[best]), abs=1e-5) == pred["score"]
+        assert r["score"] == pytest.approx(min(1.0, float(scores[best])), abs=1e-5) == pred["score"]
         assert pred["model_version"] == backend.model_version
     assert pred["result"][0]["value"]["brushlabels"] == ["Background"]  # the rectangle's label
     assert len(encodes) == 1  # three prompts on one image: encoded once
@@ -372,9 +373,11 @@ def test_auto_prelabels_a_task_with_segment_everything(client):
     assert len(records) > 0 and len(pred["result"]) == len(records)
     for r, rec in zip(pred["result"], records, strict=True):
         assert np.array_equal(protocol.decode_brush(r), rec["segmentation"])
-        assert r["score"] == pytest.approx(rec["predicted_iou"], abs=1e-5)
+        assert r["score"] == pytest.approx(min(1.0, rec["predicted_iou"]), abs=1e-5)
         assert r["value"]["brushlabels"] == ["Object"]
-    assert pred["score"] == pytest.approx(np.mean([rec["predicted_iou"] for rec in records]), abs=1e-5)
+    assert pred["score"] == pytest.approx(
+        np.mean([min(1.0, rec["predicted_iou"]) for rec in records]), abs=1e-5
+    )
     backend.config.auto = False
     try:
         assert _predict(client, _task("banana1", 3), None)["results"] == [

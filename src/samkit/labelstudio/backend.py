@@ -122,7 +122,7 @@ class Backend:
             )
         best = int(np.argmax(scores))
         result = brush_result(masks[best], float(scores[best]), config, prompt.label)
-        return self._prediction([result], float(scores[best]))
+        return self._prediction([result], result["score"])
 
     def _automatic(self, task: dict[str, Any], config: LabelConfig) -> dict[str, Any]:
         image = self._image(task, config)
@@ -131,7 +131,7 @@ class Backend:
             records = self._mask_generator().generate(image, embedded=self.predictor)
         label = self.config.auto_label
         results = [brush_result(r["segmentation"], r["predicted_iou"], config, label) for r in records]
-        score = float(np.mean([r["predicted_iou"] for r in records])) if records else 0.0
+        score = float(np.mean([r["score"] for r in results])) if results else 0.0
         return self._prediction(results, score)
 
     def _prediction(self, results: list[dict[str, Any]], score: float = 0.0) -> dict[str, Any]:

@@ -139,6 +139,8 @@ def converter_brush() -> Any:
 def brush_result(mask: np.ndarray, score: float, config: LabelConfig, label: str | None) -> dict[str, Any]:
     """A `brushlabels` result for one (H, W) bool mask, with the predicted IoU as its score.
 
+    The IoU head can overshoot 1 a little; Label Studio shows scores as percentages, so it is clipped to [0, 1].
+
     label: a label of the BrushLabels; any other (or None) falls back to its first label.
     """
     brush = converter_brush()
@@ -155,7 +157,7 @@ def brush_result(mask: np.ndarray, score: float, config: LabelConfig, label: str
         "original_height": int(h),
         "image_rotation": 0,
         "value": {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [label] if label else []},
-        "score": float(score),
+        "score": min(max(float(score), 0.0), 1.0),
         "readonly": False,
     }
 
