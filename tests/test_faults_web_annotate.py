@@ -78,6 +78,8 @@ def test_event_details_and_bodies_are_limited(env) -> None:
     assert ok.status_code == 200
     name = client.post("/api/events", json={"kind": "flood", "annotator": "n" * 5000})
     assert "malformed request" in _error(name, 422)
+    opened = client.post(f"/api/images/{ids['0001.jpg']}/open", params={"annotator": "n" * 5000})
+    assert "malformed request" in _error(opened, 422)
 
 
 def test_prompts_are_capped_and_numbers_checked(env) -> None:

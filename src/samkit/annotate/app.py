@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -46,6 +46,7 @@ class PromptBody(BaseModel):
 
 # Annotator names are stored with every event.
 _Name = Field(default="", max_length=200)
+_NameQuery = Annotated[str, Query(max_length=200)]
 
 
 class AcceptBody(PromptBody):
@@ -163,7 +164,7 @@ def create_app(project: Project, access: Access | None = None) -> FastAPI:
         return _send_image(project.resolve(rel))
 
     @app.post("/api/images/{image_id}/open")
-    def open_image(image_id: int, annotator: str = "") -> dict[str, Any]:
+    def open_image(image_id: int, annotator: _NameQuery = "") -> dict[str, Any]:
         project.open_image(image_id, annotator)
         return {"ok": True, "embedded": project.embeddings.is_ready(image_id)}
 
@@ -201,7 +202,7 @@ def create_app(project: Project, access: Access | None = None) -> FastAPI:
         return project.store.relabel_object(object_id, body.label, body.annotator).as_json()
 
     @app.delete("/api/objects/{object_id}")
-    def delete(object_id: int, annotator: str = "") -> dict[str, Any]:
+    def delete(object_id: int, annotator: _NameQuery = "") -> dict[str, Any]:
         if project.store.object(object_id) is None:
             raise NotFoundError(f"no object with id {object_id} (deleted already?)")
         return project.store.delete_object(object_id, annotator).as_json()
