@@ -15,7 +15,6 @@ import hmac
 import ipaddress
 import os
 import sys
-import traceback
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,7 @@ def error_response(
 
 def install_error_handlers(app: FastAPI, key: str, status_of: Callable[[SamkitError], int]) -> None:
     """One-line JSON errors for samkit's own errors (status from `status_of`), HTTP errors, malformed
-    requests (422) and anything unexpected (500, with the traceback on stderr)."""
+    requests (422) and anything unexpected (500; the traceback goes to the server's log)."""
 
     @app.exception_handler(SamkitError)
     def _samkit(_: Request, exc: SamkitError) -> JSONResponse:
@@ -70,7 +69,7 @@ def install_error_handlers(app: FastAPI, key: str, status_of: Callable[[SamkitEr
 
     @app.exception_handler(Exception)
     def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        traceback.print_exception(exc, file=sys.stderr)
+        # Starlette raises the exception again after this answer, so the server logs its traceback.
         msg = f"internal error ({type(exc).__name__}) in {request.url.path}; see the server's log"
         return error_response(500, msg, key)
 
