@@ -403,3 +403,36 @@ def test_connection_reset_mid_body_leaves_the_server_answering(serve_app) -> Non
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_worker_processes_get_the_same_access(serve_app, monkeypatch, tmp_path) -> None:
+    """`--workers N` hands the config to each process as JSON: the token and Host names go with it."""
+    from samkit.serve.app import CONFIG_ENV, app_from_env
+
+    config = {"model": "vit_t", "cache_dir": str(tmp_path), "token": "w-token", "hosts": ["localhost"]}
+    monkeypatch.setenv(CONFIG_ENV, json.dumps(config))
+    app = app_from_env()
+    with TestClient(app, base_url="http://localhost:8000") as client:
+        assert client.get("/health").status_code == 401
+        assert client.get("/health", headers={"authorization": "Bearer w-token"}).status_code == 200
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/health", headers={"authorization": "Bearer w-token"}).status_code == 400
+
+
+def test_serve_on_loopback_checks_hosts_by_default(serve_app, monkeypatch, tmp_path, capsys) -> None:
+    import uvicorn
+
+    from samkit.serve import ServeConfig, serve
+
+    ran: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: ran.update(app=app, **options))
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    serve(ServeConfig(model="vit_t", cache_dir=str(tmp_path)), host="127.0.0.1", allow_hosts=["box.lan"])
+    assert ran["limit_concurrency"] > 0 and "warning" not in capsys.readouterr().err
+    for base, status in (("http://box.lan:8000", 200), ("http://[::1]:1", 200), ("http://evil.example", 400)):
+        with TestClient(ran["app"], base_url=base) as client:
+            assert client.get("/health").status_code == status, base
+    serve(ServeConfig(model="vit_t", cache_dir=str(tmp_path)), host="0.0.0.0")
+    assert "without a token" in capsys.readouterr().err  # anyone on the network could use it
+    with TestClient(ran["app"], base_url="http://evil.example") as client:
+        assert client.get("/health").status_code == 200  # on a network address: any name, use a token
