@@ -220,6 +220,8 @@ def test_reader_exchanges_a_personal_access_token_and_renews_it():
         assert reader.read("/data/upload/1/z.jpg") == b"pixels" and issued == ["access0", "access1"]
         with pytest.raises(ImageAccessError, match="refused the API token"):
             ImageReader(srv.url, "x.y.z").read("/data/upload/1/z.jpg")
+        with pytest.raises(ImageAccessError, match=r"refused the API token \(401\); pass a valid --api-key"):
+            ImageReader(srv.url, "a-legacy-token").read("/data/upload/1/z.jpg")
 
 
 # --- backend -------------------------------------------------------------------------------------------
@@ -361,6 +363,26 @@ def test_embedding_cache_is_keyed_by_encoder_weights_not_the_model_name(client, 
     assert same.predictor.root == base.predictor.root  # same encoder weights: the embeddings are shared
     assert other.predictor.root != base.predictor.root
     assert other.model_version != base.model_version
+
+
+def test_embedding_files_are_bounded_least_recently_used_first(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from samkit.image import load_image
+    from samkit.labelstudio import Backend, BackendConfig, create_app
+
+    roots = dict(document_root=str(DATASETS), allow_roots=[str(GRABCUT)])
+    backend = Backend(BackendConfig(model="nano", cache_dir=str(tmp_path), max_embeddings=2, **roots))
+    with TestClient(create_app(backend=backend)) as c:
+        for stem in ["teddy", "llama", "teddy", "flower"]:
+            w, h = load_image(next((GRABCUT / "images").glob(f"{stem}.*"))).shape[1::-1]
+            _predict(c, _task(stem), [keypoint(50, 50, w, h)])
+    kept = {p.name for p in backend.predictor.root.glob("*.safetensors")}
+    expect = {
+        backend.predictor.path_for(load_image(next((GRABCUT / "images").glob(f"{s}.*")))).name
+        for s in ["teddy", "flower"]
+    }
+    assert kept == expect  # llama, the least recently used, was evicted
 
 
 def test_auto_prelabels_a_task_with_segment_everything(client):

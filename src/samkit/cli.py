@@ -214,6 +214,7 @@ def _cmd_labelstudio(args: argparse.Namespace) -> None:
         document_root=args.document_root,
         allow_roots=args.allow_root,
         cache_dir=args.cache_dir,
+        max_embeddings=args.max_embeddings,
     )
     serve(config, host=args.host, port=args.port)
 
@@ -554,6 +555,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: that variable)",
     )
     p.add_argument("--cache-dir", default=None, help="embedding cache (default $SAMKIT_HOME/labelstudio)")
+    p.add_argument("--max-embeddings", type=int, default=256, help="LRU bound of the embedding cache")
     p.set_defaults(func=_cmd_labelstudio)
 
     p = command("import", "load COCO or SA-1B annotations into a project, to correct them in the annotator")

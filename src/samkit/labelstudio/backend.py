@@ -39,7 +39,8 @@ class BackendConfig:
     the BrushLabels label of automatic masks (default: the config's first). label_studio_url / api_key:
     the server uploads are fetched from (else learnt from `/setup`). document_root: Label Studio's
     LOCAL_FILES_DOCUMENT_ROOT; allow_roots: folders whose files may be read from disk. cache_dir: where
-    embeddings are kept (default $SAMKIT_HOME/labelstudio).
+    embeddings are kept (default $SAMKIT_HOME/labelstudio); max_embeddings: how many (least recently
+    used evicted first; a vit_t embedding is 4 MB).
     """
 
     model: str | None = None
@@ -54,6 +55,7 @@ class BackendConfig:
     document_root: str | None = None
     allow_roots: list[str] = field(default_factory=list)
     cache_dir: str | None = None
+    max_embeddings: int = 256
 
 
 class Backend:
@@ -63,6 +65,7 @@ class Backend:
         import samkit
         from samkit.download import cache_dir
         from samkit.eval.cache import CachedPredictor, encoder_fingerprint
+        from samkit.serve.cache import EmbeddingCache
 
         converter_brush()  # fail now, not on the first click, when the extra is not installed
         self.config = config
@@ -72,6 +75,7 @@ class Backend:
         self.model_version = f"samkit-{self.name}-{self.fingerprint[:8]}"
         root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "labelstudio"
         self.predictor = CachedPredictor(self.model, root)
+        self.embeddings = EmbeddingCache(self.predictor.root, config.max_embeddings)
         self.images = ImageReader(
             config.label_studio_url, config.api_key, config.document_root, list(config.allow_roots)
         )
@@ -156,8 +160,10 @@ class Backend:
         """Set `image` on the predictor unless it is already set (same pixels, same encoder weights)."""
         key = self.predictor.path_for(image)
         if key != self._current or not self.predictor.is_image_set:
-            self.predictor.set_image(image)
+            self.predictor.set_image(image)  # from the disk cache when the file is there
             self._current = key
+            self.embeddings.get(key.stem)  # marks it used
+            self.embeddings.added(key.stem)  # evicts beyond max_embeddings
 
     def _mask_generator(self) -> Any:
         if self._generator is None:

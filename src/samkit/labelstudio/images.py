@@ -132,6 +132,11 @@ class ImageReader:
                 response = httpx.get(url, headers=self._headers(), timeout=self.timeout)
         except httpx.HTTPError as exc:
             raise ImageAccessError(f"cannot fetch {url}: {exc}") from None
+        if response.status_code in (401, 403):
+            raise ImageAccessError(
+                f"cannot fetch {url}: Label Studio refused the API token ({response.status_code}); pass a valid "
+                "--api-key (legacy token or personal access token)"
+            )
         if response.status_code != 200:
             raise ImageAccessError(f"cannot fetch {url}: Label Studio answered {response.status_code}")
         if len(response.content) > self.max_bytes:
