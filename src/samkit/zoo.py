@@ -305,13 +305,16 @@ def _detect_nano(sd: dict[str, torch.Tensor]) -> SamConfig:
 def load_checkpoint(path: Path, config: SamConfig | None = None) -> Sam:
     """Build the model described by `config` (or by the file's keys) and load the file with strict=True."""
     sd, meta = read_state_dict(path)
+    _check_finite(sd, path)
     if config is None:
-        config = (
-            SamConfig.from_dict(json.loads(meta["samkit_config"]))
-            if "samkit_config" in meta
-            else detect_config(sd)
-        )
-    model = build_sam(config)
+        config = _config_from_meta(meta, path) if "samkit_config" in meta else _detect(sd, path)
+    try:
+        model = build_sam(config)
+    except Exception as exc:  # a config with wrong types or values fails deep inside the builders
+        raise CheckpointError(
+            f"checkpoint {path} describes an architecture samkit cannot build ({_first_line(exc)}); "
+            "save it again with samkit.save, or pass an official checkpoint"
+        ) from None
     own = model.state_dict()
     shapes = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if shapes:
@@ -328,6 +331,49 @@ def load_checkpoint(path: Path, config: SamConfig | None = None) -> Sam:
         )
     model.arch = meta.get("samkit_name", "") or _guess_name(config)
     return model
+
+
+def _config_from_meta(meta: dict[str, str], path: Path) -> SamConfig:
+    """The architecture a samkit checkpoint records in its `samkit_config` metadata."""
+    try:
+        fields = json.loads(meta["samkit_config"])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path}: its samkit_config metadata is not JSON ({exc})") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("encoder"), str):
+        raise CheckpointError(
+            f'checkpoint {path}: its samkit_config metadata is not an object with an "encoder" name'
+        )
+    try:
+        return SamConfig.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: bad samkit_config metadata ({_first_line(exc)})") from None
+
+
+def _detect(sd: dict[str, torch.Tensor], path: Path) -> SamConfig:
+    """`detect_config`, with a one-line error naming the file when tensors it reads are missing."""
+    try:
+        return detect_config(sd)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    except (KeyError, ValueError, IndexError) as exc:  # a partial state_dict: some tensors are absent
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: the tensors that describe the architecture are missing "
+            f"({_first_line(exc)}); use a complete checkpoint"
+        ) from None
+
+
+def _check_finite(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or infinity (a damaged file): they would give NaN masks without an error."""
+    for key, value in sd.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {key} holds NaN or infinite values; download or copy it again"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _few(keys: list[str], n: int = 3) -> str:

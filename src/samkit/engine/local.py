@@ -2,7 +2,9 @@
 
 Each image's JSON is written atomically, so a JSON that exists is complete; a rerun skips those
 images (resume after Ctrl-C or a crash) unless `overwrite` is set. `manifest.jsonl` in the output
-folder logs one line per image processed or failed. Unreadable images are reported and skipped.
+folder logs one line per image processed or failed. Unreadable images are reported and skipped; an
+output that cannot be written (read-only or full disk) stops the run with an OutputError. One run at a
+time holds the output folder (a lock file in it); a second run into the same folder is refused.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from samkit.errors import InputError
+from samkit.errors import InputError, OutputError
 from samkit.everything import MaskGenerator
 from samkit.formats import read_sa1b, save_overlay, write_coco, write_sa1b
 from samkit.image import load_image
 
 MANIFEST = "manifest.jsonl"
+LOCK = ".samkit.lock"
 Status = Literal["done", "skipped", "failed"]
 
 
@@ -90,8 +94,10 @@ def process_image(
     """Segment everything in one image and write `out_dir / json_rel` (SA-1B), plus an overlay picture
     next to it (`<name>.overlay.jpg`) when asked; `progress` shows a bar over the image's prompt batches.
     Never raises for a bad image: returns status "failed" with the reason instead. The engine for many
-    machines calls this once per image."""
+    machines calls this once per image. Raises OutputError when the outputs cannot be written (a
+    read-only or full disk: every later image would fail the same way); nothing of the image is left."""
     target = out_dir / json_rel
+    overlay_path = target.with_name(target.stem + ".overlay.jpg")
     start = time.perf_counter()
     try:
         image = load_image(path)
@@ -99,11 +105,15 @@ def process_image(
         h, w = image.shape[:2]
         info = {"image_id": image_id, "width": w, "height": h, "file_name": Path(path).name}
         if overlay:
-            save_overlay(target.with_name(target.stem + ".overlay.jpg"), image, records)
+            save_overlay(overlay_path, image, records)
         # The JSON last: its existence is what marks the image done.
         write_sa1b(target, info, records)
     except (KeyboardInterrupt, SystemExit):
         raise
+    except OSError as exc:  # image reading raises ImageError, so this is the output side
+        if overlay:
+            overlay_path.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the results of {path}: {exc}") from None
     except Exception as exc:  # one bad image must not end a run over thousands
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return ImageResult(Path(path), target, "failed", seconds=time.perf_counter() - start, reason=reason)
@@ -123,40 +133,44 @@ def run_local(
     """Run `process_image` over `images`, skipping those whose JSON exists unless `overwrite`.
 
     Appends a line per processed or failed image to `out_dir/manifest.jsonl`. With `coco`, also writes
-    a COCO instances file of every image that has a JSON (from this run or an earlier one).
+    a COCO instances file of every image that has a JSON (from this run or an earlier one). Raises
+    OutputError when another run holds `out_dir` (see `hold_output`) or the outputs cannot be written.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / MANIFEST
-    logged = logged_done(manifest)
     rels = output_paths(images)
     summary = RunSummary()
-    bar = _progress(len(images), progress)
     inner_bars = progress and sys.stderr.isatty()  # a bar per image only where it redraws in place
-    try:
-        for i, (path, rel) in enumerate(zip(images, rels, strict=True)):
-            target = out / rel
-            if target.exists() and not overwrite:
-                if str(rel) not in logged:
-                    # Killed between writing the JSON and logging it: log it now, do not redo it.
-                    append_entry(
-                        manifest, {"image": str(path), "json": str(rel), "status": "done", "recovered": True}
-                    )
-                result = ImageResult(Path(path), target, "skipped")
-            else:
-                result = process_image(Path(path), generator, out, rel, i, overlay, inner_bars)
-                entry: dict[str, Any] = {"image": str(path), "json": str(rel), "status": result.status}
-                if result.status == "done":
-                    entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))
+    with hold_output(out) as manifest:
+        logged = logged_done(manifest)
+        bar = _progress(len(images), progress)
+        try:
+            for i, (path, rel) in enumerate(zip(images, rels, strict=True)):
+                target = out / rel
+                if target.exists() and not overwrite:
+                    if str(rel) not in logged:
+                        # Killed between writing the JSON and logging it: log it now, do not redo it.
+                        entry: dict[str, Any] = {
+                            "image": str(path),
+                            "json": str(rel),
+                            "status": "done",
+                            "recovered": True,
+                        }
+                        append_entry(manifest, entry)
+                    result = ImageResult(Path(path), target, "skipped")
                 else:
-                    entry["reason"] = result.reason
-                append_entry(manifest, entry)
-            summary.results.append(result)
-            if on_result is not None:
-                on_result(result)
-            bar.update(1)
-    finally:
-        bar.close()
+                    result = process_image(Path(path), generator, out, rel, i, overlay, inner_bars)
+                    entry = {"image": str(path), "json": str(rel), "status": result.status}
+                    if result.status == "done":
+                        entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))
+                    else:
+                        entry["reason"] = result.reason
+                    append_entry(manifest, entry)
+                summary.results.append(result)
+                if on_result is not None:
+                    on_result(result)
+                bar.update(1)
+        finally:
+            bar.close()
     if coco is not None:
         write_coco_for(Path(coco), images, [out / r for r in rels])
     return summary
@@ -197,12 +211,92 @@ def logged_done(manifest: Path) -> set[str]:
 
 
 def append_entry(manifest: Path, entry: dict[str, Any]) -> None:
-    """Append one manifest line (shared by the local and the Ray engine)."""
-    # One write per line, flushed to disk, so a crash loses at most the line being written.
-    with open(manifest, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one manifest line (shared by the local and the Ray engine). On a full or read-only disk
+    the manifest is left as it was and OutputError is raised."""
+    line = (json.dumps(entry) + "\n").encode("utf-8")
+    try:
+        f = open(manifest, "ab")
+    except OSError as exc:
+        raise OutputError(f"cannot write {manifest}: {exc}") from None
+    with f:
+        before = f.tell()
+        try:
+            # One write per line, flushed to disk, so a crash loses at most the line being written.
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            _undo_append(f, before)
+            raise OutputError(f"cannot write {manifest}: {exc}") from None
+
+
+def _undo_append(f: Any, size: int) -> None:
+    """Truncate a file back to `size` bytes after a failed append; a file that was new is removed."""
+    try:
+        f.truncate(size)
+        if size == 0:
+            os.unlink(f.name)
+    except OSError:
+        pass  # then the next run's repair_manifest cuts the partial line
+
+
+@contextmanager
+def hold_output(out: Path) -> Iterator[Path]:
+    """Hold the output folder `out` for one run (shared by the local and the Ray engine): create it,
+    take its lock (OutputError when another run holds it) and repair a manifest whose last line a
+    killed run cut short. Yields the manifest's path. The lock is released when the block ends, and by
+    the system when the process dies (kill -9 included), so a stale lock file never blocks a rerun."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "ab")
+    except OSError as exc:
+        raise OutputError(f"cannot write to the output folder {out}: {exc}") from None
+    with lock:
+        if not _try_lock(lock):
+            raise OutputError(
+                f"another samkit run is writing to {out} (it holds {out / LOCK}); wait for it to finish "
+                "or give another --out"
+            )
+        manifest = out / MANIFEST
+        repair_manifest(manifest)
+        yield manifest
+
+
+def _try_lock(f: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: two runs into one folder are not detected there
+        return True
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def repair_manifest(path: Path) -> None:
+    """Cut off a last line that has no newline (a run killed while appending it), so the next entry
+    starts on a line of its own. Nothing is lost: the cut image's JSON, if it was written, is logged
+    again as recovered; an image without a JSON is redone."""
+    try:
+        with open(path, "r+b") as f:
+            end = keep = f.seek(0, os.SEEK_END)
+            while keep > 0:
+                start = max(0, keep - 65536)
+                f.seek(start)
+                chunk = f.read(keep - start)
+                if keep == end and chunk.endswith(b"\n"):
+                    return
+                cut = chunk.rfind(b"\n")
+                if cut >= 0:
+                    keep = start + cut + 1
+                    break
+                keep = start
+            f.truncate(keep)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"cannot repair {path}: {exc}") from None
 
 
 class _NoBar:

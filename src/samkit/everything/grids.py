@@ -61,7 +61,9 @@ def crop_boxes(image_size: tuple[int, int], n_layers: int, overlap_ratio: float)
         y0s = [int((crop_h - overlap) * i) for i in range(per_side)]
         for x0 in x0s:
             for y0 in y0s:
-                crops.append(Crop((x0, y0, min(x0 + crop_w, w), min(y0 + crop_h, h)), layer))
+                x1, y1 = min(x0 + crop_w, w), min(y0 + crop_h, h)
+                if x1 > x0 and y1 > y0:  # crops of an image a few pixels wide can fall outside it
+                    crops.append(Crop((x0, y0, x1, y1), layer))
     return crops
 
 

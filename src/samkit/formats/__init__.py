@@ -1,6 +1,6 @@
 """Readers and writers: SA-1B JSON, COCO instances, PNG masks and label maps, overlays, atomic writes."""
 
-from samkit.formats._atomic import atomic_write_bytes, atomic_write_json
+from samkit.formats._atomic import atomic_write_bytes, atomic_write_json, staged_files
 from samkit.formats.coco import coco_dict, read_coco, write_coco
 from samkit.formats.overlay import overlay, palette, save_overlay
 from samkit.formats.png import (
@@ -28,6 +28,7 @@ __all__ = [
     "sa1b_dict",
     "sa1b_masks",
     "save_overlay",
+    "staged_files",
     "write_coco",
     "write_label_map",
     "write_mask_pngs",

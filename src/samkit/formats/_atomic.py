@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -38,6 +41,22 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def staged_files(directory: PathLike) -> Iterator[Path]:
+    """Write a group of files all or nothing: yields a temp folder inside `directory` (created if
+    needed); when the block ends without an error its files are renamed into `directory`, otherwise
+    the temp folder is removed and `directory` is left as it was."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=directory, prefix=".staged-"))
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, directory / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def atomic_write_json(path: PathLike, obj: Any, indent: int | None = None) -> Path:

@@ -71,7 +71,7 @@ class BlockMasks:
         they wait for NMS); `bits()` unpacks them. Other devices keep bool pixels."""
         if self.exact_bits.dtype != torch.bool or not cpu_tuned(self.exact_bits):
             return self
-        bits = self.exact_bits.numpy().reshape(len(self.exact_bits), -1)
+        bits = _rows(self.exact_bits.numpy())
         return BlockMasks(self.full, self.exact_index, torch.from_numpy(np.packbits(bits, axis=1)))
 
     def bits(self) -> torch.Tensor:
@@ -80,7 +80,7 @@ class BlockMasks:
             return self.exact_bits
         t = math.isqrt(self.exact_bits.shape[1] * 8)
         bits = np.unpackbits(self.exact_bits.numpy(), axis=1).view(np.bool_)
-        return torch.from_numpy(bits).view(-1, t, t)
+        return torch.from_numpy(bits).view(len(bits), t, t)
 
 
 class _Axis:
@@ -263,10 +263,15 @@ class Upscaler:
             dest[:, y0 : y0 + h, x0 : x0 + w] = local[:, :h, :w]
 
 
+def _rows(arr: np.ndarray) -> np.ndarray:
+    """(M, ...) -> (M, prod(...)); also for M = 0, where reshape(M, -1) is ambiguous (a 1-pixel image)."""
+    return arr.reshape(len(arr), math.prod(arr.shape[1:]))
+
+
 def _count_true(bits: torch.Tensor) -> torch.Tensor:
     """int64 (M,): True entries of bool (M, ...) per row."""
     if cpu_tuned(bits):
         # numpy counts bytes several times faster than torch sums bools on CPU; the memory is shared.
         arr = bits.numpy()
-        return torch.from_numpy(arr.reshape(len(arr), -1).view(np.uint8).sum(1, dtype=np.int64))
+        return torch.from_numpy(_rows(arr).view(np.uint8).sum(1, dtype=np.int64))
     return bits.flatten(1).sum(1)

@@ -6,6 +6,17 @@ import torch
 from torch import nn
 
 
+def version_key(t: torch.Tensor) -> tuple | None:
+    """A key that changes when `t` is modified in place, for caching what is computed from a parameter.
+
+    None for an inference tensor (e.g. a model loaded under `torch.inference_mode()`): those keep no
+    version counter, so nothing computed from them can be cached safely.
+    """
+    if t.is_inference():
+        return None
+    return (t._version, t.data_ptr(), t.device, t.dtype)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel dimension of a (B, C, H, W) tensor."""
 

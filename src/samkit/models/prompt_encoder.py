@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from samkit.models.common import LayerNorm2d
+from samkit.models.common import LayerNorm2d, version_key
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -78,10 +78,9 @@ class PromptEncoder(nn.Module):
         It depends only on a fixed buffer, so at inference it is computed once and reused (it is a
         noticeable share of one click's decoding time on a CPU).
         """
-        if torch.is_grad_enabled():
+        key = version_key(self.pe_layer.positional_encoding_gaussian_matrix)
+        if torch.is_grad_enabled() or key is None:
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
-        matrix = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (matrix._version, matrix.data_ptr(), matrix.device, matrix.dtype)
         if getattr(self, "_dense_pe_key", None) != key:
             self._dense_pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
             self._dense_pe_key = key

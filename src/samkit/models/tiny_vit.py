@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samkit.devices import cpu_tuned
-from samkit.models.common import LayerNorm2d
+from samkit.models.common import LayerNorm2d, version_key
 
 # Rows of a stage-0 map an MBConv block processes at once at inference (of 256 for a 1024 input).
 _MBCONV_BAND_ROWS = 32
@@ -178,9 +178,9 @@ class WindowAttention(nn.Module):
 
     def _bias(self) -> torch.Tensor:
         """The (heads, N, N) bias; in eval mode gathered once and reused until the parameter changes."""
-        if self.training or torch.is_grad_enabled():
+        key = version_key(self.attention_biases)
+        if self.training or torch.is_grad_enabled() or key is None:
             return self.attention_biases[:, self.attention_bias_idxs]
-        key = (self.attention_biases._version, self.attention_biases.data_ptr(), self.attention_biases.device)
         if getattr(self, "_bias_key", None) != key:
             self._bias_cache = self.attention_biases[:, self.attention_bias_idxs].detach()
             self._bias_key = key
