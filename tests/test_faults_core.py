@@ -7,15 +7,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import struct
-import subprocess
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers_faults import fill, jpeg_with_orientation, png_claiming, tmpfs_mounts
 from PIL import Image
 
 import samkit
@@ -29,62 +27,9 @@ from samkit.models.build import SamConfig, build_sam
 FAST = dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0, output_mode="coco_rle")
 
 
-# --- helpers ---------------------------------------------------------------------------------------------
-
-
-def png_claiming(path: Path, width: int, height: int) -> Path:
-    """A few-hundred-byte PNG whose header claims width x height (its pixel data is a 1x1 image's)."""
-    import io
-
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = bytearray(data[16:29])  # after the signature (8) and IHDR's length + type (8)
-    ihdr[0:8] = struct.pack(">II", width, height)
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
-    path.write_bytes(bytes(data))
-    return path
-
-
-def jpeg_with_orientation(path: Path, orientation: int) -> np.ndarray:
-    """A 40 x 20 (W x H) JPEG stored with a bright top-left corner and the given EXIF orientation.
-    Returns the stored pixels."""
-    stored = np.zeros((20, 40, 3), np.uint8)
-    stored[:6, :12] = 255
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
-    return stored
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator:
-    """Factory: mount a tmpfs with `options` (e.g. "ro" or "size=64k") on a fresh folder; unmounted after."""
-    mounted: list[Path] = []
-
-    def mount(options: str) -> Path:
-        target = tmp_path / f"mnt{len(mounted)}"
-        target.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        subprocess.run(["umount", str(target)], check=False)
-
-
-def fill(folder: Path, leave_bytes: int) -> None:
-    """Fill the file system of `folder` until about `leave_bytes` are free."""
-    stat = os.statvfs(folder)
-    free = stat.f_bavail * stat.f_frsize
-    with open(folder / "filler", "wb") as f:
-        f.write(b"\0" * max(0, free - leave_bytes))
+@pytest.fixture(name="tmpfs")
+def _tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    yield from tmpfs_mounts(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +181,9 @@ def test_damaged_cached_file_without_a_source_is_one_line(tmp_path: Path) -> Non
     (tmp_path / "m.pt").write_bytes(b"x" * 100)
     sha = sha256_file(tmp_path / "m.pt")
     assert fetch("m.pt", [], tmp_path, sha, 100, progress=False) == tmp_path / "m.pt"
-    (tmp_path / "m.pt").write_bytes(b"y" * 100)
+    stat = (tmp_path / "m.pt").stat()
+    (tmp_path / "m.pt").write_bytes(b"y" * 100)  # damaged in place: same size, mtime put back
+    os.utime(tmp_path / "m.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     dead = UrlSource((tmp_path / "missing.pt").as_uri())
     with pytest.raises(DownloadError, match=r"cached .*m.pt has sha256 \w+, expected " + sha) as info:
         fetch("m.pt", [dead], tmp_path, sha, 100, progress=False)

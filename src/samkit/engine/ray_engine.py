@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from samkit.engine.local import (
-    MANIFEST,
     ImageResult,
     RunSummary,
     append_entry,
+    hold_output,
     logged_done,
     output_paths,
     process_image,
@@ -278,10 +278,25 @@ class RayEngine:
         the same files as `run_local`, plus tar shards of `shard_size` images with `shard_size`.
 
         Returns the per-image results in input order; `on_result` is called on the driver as each image
-        resolves (skipped ones first)."""
+        resolves (skipped ones first). Raises OutputError when another run holds `out_dir`."""
         out = Path(out_dir).resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        manifest = out / MANIFEST
+        with hold_output(out) as manifest:
+            summary = self._run(images, out, manifest, overwrite, overlay, shard_size, progress, on_result)
+        if coco is not None:
+            write_coco_for(Path(coco), images, [out / r for r in output_paths(images)])
+        return summary
+
+    def _run(
+        self,
+        images: Sequence[Path],
+        out: Path,
+        manifest: Path,
+        overwrite: bool,
+        overlay: bool,
+        shard_size: int | None,
+        progress: bool,
+        on_result: Callable[[ImageResult], None] | None,
+    ) -> RunSummary:
         logged = logged_done(manifest)
         rels = output_paths(images)
         sharder = Sharder(images, rels, out, shard_size) if shard_size else None
@@ -315,8 +330,6 @@ class RayEngine:
                 self._dispatch(todo, out, overlay, manifest, resolve)
         finally:
             bar.close()
-        if coco is not None:
-            write_coco_for(Path(coco), images, [out / r for r in rels])
         return RunSummary([results[i] for i in range(len(images))])
 
     def _dispatch(
