@@ -192,7 +192,7 @@ def ref_and_ours(tmp_path_factory):
     ref_model = Sam(encoder, prompt, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]).eval()
     ckpt = tmp_path_factory.mktemp("ref") / "random_tiny.pt"
     torch.save(ref_model.state_dict(), ckpt)
-    return _EncodeOnce(SamPredictor(ref_model)), _EncodeOnce(Predictor(load(ckpt)))
+    return _EncodeOnce(SamPredictor(ref_model)), _EncodeOnce(Predictor(load(ckpt, dtype="fp32")))
 
 
 def _assert_same_reports(rows, ref, ours):

@@ -35,7 +35,7 @@ def assert_same_masks(ours: list[dict], theirs: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def models(ref_checkpoint):
     ref, path = ref_checkpoint("vit_t")
-    return samkit.load(path), ref
+    return samkit.load(path, dtype="fp32"), ref
 
 
 def _run(models, image, **kw):

@@ -30,7 +30,7 @@ def models():
     path = checkpoint_path("vit_t")
     ref = sam_model_registry["vit_t"]()
     ref.load_state_dict(torch.load(path, map_location="cpu"))
-    return samkit.load("vit_t"), ref.eval()
+    return samkit.load("vit_t", dtype="fp32"), ref.eval()
 
 
 def _run(models, image, **kw):

@@ -159,7 +159,10 @@ def test_medsam_lite_minmax_and_area_resize_match_torch(tmp_path) -> None:
 
 
 def test_int8_masks_close_to_fp32(vit_t, vit_t_int8) -> None:
-    """Best-scoring mask of each click: int8 vs fp32 IoU (the figure the README reports)."""
+    """Best-scoring mask of each click: int8 vs fp32 IoU (the figure the README reports), no empty mask.
+
+    On a VNNI CPU this checks the quantization itself; the saturation a CPU without VNNI adds is ruled
+    out for these exact graphs by `test_int8_weights_cannot_saturate_without_vnni`."""
     fp32 = OnnxPredictor(vit_t[1], num_threads=2)
     int8 = OnnxPredictor(vit_t_int8, num_threads=2)
     assert json.loads((vit_t_int8 / SPEC_NAME).read_text())["quantization"].startswith("int8")
@@ -175,9 +178,50 @@ def test_int8_masks_close_to_fp32(vit_t, vit_t_int8) -> None:
             a_masks, a_scores, _ = fp32.predict(click, [1])
             b_masks, _, _ = int8.predict(click, [1])
             a, b = a_masks[a_scores.argmax()], b_masks[a_scores.argmax()]
+            assert b.any(), f"int8 mask of click {click} is empty"
             ious.append((a & b).sum() / max((a | b).sum(), 1))
     print(f"int8 vs fp32 best-mask IoU: mean {np.mean(ious):.4f}, min {np.min(ious):.4f}")
     assert np.mean(ious) >= 0.97
+
+
+def _u8s8_without_vnni(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """uint8 (M, K) @ int8 (K, N) as x86 CPUs without VNNI run it (`vpmaddubsw`): each pair of products
+    along K is summed into a saturating int16, then the pairs are added in int32."""
+    prod = a[:, :, None].astype(np.int32) * w[None].astype(np.int32)  # (M, K, N)
+    pairs = prod[:, 0::2] + prod[:, 1::2]
+    return np.clip(pairs, -32768, 32767).sum(1)
+
+
+def _int8_weights(path: Path) -> list[np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+
+def test_int8_weights_cannot_saturate_without_vnni(vit_t, vit_t_int8) -> None:
+    """Runs on any x86-64: the int8 graphs hold 7-bit weights, so AVX2's 16-bit pair sums are exact.
+
+    uint8 activations (<= 255) times weights in [-64, 64] give pairs of at most 2 * 255 * 64 = 32640 <= 32767.
+    The emulated AVX2 product equals the exact one on worst-case activations for the real vit_t weights,
+    and differs for the same matrix at full 8-bit range (what the export wrote before, which gave empty
+    masks on AVX2 machines).
+    """
+    spec = json.loads((vit_t_int8 / SPEC_NAME).read_text())
+    assert spec["int8"]["reduce_range"] is True and spec["int8"]["activations"] == "QUInt8"
+    weights = [w for name in ("encoder.onnx", "decoder.onnx") for w in _int8_weights(vit_t_int8 / name)]
+    assert len(weights) > 50
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+    big = max((w for w in weights if w.ndim == 2), key=lambda w: np.abs(w.astype(np.int32)).sum())
+    big = big[: big.shape[0] // 2 * 2, :64]
+    # The worst case for each column: activation 255 where the weight has the column's dominant sign.
+    a = np.where(big.T >= 0, 255, 0).astype(np.uint8)
+    exact = a.astype(np.int32) @ big.astype(np.int32)
+    np.testing.assert_array_equal(_u8s8_without_vnni(a, big), exact)
+    full = np.clip(np.round(big.astype(np.float32) * 127 / 64), -127, 127).astype(np.int8)
+    exact_full = a.astype(np.int32) @ full.astype(np.int32)
+    assert (_u8s8_without_vnni(a, full) != exact_full).any()
 
 
 def test_predict_batch_and_embedding_files_interoperate(vit_t, tmp_path) -> None:
@@ -245,3 +289,24 @@ def test_cli_export_onnx_of_a_checkpoint(vit_b_small, tmp_path) -> None:
     spec = json.loads((tmp_path / "o" / SPEC_NAME).read_text())
     assert spec["opset"] == 19 and (tmp_path / "o" / "encoder.onnx").is_file()
     assert main(["export", "onnx", "--model", str(ckpt), "--out", str(tmp_path / "p"), "--opset", "9"]) == 2
+
+
+def test_old_8bit_int8_export_warns_on_a_cpu_without_vnni(vit_t_int8, tmp_path, monkeypatch, caplog) -> None:
+    import logging
+    import shutil
+
+    from samkit import hardware
+
+    monkeypatch.setattr(
+        hardware, "cpu_info", lambda: hardware.CpuInfo("AVX2 CPU", frozenset({"avx2"}), arch="x86_64")
+    )
+    old = tmp_path / "old"
+    shutil.copytree(vit_t_int8, old)
+    spec = json.loads((old / SPEC_NAME).read_text())
+    del spec["int8"]  # what exports written before 7-bit weights hold
+    (old / SPEC_NAME).write_text(json.dumps(spec))
+    with caplog.at_level(logging.WARNING, logger="samkit"):
+        OnnxPredictor(vit_t_int8)
+        assert not caplog.records
+        OnnxPredictor(old)
+    assert len(caplog.records) == 1 and "without VNNI" in caplog.records[0].getMessage()

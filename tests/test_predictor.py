@@ -15,7 +15,7 @@ from samkit.masks import stability_score
 @pytest.fixture(scope="module")
 def model(ref_checkpoint):
     _, path = ref_checkpoint("vit_t")
-    return samkit.load(path)
+    return samkit.load(path, dtype="fp32")
 
 
 @pytest.fixture(scope="module")

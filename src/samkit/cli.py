@@ -78,6 +78,16 @@ def _add_access(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="image encoder precision; auto (default): bf16 where native (CUDA, CPU with AVX512_BF16/AMX), "
+        "else fp32 (see `samkit info`)",
+    )
+
+
 def _cmd_segment(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -87,7 +97,7 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     if not args.point and args.box is None:
         raise SamkitError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
     image = samkit.load_image(args.image)
-    pred = samkit.Predictor(samkit.load(args.model))
+    pred = samkit.Predictor(samkit.load(args.model, dtype=args.dtype))
     pred.set_image(image)
     coords = np.array([p[:2] for p in args.point], dtype=float) if args.point else None
     labels = np.array([p[2] for p in args.point]) if args.point else None
@@ -124,7 +134,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     import samkit
     from samkit.engine.inputs import list_images
 
-    pred = samkit.Predictor(samkit.load(args.model))
+    pred = samkit.Predictor(samkit.load(args.model, dtype=args.dtype))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = failed = 0
@@ -155,12 +165,14 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
+    from samkit.hardware import cpu_line
     from samkit.zoo import describe_models
 
     rows = describe_models()
     if args.json:
         print(json.dumps(rows, indent=2))
         return
+    print(cpu_line())
     cols = ["name", "params", "input", "file", "size_mb", "licence", "cached", "source"]
     for r in rows:
         r["name"] += " (default)" if r["default"] else ""
@@ -168,6 +180,17 @@ def _cmd_models(args: argparse.Namespace) -> None:
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from samkit.hardware import describe
+
+    info = describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key:22} {' '.join(value) if isinstance(value, list) else value}")
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -181,6 +204,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         max_embeddings=args.max_embeddings,
         max_upload_mb=args.max_upload_mb,
+        dtype=args.dtype,
         token=args.token,
     )
     serve(config, host=args.host, port=args.port, workers=args.workers, allow_hosts=args.allow_host)
@@ -194,7 +218,7 @@ def _cmd_annotate(args: argparse.Namespace) -> None:
     from samkit.annotate.app import serve
 
     db = Path(args.db) if args.db else Path(args.images) / "annotations.sqlite"
-    project = Project(args.images, db, args.model)
+    project = Project(args.images, db, args.model, dtype=args.dtype)
     serve(project, host=args.host, port=args.port, token=args.token, allow_hosts=args.allow_host)
 
 
@@ -320,11 +344,12 @@ def _cmd_everything(args: argparse.Namespace) -> None:
             overlay=args.overlay,
             shard_size=args.shard_size,
             coco=args.coco,
+            dtype=args.dtype,
         )
     else:
         if args.shard_size:
             raise SamkitError("--shard-size needs --engine ray")
-        model = samkit.load(args.model, device=resolve_device(args.device))
+        model = samkit.load(args.model, device=resolve_device(args.device), dtype=args.dtype)
         generator = samkit.MaskGenerator(model, output_mode="coco_rle", **options)
         summary = run_local(
             images, generator, args.out, overwrite=args.overwrite, overlay=args.overlay, coco=args.coco
@@ -345,6 +370,7 @@ EXAMPLES = {
     "sample": "samkit sample   (prints the path of the photo shipped with samkit)",
     "download": "samkit download vit_t",
     "models": "samkit models",
+    "info": "samkit info   (CPU model and flags, the dtype `auto` picks, the ONNX int8 mode)",
     "serve": "samkit serve --model vit_t --port 8000 --workers 2   (OpenAPI docs at /docs)",
     "eval": "samkit eval clicks --data ../shared/datasets/interactive/GrabCut --model grabcut --limit 10 --out gc.json",
     "train": "samkit train configs/finetune_decoder.yaml --set optim.steps=500 --out runs/ft\n"
@@ -392,6 +418,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single", action="store_true", help="one mask instead of 3 candidates")
     p.add_argument("--out", default="out", help="output folder (default: out)")
     _add_model(p)
+    _add_dtype(p)
     p.set_defaults(func=_cmd_segment)
 
     p = command(
@@ -401,6 +428,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     _add_model(p)
+    _add_dtype(p)
     p.set_defaults(func=_cmd_embed)
 
     p = command(
@@ -410,6 +438,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="an image, a folder (recursive) or a text file listing image paths")
     p.add_argument("--out", required=True, help="output folder; mirrors the input's subfolders")
     _add_model(p)
+    _add_dtype(p)
     g = p.add_argument_group("generator options (as in SAM's automatic mask generator)")
     for f in dataclasses.fields(GeneratorSettings):
         default = getattr(GeneratorSettings, f.name)
@@ -443,6 +472,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p = command("models", "list every model: parameters, input size, file size, licence, source, cached")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
+
+    p = command("info", "this machine: CPU, flags, CUDA, what `--dtype auto` picks, ONNX int8 mode")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
 
     p = command(
         "eval", "measure a model with the SAM paper's zero-shot protocols; prints a table, writes JSON"
@@ -488,6 +521,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "HTTP service: POST /embed, /predict, /everything; GET /models, /health, /docs")
     _add_model(p)
+    _add_dtype(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="processes, each with its own model (default 1)")
@@ -503,6 +537,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     _add_model(p)
+    _add_dtype(p)
     _add_access(p)
     p.set_defaults(func=_cmd_annotate)
 

@@ -43,6 +43,7 @@ class OnnxPredictor:
             self.spec: dict[str, Any] = json.loads(spec_path.read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read {spec_path}: {exc}; export the model again") from None
+        _warn_if_int8_may_saturate(self.spec, self.model_dir)
         self.image_size = int(self.spec["image_size"])
         self.mask_threshold = float(self.spec.get("mask_threshold", 0.0))
         pre = self.spec["preprocess"]
@@ -241,3 +242,20 @@ class OnnxPredictor:
         if self.features is None:
             raise StateError("no image set: call set_image() (or load_embedding()) before predict()")
         return self.features
+
+
+def _warn_if_int8_may_saturate(spec: dict[str, Any], model_dir: Path) -> None:
+    """One warning line for an int8 export with full 8-bit weights (written before samkit used 7 bits) on
+    an x86 CPU without VNNI, where onnxruntime's int8 products can saturate (empty or wrong masks)."""
+    if not str(spec.get("quantization") or "").startswith("int8"):
+        return
+    if (spec.get("int8") or {}).get("reduce_range"):
+        return
+    from samkit.hardware import cpu_info, log
+
+    cpu = cpu_info()
+    if cpu.x86 and not cpu.vnni:
+        log.warning(
+            f"samkit: {model_dir} holds 8-bit int8 weights, which can saturate on this CPU without VNNI "
+            f"({cpu.model}): export it again with `samkit export onnx --quantize int8`"
+        )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from samkit.errors import CheckpointError, SamkitError
+from samkit.hardware import resolve_dtype
 from samkit.models.build import MEDSAM_LITE, NANO, VIT_B, VIT_H, VIT_L, VIT_T, SamConfig, build_sam
 from samkit.models.sam import Sam
 
@@ -146,7 +147,7 @@ def load(
     name_or_path: str | Path | None = None,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     progress: bool = True,
 ) -> Sam:
     """Load a model by zoo name (downloading into `$SAMKIT_HOME` on first use) or from a checkpoint file.
@@ -154,8 +155,10 @@ def load(
     Files may be official `.pth`/`.pt` state_dicts (keys `image_encoder.*`, `prompt_encoder.*`,
     `mask_decoder.*`) or samkit `.safetensors` checkpoints; the architecture is detected from the keys.
     `None` loads the default model (`vit_t`, MobileSAM). Returns the model in eval mode on `device`.
-    `dtype` ("bf16", "fp16" or a torch dtype) sets the image encoder's precision (bf16 is ~2-3x faster on
-    CPUs with AVX512-BF16 / AMX and on GPUs); the prompt encoder and mask decoder stay fp32.
+    `dtype` ("auto", "fp32", "bf16", "fp16" or a torch dtype; None = fp32) sets the image encoder's
+    precision; the prompt encoder and mask decoder stay fp32. "auto" (default) is bf16 where the device
+    multiplies it natively (CUDA with bf16; CPUs with AVX512_BF16 or AMX: ~2-3x faster) and fp32 elsewhere,
+    where bf16 is emulated and many times slower (an explicit "bf16" there logs one warning line).
     """
     name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
     text = str(name_or_path)
@@ -169,34 +172,22 @@ def load(
         known = ", ".join(registry())
         raise SamkitError(f"unknown model {text!r}: give one of {known} or the path of a checkpoint file")
     model = model.to(device)
-    if dtype is not None:
+    amp = _dtype(resolve_dtype(dtype, model.device))
+    if amp != torch.float32:
         # Only the heavy image encoder runs in reduced precision; the prompt encoder and the decoder are
         # cheap and keep fp32 so masks and scores stay comparable. The encoder runs under autocast: its
         # matrix products and convolutions in `dtype`, its residual stream, norms and softmax in fp32
         # (on a CPU that halves the embedding error of a whole-bf16 encoder at the same speed). On a GPU
         # the weights are stored in `dtype` too, for memory.
-        amp = _dtype(dtype)
-        if amp != torch.float32:
-            model.encoder_amp = amp
-            if model.device.type != "cpu":
-                model.image_encoder.to(amp)
+        model.encoder_amp = amp
+        if model.device.type != "cpu":
+            model.image_encoder.to(amp)
     return model.eval()
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if dtype not in table:
-        raise SamkitError(f"unknown dtype {dtype!r}: use one of {', '.join(table)}")
-    return table[dtype]
+def _dtype(name: str) -> torch.dtype:
+    """The torch dtype of a resolved precision name ("fp32", "bf16", "fp16")."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -111,7 +111,8 @@ class Project:
 
     model: a zoo name or checkpoint path for `samkit.load` (None: the default model), or a model already
     loaded with `samkit.load`. Embeddings are cached
-    in `<db stem>.embeddings/` next to the database.
+    in `<db stem>.embeddings/` next to the database. dtype: the encoder precision `samkit.load` uses
+    for a model given by name ("auto": bf16 where the hardware runs it natively, else fp32).
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class Project:
         model: str | Path | Any = None,
         log: Callable[[str], None] | None = None,
         lru_size: int = 4,
+        dtype: str = "auto",
     ) -> None:
         import samkit
 
@@ -129,7 +131,7 @@ class Project:
         self.root = register_images(self.store, images_dir, self.log)
         if model is None or isinstance(model, (str, Path)):
             self.model_name = None if model is None else str(model)
-            self.model = samkit.load(model)
+            self.model = samkit.load(model, dtype=dtype)
         else:  # an already loaded model, e.g. shared by several projects in one process
             self.model_name = str(getattr(model, "arch", "model"))
             self.model = model

@@ -90,10 +90,16 @@ class Worker:
     model: zoo name or checkpoint path (None: the default model). generator_kwargs: MaskGenerator
     options (output_mode is forced to "coco_rle", as the local CLI does). threads: torch intra-op
     threads; device: "cpu", or "cuda" for a GPU actor, which then runs on its own GPU (`actor_device`).
+    dtype: the encoder precision for `samkit.load`; "auto" is resolved on the worker's own machine.
     """
 
     def __init__(
-        self, model: str | None, generator_kwargs: Mapping[str, Any], threads: int, device: str
+        self,
+        model: str | None,
+        generator_kwargs: Mapping[str, Any],
+        threads: int,
+        device: str,
+        dtype: str = "auto",
     ) -> None:
         import torch
 
@@ -109,7 +115,7 @@ class Worker:
             self.gpu_ids = []
         self.device = device
         self.generator = samkit.MaskGenerator(
-            samkit.load(model, device=device, progress=False),
+            samkit.load(model, device=device, dtype=dtype, progress=False),
             **{**generator_kwargs, "output_mode": "coco_rle"},
         )
 
@@ -154,7 +160,7 @@ class RayEngine:
     head node. workers: actors to start (default: as many as the cluster's CPUs, or GPUs, allow).
     batch_size: images per actor call. gpus_per_worker: GPUs per actor (fractions share a GPU; > 0 runs
     the model on CUDA). cpus_per_worker: CPUs per actor, also its torch thread count. max_attempts: worker
-    deaths an image may cause before it is listed as failed.
+    deaths an image may cause before it is listed as failed. dtype: as for `Worker`.
     """
 
     def __init__(
@@ -168,6 +174,7 @@ class RayEngine:
         gpus_per_worker: float = 0.0,
         cpus_per_worker: float = 1.0,
         max_attempts: int = 3,
+        dtype: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1 image, got {batch_size}")
@@ -183,6 +190,7 @@ class RayEngine:
         self.gpus_per_worker = gpus_per_worker
         self.cpus_per_worker = cpus_per_worker
         self.max_attempts = max_attempts
+        self.dtype = dtype
         self.restarts = 0
         self._actors: list[Any] = []
         self._pids: list[int] = []
@@ -224,7 +232,7 @@ class RayEngine:
             )
         cls = self._actor_class
         device = "cuda" if self.gpus_per_worker > 0 else "cpu"
-        return cls.remote(self.model, self.generator_kwargs, int(self.cpus_per_worker), device)
+        return cls.remote(self.model, self.generator_kwargs, int(self.cpus_per_worker), device, self.dtype)
 
     def start(self, n: int | None = None) -> None:
         """Start the actors (n, or the engine's worker count) and wait until each has loaded the model;
@@ -439,6 +447,7 @@ def run_ray(
     shard_size: int | None = None,
     coco: str | Path | None = None,
     progress: bool = True,
+    dtype: str = "auto",
 ) -> RunSummary:
     """One run on Ray with a fresh set of actors, closed at the end (see `RayEngine` and `RayEngine.run`)."""
     engine = RayEngine(
@@ -449,6 +458,7 @@ def run_ray(
         batch_size=batch_size,
         gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker,
+        dtype=dtype,
     )
     try:
         return engine.run(

@@ -50,7 +50,8 @@ def resolve_model(model: Any, embedding_cache: str | Path | None = None) -> tupl
             meta["checkpoint_sha256"] = samkit.registry()[spec].sha256
         elif Path(spec).is_file():
             meta["checkpoint_sha256"] = _sha256(Path(spec))
-        model = samkit.load(spec)
+        # fp32 on every machine: a benchmark's figures must not depend on the CPU that ran them.
+        model = samkit.load(spec, dtype="fp32")
     else:
         meta["model"] = getattr(model, "arch", type(model).__name__)
     if embedding_cache is not None:

@@ -10,9 +10,10 @@ def version_key(t: torch.Tensor) -> tuple | None:
     """A key that changes when `t` is modified in place, for caching what is computed from a parameter.
 
     None for an inference tensor (e.g. a model loaded under `torch.inference_mode()`): those keep no
-    version counter, so nothing computed from them can be cached safely.
+    version counter, so nothing computed from them can be cached safely. None while torch.export /
+    torch.compile trace the model too: their fake tensors have no storage (and no cache is wanted there).
     """
-    if t.is_inference():
+    if t.is_inference() or torch.compiler.is_compiling():
         return None
     return (t._version, t.data_ptr(), t.device, t.dtype)
 

@@ -57,7 +57,8 @@ class ServeConfig:
 
     model: zoo name or checkpoint path (None: the default model). cache_dir: where embeddings are kept
     (default: $SAMKIT_HOME/serve/<model>). max_embeddings: LRU bound of that cache. max_upload_mb: request
-    body limit (413 beyond). max_image_pixels: decoded image limit (400 beyond).
+    body limit (413 beyond). max_image_pixels: decoded image limit (400 beyond). dtype: image encoder
+    precision for `samkit.load` ("auto": bf16 where the hardware runs it natively, else fp32).
     token: the token every request must carry (None: none). hosts: Host header names accepted (None:
     any; `serve` fills it from the address it listens on, see `samkit.web.Access.for_bind`).
     decode_threads: clicks decoded at once (0: one per CPU core). max_encodes: images encoded at once
@@ -69,6 +70,7 @@ class ServeConfig:
     max_embeddings: int = 256
     max_upload_mb: float = 32.0
     max_image_pixels: int = 64_000_000
+    dtype: str = "auto"
     token: str | None = None
     hosts: list[str] | None = None
     decode_threads: int = 0
@@ -177,7 +179,7 @@ class Service:
         from samkit.download import cache_dir
 
         self.config = config
-        self.model = samkit.load(config.model, progress=False)
+        self.model = samkit.load(config.model, dtype=config.dtype, progress=False)
         self.name = self.model.arch or Path(str(config.model)).stem
         root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "serve" / self.name
         self.cache = EmbeddingCache(root, config.max_embeddings)

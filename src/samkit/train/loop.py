@@ -203,9 +203,10 @@ class Trainer:
             model.arch = "custom"
             if spec["init"] != "scratch":
                 # A new architecture warm-started from a checkpoint's matching tensors (samkit-nano).
-                warm_start(model, samkit.load(spec["init"]))
+                warm_start(model, samkit.load(spec["init"], dtype="fp32"))
         else:
-            model = samkit.load(spec["init"])
+            # fp32 whatever the CPU: the config's `amp` decides the training precision.
+            model = samkit.load(spec["init"], dtype="fp32")
         if self.mode == "lora":
             lora = self.cfg["lora"]
             n = add_lora(model.image_encoder, int(lora["rank"]), float(lora["alpha"]), list(lora["targets"]))
@@ -216,7 +217,7 @@ class Trainer:
     def _build_teacher(self) -> Sam:
         import samkit
 
-        teacher = samkit.load(self.cfg["teacher"], device=self.device)
+        teacher = samkit.load(self.cfg["teacher"], device=self.device, dtype="fp32")
         if teacher.image_size != self.model.image_size:
             raise ConfigError(
                 f"teacher input size {teacher.image_size} differs from the student's {self.model.image_size}"
