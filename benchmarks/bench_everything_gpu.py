@@ -153,8 +153,8 @@ def _reference(name: str, weights: Path | None) -> tuple[Any, Any, Any]:
     return model.eval(), SamAutomaticMaskGenerator, SamPredictor
 
 
-def _samkit(name: str, ref: Any, weights: Path | None, device: torch.device, dtype: str | None) -> Any:
-    """samkit's model with the reference's weights (the same tensors)."""
+def _samkit(name: str, ref: Any, weights: Path | None, device: torch.device, dtype: str) -> Any:
+    """samkit's model with the reference's weights (the same tensors); dtype "fp32" or "bf16" (encoder)."""
     import samkit
     from samkit.models.build import VIT_B, VIT_H, VIT_L, build_sam
 
@@ -163,7 +163,7 @@ def _samkit(name: str, ref: Any, weights: Path | None, device: torch.device, dty
     model = build_sam({"vit_b": VIT_B, "vit_l": VIT_L, "vit_h": VIT_H}[name])
     model.load_state_dict(ref.state_dict())
     model.arch = name
-    if dtype is not None:  # as samkit.load does it
+    if dtype == "bf16":  # as samkit.load does it
         model.encoder_amp = torch.bfloat16
         if device.type != "cpu":
             model.image_encoder.to(torch.bfloat16)
@@ -179,7 +179,7 @@ def _model_rows(name: str, device: torch.device, images: list[np.ndarray], args:
     label = f"{name} ({'real' if weights else 'random'} weights)"
     ref_model, RefAMG, RefPredictor = _reference(name, weights)
     ref_model.to(device)
-    ours = _samkit(name, ref_model, weights, device, None)
+    ours = _samkit(name, ref_model, weights, device, "fp32")
     settings = {"points_per_side": args.points_per_side, "output_mode": "coco_rle"}
 
     import samkit
