@@ -196,3 +196,21 @@ def test_command_line_token_and_host_check(tmp_path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+def test_phone_photo_sizes_are_the_viewed_frame(tmp_path) -> None:
+    """A JPEG stored 40x20 with EXIF orientation 6 shows as 20x40: the annotator (and its SA-1B/COCO
+    exports) must use that frame, the one its masks are in."""
+    from PIL import Image
+
+    images, db = make_project_dir(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(images / "phone.jpg", exif=exif)
+    project = Project(images, db, model(), log=lambda _: None)
+    try:
+        phone = next(im for im in project.store.images() if im["path"] == "phone.jpg")
+        assert (phone["width"], phone["height"]) == (20, 40)
+        assert project._sam.load_image(images / "phone.jpg").shape[:2] == (40, 20)
+    finally:
+        project.close()

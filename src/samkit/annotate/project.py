@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from samkit.annotate.embeddings import EmbeddingCache
 from samkit.annotate.store import ObjectRecord, Store
-from samkit.errors import InputError, PromptError, SamkitError, StateError
-from samkit.image import IMAGE_SUFFIXES
+from samkit.errors import ImageError, InputError, PromptError, SamkitError, StateError
+from samkit.image import IMAGE_SUFFIXES, image_size
 from samkit.prompts import MAX_POINTS
 
 # Auto mode keeps a generated mask only if it overlaps every existing object by less than this IoU.
@@ -350,11 +349,11 @@ def _model_tag(arch: str, name: str | None) -> str:
 
 
 def _image_size(path: Path) -> tuple[int | None, int | None]:
-    """(width, height) from the file header, or (None, None) if the file cannot be read."""
+    """(width, height) as viewers show the image (EXIF orientation applied, the frame of its masks), from
+    the file header, or (None, None) if the file cannot be read."""
     try:
-        with Image.open(path) as im:
-            return int(im.size[0]), int(im.size[1])
-    except (OSError, ValueError, SyntaxError):
+        return image_size(path)
+    except ImageError:
         return None, None
 
 
