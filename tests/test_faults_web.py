@@ -436,3 +436,23 @@ def test_serve_on_loopback_checks_hosts_by_default(serve_app, monkeypatch, tmp_p
     assert "without a token" in capsys.readouterr().err  # anyone on the network could use it
     with TestClient(ran["app"], base_url="http://evil.example") as client:
         assert client.get("/health").status_code == 200  # on a network address: any name, use a token
+
+
+def test_uploads_use_samkit_image_limit_from_the_header(monkeypatch) -> None:
+    """The same pixel limit as every other image samkit reads ($SAMKIT_MAX_PIXELS), before decoding."""
+    from samkit.errors import ImageError
+    from samkit.serve.app import decode_upload
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, "PNG")
+    monkeypatch.setenv("SAMKIT_MAX_PIXELS", "60000")
+    assert decode_upload(buf.getvalue()).shape == (200, 300, 3)
+    monkeypatch.setenv("SAMKIT_MAX_PIXELS", "59999")
+    with pytest.raises(ImageError, match="SAMKIT_MAX_PIXELS"):
+        decode_upload(buf.getvalue())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20)).save(buf, "JPEG", exif=exif)
+    monkeypatch.delenv("SAMKIT_MAX_PIXELS")
+    assert decode_upload(buf.getvalue()).shape == (40, 20, 3)  # the viewed frame

@@ -57,8 +57,9 @@ class ServeConfig:
 
     model: zoo name or checkpoint path (None: the default model). cache_dir: where embeddings are kept
     (default: $SAMKIT_HOME/serve/<model>). max_embeddings: LRU bound of that cache. max_upload_mb: request
-    body limit (413 beyond). max_image_pixels: decoded image limit (400 beyond). dtype: image encoder
-    precision for `samkit.load` ("auto": bf16 where the hardware runs it natively, else fp32).
+    body limit (413 beyond). max_image_pixels: image size limit, width x height (400 beyond; None:
+    samkit's limit for every image, $SAMKIT_MAX_PIXELS). dtype: image encoder precision for
+    `samkit.load` ("auto": bf16 where the hardware runs it natively, else fp32).
     token: the token every request must carry (None: none). hosts: Host header names accepted (None:
     any; `serve` fills it from the address it listens on, see `samkit.web.Access.for_bind`).
     decode_threads: clicks decoded at once (0: one per CPU core). max_encodes: images encoded at once
@@ -69,7 +70,7 @@ class ServeConfig:
     cache_dir: str | None = None
     max_embeddings: int = 256
     max_upload_mb: float = 32.0
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int | None = None
     dtype: str = "auto"
     token: str | None = None
     hosts: list[str] | None = None
@@ -104,9 +105,11 @@ class PredictBody(BaseModel):
     multimask: bool = Field(True, description="3 candidate masks (True) or 1")
 
 
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """Uploaded file bytes -> (H, W, 3) uint8 RGB; ImageError (400) if empty, unreadable or too large."""
-    from samkit.image import load_image
+def decode_upload(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Uploaded file bytes -> (H, W, 3) uint8 RGB in the frame viewers show (EXIF orientation applied);
+    ImageError (400) if empty, unreadable, or over `max_pixels` (None: samkit's image limit), which is
+    checked from the header before decoding."""
+    from samkit.image import check_pixels, load_image
 
     if not data:
         raise ImageError("the upload is empty; send an image file in the form field 'file'")
@@ -117,7 +120,9 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError(
             f"the upload is not a readable image ({type(exc).__name__}); send a JPEG or PNG"
         ) from None
-    if w * h > max_pixels:
+    if max_pixels is None:
+        check_pixels(w, h, what="the upload")
+    elif w * h > max_pixels:
         raise ImageError(f"image is {w}x{h} = {w * h} pixels; this server accepts up to {max_pixels}")
     try:
         img.load()
