@@ -141,8 +141,8 @@ class Busy(HTTPException):
 
 class EncodeGate:
     """At most `running` encodes at a time and `waiting` more queued; beyond that, or after waiting
-    `timeout` seconds, `Busy`. Admission comes before the upload is read, which bounds the memory that
-    queued images hold."""
+    `timeout` seconds, `Busy`. Admission comes before the upload is read into memory, and images are
+    decoded only once running, which bounds the memory that queued requests hold."""
 
     def __init__(self, running: int, waiting: int, timeout: float = ENCODE_WAIT_SECONDS) -> None:
         if running < 1 or waiting < 0:
@@ -205,11 +205,10 @@ class Service:
         path = self.cache.get(key)
         cached = path is not None
         if path is None:
-            image = decode_upload(data, self.config.max_image_pixels)
             path = self.cache.path(key)
             predictor = samkit.Predictor(self.model)
-            with self.encodes.running():
-                predictor.set_image(image)
+            with self.encodes.running():  # decoded images too take memory: only the running ones exist
+                predictor.set_image(decode_upload(data, self.config.max_image_pixels))
             predictor.save_embedding(path)
             self.cache.added(key)
         meta = _embedding_meta(path)
@@ -293,15 +292,15 @@ class Service:
             from samkit.everything import MaskGenerator
         except ImportError:
             raise HTTPException(501, "segment-everything is not available in this samkit install") from None
-        image = decode_upload(data, self.config.max_image_pixels)
-        h, w = image.shape[:2]
-        if min(h, w) < MIN_EVERYTHING_SIDE:
-            raise ImageError(
-                f"image is {w}x{h}: too small to segment everything in; send at least "
-                f"{MIN_EVERYTHING_SIDE}x{MIN_EVERYTHING_SIDE} pixels"
-            )
         generator = MaskGenerator(self.model, points_per_side=points_per_side, output_mode="coco_rle")
         with self.encodes.running():
+            image = decode_upload(data, self.config.max_image_pixels)
+            h, w = image.shape[:2]
+            if min(h, w) < MIN_EVERYTHING_SIDE:
+                raise ImageError(
+                    f"image is {w}x{h}: too small to segment everything in; send at least "
+                    f"{MIN_EVERYTHING_SIDE}x{MIN_EVERYTHING_SIDE} pixels"
+                )
             records = generator.generate(image)
         info = {"image_id": self.embedding_id(data), "width": w, "height": h, "file_name": file_name}
         return sa1b_dict(info, records)
