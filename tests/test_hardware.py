@@ -216,3 +216,14 @@ def test_this_machine_is_detected():
     assert info.model and info.torch_capability
     if info.bf16_native:
         assert info.flags & {"avx512_bf16", "amx_bf16"}
+
+
+def test_without_proc_cpuinfo_torch_capability_gives_the_vector_width(monkeypatch):
+    """macOS / Windows: no /proc/cpuinfo, so the flags come from PyTorch's kernel level (never bf16)."""
+    monkeypatch.setattr(hardware, "read_cpuinfo", lambda: "")
+    for capability, flags in [("AVX512", {"avx2", "avx512f"}), ("AVX2", {"avx2"}), ("DEFAULT", set())]:
+        monkeypatch.setattr(hardware, "_torch_capability", lambda c=capability: c)
+        hardware.cpu_info.cache_clear()
+        info = hardware.cpu_info()
+        assert info.flags == flags and info.model and not info.bf16_native
+    hardware.cpu_info.cache_clear()

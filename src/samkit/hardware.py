@@ -7,8 +7,8 @@ without VNNI these go through an instruction that saturates 16-bit sums, which t
 7-bit weights (see `samkit.export.onnx_export.quantize_int8`).
 
 Reading the flags needs no torch (`/proc/cpuinfo`); torch is imported only to ask for its CPU kernel
-level and for CUDA. Tests replace the detected CPU with `cpu_info.cache_clear()` + monkeypatching
-`read_cpuinfo`, or by passing a `CpuInfo` to `resolve_dtype`.
+level and for CUDA. Tests describe a CPU with a `CpuInfo` and pass it (`cpu=`) or put it in place of
+`cpu_info`, so every branch is tested on any machine.
 """
 
 from __future__ import annotations
@@ -142,10 +142,12 @@ def cpu_info() -> CpuInfo:
     """This machine's CPU (cached; `cpu_info.cache_clear()` re-reads it)."""
     model, flags = parse_cpuinfo(read_cpuinfo())
     capability = _torch_capability()
-    if not flags and capability:
+    if not flags:
         # No /proc/cpuinfo: PyTorch's kernel level says at least which vector width the CPU has.
-        flags = frozenset({"avx2", "avx512f"} if capability.upper().startswith("AVX512") else {"avx2"})
-        flags = flags if capability.upper().startswith("AVX") else frozenset()
+        level = capability.upper()
+        flags = frozenset(
+            {"avx2", "avx512f"} if level.startswith("AVX512") else {"avx2"} if level == "AVX2" else ()
+        )
     return CpuInfo(
         model=model or platform.processor() or platform.machine() or "unknown CPU",
         flags=flags,
