@@ -377,6 +377,7 @@ def test_embedding_files_are_bounded_least_recently_used_first(tmp_path):
         for stem in ["teddy", "llama", "teddy", "flower"]:
             w, h = load_image(next((GRABCUT / "images").glob(f"{stem}.*"))).shape[1::-1]
             _predict(c, _task(stem), [keypoint(50, 50, w, h)])
+    _need(GRABCUT)
     kept = {p.name for p in backend.predictor.root.glob("*.safetensors")}
     expect = {
         backend.predictor.path_for(load_image(next((GRABCUT / "images").glob(f"{s}.*")))).name
