@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATASETS
+from conftest import DATASETS, needs_shared
 
 import samkit
 from samkit.engine.inputs import list_images
@@ -55,7 +55,7 @@ def images(tmp_path_factory) -> Path:
         ("dsb", DATASETS / "instances" / "dsb2018" / "train" / "images"),
     ]:
         (root / sub).mkdir()
-        for f in sorted(src.glob("*.jpg"))[:10]:
+        for f in sorted(needs_shared(src).glob("*.jpg"))[:10]:
             shutil.copy(f, root / sub / f.name)
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 8)
     return root
