@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
+from conftest import REFSHIM
 from pycocotools import mask as mask_utils
 
 from samkit.errors import InputError
@@ -27,11 +25,10 @@ from samkit.masks import (
     to_coco_rle,
 )
 
-REFSHIM = os.environ.get("SAMKIT_REFSHIM", "/work/shared/refshim")
-if REFSHIM not in sys.path:
-    sys.path.insert(0, REFSHIM)
-amg = pytest.importorskip("segment_anything.utils.amg")
-ref_boxes = pytest.importorskip("torchvision.ops.boxes")
+# conftest puts ../shared/refshim (torchvision's NMS and the references' helpers) first on sys.path.
+_MISSING = f"needs {REFSHIM} (reference stand-ins): missing"
+amg = pytest.importorskip("segment_anything.utils.amg", reason=_MISSING)
+ref_boxes = pytest.importorskip("torchvision.ops.boxes", reason=_MISSING)
 
 
 def blobs(n: int, h: int, w: int, seed: int) -> torch.Tensor:
