@@ -211,7 +211,7 @@ def resolve_dtype(
             _warned.add(name)
             need = "AVX512_BF16 or AMX" if name == "bf16" else "AVX512_FP16 or AMX-FP16"
             log.warning(
-                f"samkit: {name} on this CPU ({info.model}) has no {need}: it is emulated and the image "
+                f"samkit: {name} is emulated on this CPU ({info.model}: no {need} in use), so the image "
                 f"encoder runs many times slower than fp32; use dtype 'auto' or 'fp32'"
             )
     return name
