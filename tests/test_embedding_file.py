@@ -107,3 +107,15 @@ def test_fingerprint_follows_the_weights_and_the_encoder_precision():
 def test_module_imports_without_torch():
     code = "import sys, samkit.embedding_file, samkit.transforms; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fingerprint_follows_the_preprocessing():
+    """Same encoder weights, other normalisation: other embeddings, so another fingerprint."""
+    model = _tiny(0)
+    before = fingerprint(model)
+    model.normalize = "minmax"
+    assert fingerprint(model) != before
+    model.normalize = "mean_std"
+    with torch.no_grad():
+        model.pixel_std.mul_(2.0)
+    assert fingerprint(model) != before

@@ -5,9 +5,9 @@ A safetensors file with one tensor, "embedding" (1, 256, g, g) float32, and stri
 - `original_size` "H,W" and `input_size` "h,w": the image's frame and its resized frame (prompts map
   between them);
 - `arch`, `image_size`, `model_config`: the model's name, input side and architecture id (`config_id`);
-- `encoder_fingerprint`: a hash of the image encoder's weights (`fingerprint`). An embedding is only
-  reusable by the exact encoder that made it: a fine-tune of `vit_t` shares its architecture, not its
-  weights.
+- `encoder_fingerprint`: a hash of the image encoder's weights and the preprocessing (`fingerprint`). An
+  embedding is only reusable by the exact encoder that made it: a fine-tune of `vit_t` shares its
+  architecture, not its weights.
 
 Loading checks the architecture id and, where both the file and the reader know one, the fingerprint; a
 mismatch is a one-line `CheckpointError`. Files written before fingerprints existed carry none: they load
@@ -151,24 +151,30 @@ _FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple, str]] = weakref.WeakK
 
 
 def fingerprint(model: Any) -> str:
-    """16 hex digits identifying a `Sam` model's image encoder: a SHA-1 of its state_dict (names and raw
-    bytes, as stored: a bf16 copy differs from the fp32 one) and of its reduced-precision compute
-    (`model.encoder_amp`), since both change the embedding. For cache keys and embedding files.
+    """16 hex digits naming what a `Sam` model turns an image into: its input size, resize and normalisation,
+    pixel mean/std, the image encoder's weights (names, dtypes and raw bytes: a bf16 copy differs from the
+    fp32 one) and its reduced-precision compute (`model.encoder_amp`). Models with bit-identical encoders
+    and preprocessing (`vit_t` and its decoder-only fine-tune) share it. For cache keys and embedding files.
 
-    Cached per model object; recomputed after any in-place change of the encoder's tensors (an optimiser
-    step, load_state_dict) or of `encoder_amp`.
+    Cached per model object; recomputed after any in-place change of those tensors (an optimiser step,
+    load_state_dict) or of `encoder_amp`.
     """
     import torch
 
-    tensors = model.image_encoder.state_dict()
+    tensors = {f"encoder.{k}": v for k, v in model.image_encoder.state_dict().items()}
+    tensors["pixel_mean"], tensors["pixel_std"] = model.pixel_mean, model.pixel_std
+    settings = f"image_size={model.image_size} resize={model.resize}"
+    if model.normalize != "mean_std":
+        settings += f" normalize={model.normalize}"
     amp = getattr(model, "encoder_amp", None)
-    state = (str(amp), tuple((t.data_ptr(), _version(t)) for t in tensors.values()))
+    state = (settings, str(amp), tuple((t.data_ptr(), _version(t)) for t in tensors.values()))
     cached = _FINGERPRINTS.get(model)
     if cached is not None and cached[0] == state:
         return cached[1]
-    h = hashlib.sha1()
+    h = hashlib.sha1(settings.encode())
     for name, t in tensors.items():
         h.update(name.encode())
+        h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     if amp is not None:
         h.update(f"encoder_amp={amp}".encode())

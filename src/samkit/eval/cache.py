@@ -11,28 +11,11 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from samkit.embedding_file import fingerprint as encoder_fingerprint
 from samkit.image import ImageLike, load_image
 from samkit.models.sam import Sam
 from samkit.predictor import Predictor
-
-
-def encoder_fingerprint(model: Sam) -> str:
-    """16 hex digits naming what `model` turns an image into: encoder weights, input size and resize, mean/std.
-
-    Two models with bit-identical encoders (e.g. `vit_t` and its decoder-only fine-tune) get the same
-    fingerprint; any changed encoder weight, dtype or normalisation gives a different one.
-    """
-    h = hashlib.sha1()
-    h.update(f"image_size={model.image_size} resize={model.resize}".encode())
-    tensors = {f"encoder.{k}": v for k, v in model.image_encoder.state_dict().items()}
-    tensors["pixel_mean"], tensors["pixel_std"] = model.pixel_mean, model.pixel_std
-    for name, t in tensors.items():
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class CachedPredictor(Predictor):
