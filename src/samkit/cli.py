@@ -79,9 +79,11 @@ def _add_access(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype(p: argparse.ArgumentParser) -> None:
+    from samkit.hardware import DTYPES
+
     p.add_argument(
         "--dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=DTYPES,
         default="auto",
         help="image encoder precision; auto (default): bf16 where native (CUDA, CPU with AVX512_BF16/AMX), "
         "else fp32 (see `samkit info`)",
