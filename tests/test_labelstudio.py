@@ -340,6 +340,17 @@ def test_prompts_give_the_predictors_mask_and_reuse_the_embedding(client):
     assert (backend.predictor.misses, backend.predictor.hits) == (2, 1)
 
 
+def test_repeated_clicks_on_a_task_decode_its_image_once(client, monkeypatch):
+    import samkit.image
+
+    decodes: list[int] = []
+    real = samkit.image.load_image
+    monkeypatch.setattr(samkit.image, "load_image", lambda im: decodes.append(1) or real(im))
+    for x in (30, 50, 70):
+        _predict(client, _task("teddy", 2), [keypoint(x, 50, 284, 398)])
+    assert len(decodes) == 1
+
+
 def test_embedding_cache_is_keyed_by_encoder_weights_not_the_model_name(client, tmp_path):
     import torch
 
@@ -366,6 +377,7 @@ def test_embedding_cache_is_keyed_by_encoder_weights_not_the_model_name(client, 
 
 
 def test_embedding_files_are_bounded_least_recently_used_first(tmp_path):
+    _need(GRABCUT)
     from fastapi.testclient import TestClient
 
     from samkit.image import load_image
@@ -377,7 +389,6 @@ def test_embedding_files_are_bounded_least_recently_used_first(tmp_path):
         for stem in ["teddy", "llama", "teddy", "flower"]:
             w, h = load_image(next((GRABCUT / "images").glob(f"{stem}.*"))).shape[1::-1]
             _predict(c, _task(stem), [keypoint(50, 50, w, h)])
-    _need(GRABCUT)
     kept = {p.name for p in backend.predictor.root.glob("*.safetensors")}
     expect = {
         backend.predictor.path_for(load_image(next((GRABCUT / "images").glob(f"{s}.*")))).name
