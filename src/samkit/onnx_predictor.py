@@ -17,13 +17,13 @@ from samkit import embedding_file
 from samkit.embedding_file import EmbeddingInfo, EncoderId
 from samkit.errors import CheckpointError, InputError, StateError
 from samkit.image import ImageLike, load_image
-from samkit.prompts import check_prompts, one_prompt_as_batch
+from samkit.prompts import PredictorBase, check_prompts
 from samkit.transforms import ImagePipeline
 
 SPEC_NAME = "samkit_onnx.json"  # the same name as samkit.export.SPEC_NAME, which needs torch to import
 
 
-class OnnxPredictor:
+class OnnxPredictor(PredictorBase):
     """Promptable segmentation of one image at a time with the exported ONNX graphs.
 
     Coordinate frames as in `Predictor`: points (x, y) and boxes XYXY in original-image pixels; masks at
@@ -61,7 +61,8 @@ class OnnxPredictor:
             self.spec.get("model_config_id", ""),
             self.spec.get("encoder_fingerprint", ""),
         )
-        self._mask_size = tuple(self.spec["mask_input_size"])
+        h, w = self.spec["mask_input_size"]
+        self.mask_input_size = (int(h), int(w))
         self._embedding_shape = tuple(self.spec["embedding_shape"])
         self._num_threads = num_threads
         self._providers = providers or ["CPUExecutionProvider"]
@@ -142,30 +143,6 @@ class OnnxPredictor:
 
     # --- prompts ---------------------------------------------------------------------------------------
 
-    def predict(
-        self,
-        point_coords: np.ndarray | list | None = None,
-        point_labels: np.ndarray | list | None = None,
-        box: np.ndarray | list | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for one prompt, exactly as `Predictor.predict`.
-
-        point_coords: (N, 2) XY original pixels; point_labels: (N,) 1 = foreground, 0 = background.
-        box: (4,) XYXY original pixels. mask_input: (1, 256, 256) low-res logits from a previous call.
-        Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
-        low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
-        """
-        coords, labels, boxes, mask_input = one_prompt_as_batch(
-            point_coords, point_labels, box, mask_input, self._mask_size
-        )
-        masks, scores, logits = self.predict_batch(
-            coords, labels, boxes, mask_input, multimask_output, return_logits
-        )
-        return masks[0], scores[0], logits[0]
-
     def predict_batch(
         self,
         point_coords: np.ndarray | None = None,
@@ -183,7 +160,7 @@ class OnnxPredictor:
         """
         features = self._require_image()
         coords, labels, boxes, mask_input = check_prompts(
-            point_coords, point_labels, boxes, mask_input, self.original_size, self._mask_size
+            point_coords, point_labels, boxes, mask_input, self.original_size, self.mask_input_size
         )
         batch = next(a.shape[0] for a in (coords, boxes, mask_input) if a is not None)
         sel = slice(1, None) if multimask_output else slice(0, 1)
@@ -231,7 +208,9 @@ class OnnxPredictor:
             "image_embeddings": features,
             "point_coords": pc[None].astype(np.float32),
             "point_labels": pl[None].astype(np.float32),
-            "mask_input": (mask if has_mask else np.zeros((1, *self._mask_size)))[None].astype(np.float32),
+            "mask_input": (mask if has_mask else np.zeros((1, *self.mask_input_size)))[None].astype(
+                np.float32
+            ),
             "has_mask_input": np.array([1.0 if has_mask else 0.0], dtype=np.float32),
             "orig_im_size": np.array(self.original_size, dtype=np.float32),
         }

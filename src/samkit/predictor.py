@@ -16,7 +16,7 @@ from samkit.image import ImageLike, load_image
 from samkit.masks.upscale import Upscaler
 from samkit.models.sam import Sam
 from samkit.models.transformer import ImageSide
-from samkit.prompts import check_prompts, one_prompt_as_batch
+from samkit.prompts import PredictorBase, check_prompts
 from samkit.transforms import ImagePipeline, upscale_logits
 
 # Prompts decoded at once on a CPU: each prompt carries its own (4096, 256) image tokens through the
@@ -24,7 +24,7 @@ from samkit.transforms import ImagePipeline, upscale_logits
 CPU_DECODE_CHUNK = 1
 
 
-class Predictor:
+class Predictor(PredictorBase):
     """Promptable segmentation of one image at a time.
 
     Coordinate frames: points are (x, y) and boxes XYXY, both in original-image pixels; masks come back at
@@ -35,6 +35,7 @@ class Predictor:
     def __init__(self, model: Sam) -> None:
         self.model = model
         self.transform = ImagePipeline.of(model)
+        self.mask_input_size = model.prompt_encoder.mask_input_size
         self._upscaler: Upscaler | None = None
         self.reset_image()
 
@@ -93,30 +94,6 @@ class Predictor:
         self.input_size = info.input_size
 
     # --- prompts ---------------------------------------------------------------------------------------
-
-    def predict(
-        self,
-        point_coords: np.ndarray | list | None = None,
-        point_labels: np.ndarray | list | None = None,
-        box: np.ndarray | list | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for one prompt.
-
-        point_coords: (N, 2) XY original pixels; point_labels: (N,) 1 = foreground, 0 = background.
-        box: (4,) XYXY original pixels. mask_input: (1, 256, 256) low-res logits from a previous call.
-        Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
-        low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
-        """
-        coords, labels, boxes, mask_input = one_prompt_as_batch(
-            point_coords, point_labels, box, mask_input, self.model.prompt_encoder.mask_input_size
-        )
-        masks, scores, logits = self.predict_batch(
-            coords, labels, boxes, mask_input, multimask_output, return_logits
-        )
-        return masks[0], scores[0], logits[0]
 
     def predict_batch(
         self,
@@ -290,7 +267,7 @@ class Predictor:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         device = self.model.device
         coords, labels, boxes, mask_input = check_prompts(
-            coords, labels, boxes, mask_input, self.original_size, self.model.prompt_encoder.mask_input_size
+            coords, labels, boxes, mask_input, self.original_size, self.mask_input_size
         )
         coords_t = labels_t = boxes_t = mask_t = None
         if coords is not None:

@@ -96,3 +96,45 @@ def check_prompts(
     if len(sizes) > 1:
         raise PromptError(f"prompt batch sizes differ: {sorted(sizes)}")
     return coords, labels, boxes, mask_input
+
+
+class PredictorBase:
+    """What `Predictor` and `OnnxPredictor` share: `predict()` for one prompt on top of their
+    `predict_batch()`. Subclasses set `mask_input_size`, the (h, w) of low-res mask prompts."""
+
+    mask_input_size: tuple[int, int]
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def predict(
+        self,
+        point_coords: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
+        box: np.ndarray | list | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt.
+
+        point_coords: (N, 2) XY original pixels; point_labels: (N,) 1 = foreground, 0 = background.
+        box: (4,) XYXY original pixels. mask_input: (1, 256, 256) low-res logits from a previous call.
+        Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
+        low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
+        """
+        coords, labels, boxes, mask_input = one_prompt_as_batch(
+            point_coords, point_labels, box, mask_input, self.mask_input_size
+        )
+        masks, scores, logits = self.predict_batch(
+            coords, labels, boxes, mask_input, multimask_output, return_logits
+        )
+        return masks[0], scores[0], logits[0]
