@@ -88,6 +88,9 @@ def _pct(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("auto"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clicks", type=int, default=50)
     ap.add_argument(
@@ -117,7 +120,7 @@ def main() -> None:
         ref = _reference_predictor(embedding)
     except ImportError:  # the reference is a test-only install
         ref = None
-    ours = samkit.Predictor(samkit.load("vit_t"))
+    ours = samkit.Predictor(samkit.load("vit_t", dtype="fp32"))
     ours.load_embedding(embedding)
     h, w = ours.original_size
     rng = np.random.default_rng(0)

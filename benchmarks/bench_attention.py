@@ -91,6 +91,9 @@ def sdpa_no_bias(q, k, v, rh, rw, h, w, scale):
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32", "bf16"), flush=True)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

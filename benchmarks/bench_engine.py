@@ -30,6 +30,9 @@ IMAGES = ROOT.parent / "shared" / "datasets" / "instances" / "camvid" / "train" 
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("auto"), flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vit_t")
     ap.add_argument("--images", type=int, default=4)

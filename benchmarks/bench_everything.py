@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         import samkit
 
-        gen = samkit.MaskGenerator(samkit.load(args.state), **kw)
+        gen = samkit.MaskGenerator(samkit.load(args.state, dtype="fp32"), **kw)
     # Peak RSS of this process from here on: ru_maxrss would also count the parent's size at fork
     # (Linux carries it across exec), so reset the kernel's high-water mark and read VmHWM instead.
     Path("/proc/self/clear_refs").write_text("5")
@@ -127,7 +127,7 @@ def _keep_survivors(state: Path, args: argparse.Namespace, kw: dict) -> None:
     import samkit
     from samkit.everything.grids import point_grid
 
-    pred = samkit.Predictor(samkit.load(state))
+    pred = samkit.Predictor(samkit.load(state, dtype="fp32"))
     image = _image(args.size)
     pred.set_image(image)
     grid = point_grid(args.points_per_side) * [args.size[0], args.size[1]]
@@ -163,6 +163,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    from samkit.hardware import run_header
+
+    print(run_header("fp32"), flush=True)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     state, base_kw = _prepare(args, workdir)

@@ -36,6 +36,9 @@ def _throughput(fn, x: torch.Tensor, iters: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32", "bf16", device="cuda"), flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["vit_b", "vit_h"])
     ap.add_argument("--batch", type=int, default=8)

@@ -34,6 +34,9 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32", "bf16"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("images", nargs="*", help="photos (default: the first 4 of coco_mini/train)")
     ap.add_argument("--rounds", type=int, default=5)

@@ -43,6 +43,9 @@ def _mean(xs: list[float]) -> float:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "nano_eval"))
     ap.add_argument("--model", default="nano", help="the student (zoo name or checkpoint)")

@@ -36,6 +36,9 @@ def _timed(fn) -> float:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_t")
     ap.add_argument("--repeats", type=int, default=5)

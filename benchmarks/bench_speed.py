@@ -7,8 +7,11 @@ vit_t uses the real MobileSAM weights and the MobileSAM reference. The photo is 
 train photo upscaled (bicubic) to 1500 x 1000, since no photo in ../shared/datasets is that large.
 Each measurement is its own subprocess (peak RSS = `ru_maxrss` of that process; on CUDA, peak allocated
 GPU memory) with torch.set_num_threads(2); reference and samkit alternate, round after round.
-Rows: encoder fp32 (samkit also checks max |embedding diff| vs the reference), encoder bf16, one point
-`predict()` with 3 masks at full size on a cached embedding (p50 / p95 over `--clicks` calls).
+Rows: encoder fp32 (samkit also checks max |embedding diff| vs the reference), encoder bf16, encoder
+auto (`samkit.load`'s default: bf16 where the CPU runs it natively, else fp32), one point `predict()` with
+3 masks at full size on a cached embedding (p50 / p95 over `--clicks` calls). `--tasks` picks rows (the
+reference's fp32 encoder, the encoder ratios' base, always runs). The output starts with the CPU, its flags and what each
+dtype resolves to here (`samkit.hardware.run_header`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ REFSHIM = ROOT.parent / "shared" / "refshim"
 PHOTO = (
     ROOT.parent / "shared" / "datasets" / "instances" / "coco_mini" / "train" / "images" / "000000000790.jpg"
 )
+
+
+TASKS = ("encoder_fp32", "encoder_bf16", "encoder_auto", "predict")
+TASK_DTYPE = {"encoder_fp32": "fp32", "encoder_bf16": "bf16", "encoder_auto": "auto", "predict": "fp32"}
 
 
 def _photo():
@@ -59,9 +66,7 @@ def _child(impl: str, model: str, task: str, ckpt: str, device: str, repeats: in
         pred = _reference(model, ckpt)
         pred.model.to(device)
     else:
-        pred = samkit.Predictor(
-            samkit.load(ckpt, device=device, dtype="bf16" if task == "encoder_bf16" else None)
-        )
+        pred = samkit.Predictor(samkit.load(ckpt, device=device, dtype=TASK_DTYPE.get(task, "fp32")))
 
     def sync() -> None:
         if device == "cuda":
@@ -130,12 +135,16 @@ def main() -> None:
         a = sys.argv[2:]
         _child(a[0], a[1], a[2], a[3], a[4], int(a[5]), int(a[6]))
         return
+    from samkit.hardware import run_header
+
+    print(run_header("fp32", "bf16", "auto"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["vit_b", "vit_t"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clicks", type=int, default=50)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     args = ap.parse_args()
     import numpy as np
 
@@ -145,10 +154,8 @@ def main() -> None:
             ckpt = _checkpoint(model, Path(tmp))
             plan = [
                 ("reference", "encoder_fp32"),
-                ("samkit", "encoder_fp32"),
-                ("samkit", "encoder_bf16"),
-                ("reference", "predict"),
-                ("samkit", "predict"),
+                *(("samkit", t) for t in TASKS if t.startswith("encoder") and t in args.tasks),
+                *([("reference", "predict"), ("samkit", "predict")] if "predict" in args.tasks else []),
             ]
             res: dict = {key: [] for key in plan}
             for _ in range(args.rounds):
@@ -159,11 +166,15 @@ def main() -> None:
             ref_enc = statistics.median(
                 statistics.median(r["times"]) for r in res[("reference", "encoder_fp32")]
             )
-            diff = float(
-                np.abs(
-                    np.array(res[("samkit", "encoder_fp32")][0]["embedding"])
-                    - np.array(res[("reference", "encoder_fp32")][0]["embedding"])
-                ).max()
+            diff = (
+                float(
+                    np.abs(
+                        np.array(res[("samkit", "encoder_fp32")][0]["embedding"])
+                        - np.array(res[("reference", "encoder_fp32")][0]["embedding"])
+                    ).max()
+                )
+                if ("samkit", "encoder_fp32") in res
+                else float("nan")
             )
             for impl, task in plan:
                 runs = res[(impl, task)]

@@ -45,7 +45,7 @@ def _child(impl: str, task: str, image_path: str, repeats: int) -> None:
     if impl == "samkit":
         import samkit
 
-        model = samkit.load("vit_t", progress=False)
+        model = samkit.load("vit_t", dtype="fp32", progress=False)
         predictor = samkit.Predictor(model)
         if task == "everything":
             generator = samkit.MaskGenerator(model)
@@ -102,6 +102,9 @@ def main() -> None:
     if args.child:
         _child(*args.child, args.image, args.repeats)
         return
+    from samkit.hardware import run_header
+
+    print(run_header("fp32"), flush=True)
 
     from PIL import Image
 

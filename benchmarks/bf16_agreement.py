@@ -28,6 +28,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32", "bf16"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_t")
     ap.add_argument("--photos", type=int, default=6)

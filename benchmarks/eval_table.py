@@ -130,6 +130,9 @@ def metrics(protocol: str, s: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--only", default=None, help="run only rows whose '<model> <set> <protocol>' contains this"
@@ -163,7 +166,7 @@ def main() -> None:
             if model == "vit_t":
                 if name not in shared:
                     shared.clear()  # one data set's embeddings at a time
-                    shared[name] = SharedEmbeddings(samkit.Predictor(samkit.load("vit_t")))
+                    shared[name] = SharedEmbeddings(samkit.Predictor(samkit.load("vit_t", dtype="fp32")))
                 runner: Any = shared[name]
             else:
                 runner = model

@@ -330,6 +330,9 @@ def cmd_table(names: list[str]) -> None:
 
 def main() -> None:
     global WORK
+    from samkit.hardware import run_header
+
+    print(run_header("fp32"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=WORK, help="checkpoints and embedding caches")
     sub = ap.add_subparsers(dest="stage", required=True)

@@ -173,6 +173,9 @@ def table(rows: list[dict], base: dict, seeds: list[int], steps: int) -> str:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("fp32"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
