@@ -51,9 +51,10 @@ def _prompts(stem: str):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    for path in (GRABCUT, hls.LS_BIN):
-        if not path.exists():
-            pytest.skip(f"missing {path} (scripts/test.sh makes .venv-labelstudio)")
+    if not GRABCUT.exists():
+        pytest.skip(f"missing {GRABCUT}")
+    if not hls.LS_BIN.exists():
+        pytest.skip(f"missing {hls.LS_VENV} (Label Studio's own environment, made by scripts/test.sh)")
     tmp = tmp_path_factory.mktemp("labelstudio")
     backend_args = ["--model", "nano", "--auto", "--points-per-side", "8"]
     backend_args += ["--allow-root", str(GRABCUT), "--document-root", str(hls.DATASETS)]
