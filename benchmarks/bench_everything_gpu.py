@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -104,15 +103,9 @@ def main() -> None:
 
 def _where(device: torch.device) -> list[str]:
     from samkit.devices import cpu_tuned
+    from samkit.hardware import cpu_info, run_header
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_info().model
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none used"
     try:
         import torchvision
@@ -122,6 +115,7 @@ def _where(device: torch.device) -> list[str]:
         tv = "not importable"
     form = "CPU-tuned" if cpu_tuned(device) else "plain batched torch (GPU form)"
     return [
+        run_header("fp32", "bf16", device=device),
         f"device {device}; GPU: {gpu}; CPU: {cpu} ({torch.get_num_threads()} torch threads)",
         f"torch {torch.__version__}; torchvision for the reference: {tv}; samkit hot paths: {form}",
         f"command: python {' '.join(sys.argv)}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,10 +36,9 @@ GRABCUT = hls.DATASETS / "interactive" / "GrabCut"
 
 
 def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    from samkit.hardware import cpu_info
+
+    return cpu_info().model
 
 
 def _clicks(stem: str, n: int, seed: int = 0) -> list[tuple[float, float]]:
@@ -89,6 +87,9 @@ def screenshot(ls: hls.LabelStudio, project: int, task: int, result: dict, path:
 
 
 def main() -> None:
+    from samkit.hardware import run_header
+
+    print(run_header("auto"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clicks", type=int, default=30)
     ap.add_argument("--model", default="vit_t")

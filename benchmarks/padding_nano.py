@@ -13,7 +13,6 @@ the teacher's best mask for the same random single points under each padding.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -83,10 +82,10 @@ def main() -> None:
         row["student shift"] = F.mse_loss(emb["s", "zeros"], emb["s", "-mean/std"]).item()
         rows.append(row)
     cols = list(rows[0])
-    print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, fp32, "
-        f"{torch.get_num_threads()} threads, {time.perf_counter() - t0:.0f} s"
-    )
+    from samkit.hardware import run_header
+
+    print("\n".join(f"# {line}" for line in run_header("fp32").splitlines()))
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - t0:.0f} s")
     print(
         "# mse X: student-vs-teacher embedding MSE with padding X; iou X: mean IoU student vs teacher best "
         "mask, same single points; shift: an encoder's own embedding MSE zeros vs -mean/std"
