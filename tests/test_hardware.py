@@ -227,3 +227,12 @@ def test_without_proc_cpuinfo_torch_capability_gives_the_vector_width(monkeypatc
         info = hardware.cpu_info()
         assert info.flags == flags and info.model and not info.bf16_native
     hardware.cpu_info.cache_clear()
+
+
+def test_every_benchmark_prints_the_machine():
+    """A figure without its machine is no figure: each benchmark script prints `run_header` first."""
+    from pathlib import Path
+
+    scripts = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    assert scripts
+    assert [p.name for p in scripts if "run_header(" not in p.read_text()] == []
