@@ -106,8 +106,7 @@ class ImagePipeline(ResizeLongestSide):
     @classmethod
     def of(cls, model: Any) -> ImagePipeline:
         """The pipeline of a `Sam` model: its image_size, pixel statistics, normalize and resize."""
-        mean = [float(v) for v in model.pixel_mean.flatten()]
-        std = [float(v) for v in model.pixel_std.flatten()]
+        mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
         return cls(model.image_size, mean, std, model.normalize, model.resize)
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:

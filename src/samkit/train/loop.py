@@ -307,10 +307,9 @@ class Trainer:
         assert self.cache is not None
         return self.cache.path(f"val:{sample.key}", lambda p, s=sample: p.set_image(s.image))
 
-    def _encoder_input(self, batch: Batch, model: Sam) -> torch.Tensor:
-        """(B, 3, S, S) encoder input of the batch's input-frame images, by `model`'s image pipeline: the
-        same normalise-then-pad as inference (`samkit.transforms.ImagePipeline`)."""
-        pipeline = ImagePipeline.of(model)
+    def _encoder_input(self, batch: Batch, pipeline: ImagePipeline) -> torch.Tensor:
+        """(B, 3, S, S) encoder input of the batch's input-frame images by a model's image pipeline: the
+        same normalise-then-pad as inference."""
         return torch.cat(
             [
                 pipeline.to_input_torch(torch.tensor(img, device=self.device).permute(2, 0, 1)[None].float())
@@ -323,7 +322,7 @@ class Trainer:
         if self.cache is not None:
             embs = [self.cache.get(key, lambda img=img: img) for key, img, _ in batch]
             return torch.cat(embs).to(self.device)
-        x = self._encoder_input(batch, self.model)
+        x = self._encoder_input(batch, self.pipeline)
         if self.mode == "frozen_encoder":
             with torch.no_grad():
                 return self.model.image_encoder(x)
@@ -430,13 +429,14 @@ class Trainer:
         return total, stats
 
     def _distill_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        x = self._encoder_input(batch, self.model)
+        x = self._encoder_input(batch, self.pipeline)
         if self.cache is not None:
             target = self._embeddings(batch).float()  # the teacher's, from the cache
         else:  # teacher_online: the teacher sees the same augmented batch
             assert self.teacher is not None
+            x_teacher = self._encoder_input(batch, ImagePipeline.of(self.teacher))
             with torch.no_grad(), self._autocast():
-                target = self.teacher.image_encoder(self._encoder_input(batch, self.teacher)).float()
+                target = self.teacher.image_encoder(x_teacher).float()
         with self._autocast():
             student = self.model.image_encoder(x)
         loss = F.mse_loss(student.float(), target)
