@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -154,6 +155,7 @@ def main() -> None:
         if args.screenshot:
             screenshot(ls, project, task, first["result"][0], Path(args.screenshot))
 
+    shutil.rmtree(tmp, ignore_errors=True)
     base = _stats(local)[0]
     lines = [
         f"{args.clicks} single-point clicks on GrabCut {path.name} ({w}x{h}), model {args.model}, "
