@@ -6,6 +6,7 @@ pixels; labels 1 foreground, 0 background, -1 padding; mask prompts are low-res 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -103,17 +104,7 @@ class PredictorBase:
     `predict_batch()`. Subclasses set `mask_input_size`, the (h, w) of low-res mask prompts."""
 
     mask_input_size: tuple[int, int]
-
-    def predict_batch(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        boxes: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        raise NotImplementedError
+    predict_batch: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 
     def predict(
         self,
