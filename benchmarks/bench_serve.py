@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 import samkit
-from samkit.hardware import cpu_line
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -58,7 +57,6 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    print(cpu_line())
     print(f"cores available: {len(os.sched_getaffinity(0))}; load average at start: {os.getloadavg()}")
 
     cache = Path(tempfile.mkdtemp(prefix="samkit_serve_"))
