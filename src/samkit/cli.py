@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 from samkit.errors import SamkitError
@@ -29,6 +30,7 @@ GENERATOR_HELP = {
     "crop_overlap_ratio": "overlap of neighbouring crops",
     "crop_n_points_downscale_factor": "fewer points per crop layer",
     "min_mask_region_area": "remove holes/islands below this area",
+    "prompts": "grid: points_per_side^2 points; learned: a heat-map head's peaks (far fewer)",
 }
 
 # A photo that ships with samkit (scikit-image's coffee.png, CC0, Rachel Michetti), so examples run anywhere.
@@ -301,6 +303,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         thresholds=args.thresholds,
         embedding_cache=args.embedding_cache,
         pred_iou_thresh=args.pred_iou_thresh,
+        prompts=args.prompts,
     )
     print(format_table(report))
     if args.out:
@@ -442,13 +445,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_dtype(p)
     g = p.add_argument_group("generator options (as in SAM's automatic mask generator)")
+    hints = typing.get_type_hints(GeneratorSettings)
     for f in dataclasses.fields(GeneratorSettings):
         default = getattr(GeneratorSettings, f.name)
         g.add_argument(
             "--" + f.name.replace("_", "-"),
             type=type(default),
             default=default,
-            help=f"{GENERATOR_HELP[f.name]} (default %(default).3g)",
+            choices=typing.get_args(hints[f.name]) if isinstance(default, str) else None,
+            help=f"{GENERATOR_HELP[f.name]} (default %(default){'s' if isinstance(default, str) else '.3g'})",
         )
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg next to each JSON")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a JSON")
@@ -505,6 +510,12 @@ def _build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="proposals: MaskGenerator's predicted-IoU filter (default 0.88; 0 for a re-trained IoU head)",
+    )
+    p.add_argument(
+        "--prompts",
+        choices=["grid", "learned"],
+        default="grid",
+        help="proposals: MaskGenerator's prompts, the point grid or the learned heat-map peaks (default grid)",
     )
     p.set_defaults(func=_cmd_eval)
 

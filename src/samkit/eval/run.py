@@ -67,7 +67,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _proposer(predictor: Any, points_per_side: int | None, pred_iou_thresh: float | None = None):
+def _proposer(
+    predictor: Any, points_per_side: int | None, pred_iou_thresh: float | None = None, prompts: str = "grid"
+):
     """propose(item) -> (masks, scores): samkit's MaskGenerator for SAM models, else grid prompts + NMS."""
     from samkit.everything import MaskGenerator
     from samkit.models.sam import Sam
@@ -78,7 +80,7 @@ def _proposer(predictor: Any, points_per_side: int | None, pred_iou_thresh: floa
         kwargs: dict[str, Any] = {} if points_per_side is None else {"points_per_side": points_per_side}
         if pred_iou_thresh is not None:
             kwargs["pred_iou_thresh"] = pred_iou_thresh
-        generator = MaskGenerator(sam, **kwargs)
+        generator = MaskGenerator(sam, prompts=prompts, **kwargs)
 
         def propose(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
             image = load_image(item.image)
@@ -92,6 +94,8 @@ def _proposer(predictor: Any, points_per_side: int | None, pred_iou_thresh: floa
             return masks, np.array([r["predicted_iou"] for r in records], dtype=np.float64)
 
         return propose
+    if prompts != "grid":
+        raise ProtocolError(f"--prompts {prompts} needs a samkit SAM model (it runs MaskGenerator)")
 
     def propose_grid(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
         image = load_image(item.image)
@@ -115,6 +119,7 @@ def run_eval(
     progress: bool = True,
     embedding_cache: str | Path | None = None,
     pred_iou_thresh: float | None = None,
+    prompts: str = "grid",
 ) -> dict[str, Any]:
     """Run `protocol` on the first `limit` items of `data` with `model`; return (and write) the report.
 
@@ -127,7 +132,8 @@ def run_eval(
     per encoder fingerprint, so models sharing an image encoder (a decoder-only fine-tune and its base)
     encode each image once; samkit models only. pred_iou_thresh: proposals only, MaskGenerator's
     predicted-IoU filter (default 0.88); a fine-tuned IoU head may score every mask below it, and 0
-    keeps the ranking but drops the filter. Returns {"meta", "summary", "items"}.
+    keeps the ranking but drops the filter. prompts: proposals only, MaskGenerator's prompt source
+    ("grid" or "learned"). Returns {"meta", "summary", "items"}.
     """
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -154,7 +160,9 @@ def run_eval(
 
     results: list[dict[str, Any]] = []
     counts = []
-    propose = _proposer(predictor, points_per_side, pred_iou_thresh) if protocol == "proposals" else None
+    propose = (
+        _proposer(predictor, points_per_side, pred_iou_thresh, prompts) if protocol == "proposals" else None
+    )
     current_image = None
     skipped: list[str] = []
     bar = tqdm(total=total, desc=f"{protocol} {meta['model']}", unit="item", disable=not progress)
@@ -208,6 +216,7 @@ def run_eval(
         settings["points_per_side"] = points_per_side
     if protocol == "proposals":
         settings["pred_iou_thresh"] = pred_iou_thresh
+        settings["prompts"] = prompts
     if protocol == "edges":
         settings["thresholds"] = thresholds
     if isinstance(predictor, CachedPredictor):

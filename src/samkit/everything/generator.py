@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -22,6 +23,7 @@ from samkit.devices import cpu_tuned
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
+from samkit.everything.learned import PEAK_DEFAULTS, PeakSettings, learned_points, load_head
 from samkit.everything.settings import DEFAULTS
 from samkit.image import ImageLike, load_image
 from samkit.masks import (
@@ -33,10 +35,12 @@ from samkit.masks import (
     masks_to_boxes,
 )
 from samkit.masks.upscale import BlockMasks, Upscaler
+from samkit.models.prompt_head import PromptHead
 from samkit.models.sam import Sam
 from samkit.predictor import Predictor
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
+PromptSource = Literal["grid", "learned"]
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 # Bytes of full-size masks pasted at once (bounds the temporary memory of encoding).
 _MASK_BYTES = 128 << 20
@@ -171,6 +175,11 @@ class MaskGenerator:
     between crops, smaller crops preferred. min_mask_region_area: if > 0, holes and islands smaller
     than this many pixels are removed and duplicates re-suppressed. output_mode: "binary_mask" (bool
     (H, W) arrays), "uncompressed_rle" or "coco_rle" (pycocotools, JSON-ready).
+    prompts: "grid" (the point grids above) or "learned": the peaks of a `PromptHead`'s heat map on each
+    crop's embedding (a few dozen points where objects are, instead of the grid's n * n; points_per_side
+    and point_grids are then unused). prompt_head: the head for "learned", a `PromptHead` or a
+    safetensors path; None loads the one shipped with samkit (trained on vit_t embeddings). peaks: how
+    the heat map's peaks become prompts (`PeakSettings`).
     """
 
     def __init__(
@@ -189,7 +198,12 @@ class MaskGenerator:
         point_grids: Sequence[np.ndarray] | None = None,
         min_mask_region_area: int = DEFAULTS.min_mask_region_area,
         output_mode: OutputMode = "binary_mask",
+        prompts: PromptSource = DEFAULTS.prompts,
+        prompt_head: PromptHead | str | Path | None = None,
+        peaks: PeakSettings = PEAK_DEFAULTS,
     ) -> None:
+        if prompts not in ("grid", "learned"):
+            raise InputError(f"prompts must be grid or learned, got {prompts!r}")
         if (points_per_side is None) == (point_grids is None):
             raise InputError(
                 "give exactly one of points_per_side and point_grids (set points_per_side=None "
@@ -224,6 +238,12 @@ class MaskGenerator:
         self.crop_overlap_ratio = crop_overlap_ratio
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        self.prompts = prompts
+        self.peaks = peaks
+        self.head: PromptHead | None = None
+        if prompts == "learned":
+            head = prompt_head if isinstance(prompt_head, PromptHead) else load_head(prompt_head)
+            self.head = head.eval().to(model.device)
 
     @torch.inference_mode()
     def generate(
@@ -247,7 +267,12 @@ class MaskGenerator:
                     f"embedded holds a {embedded.original_size} image, not this {arr.shape[:2]} one"
                 )
         crops = crop_boxes((arr.shape[0], arr.shape[1]), self.crop_n_layers, self.crop_overlap_ratio)
-        batches = sum(-(-len(self.point_grids[c.layer]) // self.points_per_batch) for c in crops)
+        # Learned prompts are only known once each crop is encoded: no total for the bar then.
+        batches = (
+            sum(-(-len(self.point_grids[c.layer]) // self.points_per_batch) for c in crops)
+            if self.head is None
+            else None
+        )
         with tqdm(
             total=batches,
             desc="prompt batches",
@@ -295,7 +320,12 @@ class MaskGenerator:
         if not reuse:
             pred.set_image(cropped)
         upscaler = pred.upscaler()
-        points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
+        if self.head is None:
+            points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
+        else:
+            points = learned_points(
+                self.head, pred.embedding, pred.original_size, pred.input_size, self.peaks
+            )
         batches = [
             points[i : i + self.points_per_batch] for i in range(0, len(points), self.points_per_batch)
         ]

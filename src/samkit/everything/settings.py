@@ -4,6 +4,7 @@ in `--help` without importing the model code)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class GeneratorSettings:
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
+    prompts: Literal["grid", "learned"] = "grid"
 
 
 DEFAULTS = GeneratorSettings()

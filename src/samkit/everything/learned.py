@@ -1,0 +1,104 @@
+"""Learned prompts for segment-everything: peaks of a `PromptHead` heat map instead of a point grid.
+
+Frames: the image embedding is a 64 x 64 grid of cells, each 16 x 16 pixels of the (resized, unpadded
+at the top-left) model input; the model input is the original image scaled by input_size / original_size.
+Points are returned as (x, y) in original-image pixels, the frame MaskGenerator's prompts use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from samkit.errors import InputError
+from samkit.models.prompt_head import PromptHead
+
+CELL = 16  # model-input pixels per embedding cell
+HEAD_FILE = Path(__file__).resolve().parent.parent / "weights" / "prompt_head_vit_t.safetensors"
+
+
+@dataclass(frozen=True)
+class PeakSettings:
+    """How peaks become prompts: cells whose probability is at least `threshold` and the largest in
+    their (2 * nms_radius + 1)^2 neighbourhood, best first, at least `min_points` (the best peaks even
+    when below the threshold) and at most `max_points`."""
+
+    threshold: float = 0.1
+    nms_radius: int = 1
+    min_points: int = 16
+    max_points: int = 256
+
+
+PEAK_DEFAULTS = PeakSettings()
+
+
+def load_head(path: str | Path | None = None, device: torch.device | str = "cpu") -> PromptHead:
+    """The shipped head (trained on vit_t's embeddings) or one saved at `path` (safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else HEAD_FILE
+    if not path.is_file():
+        raise InputError(f"prompt head file not found: {path}")
+    head = PromptHead()
+    head.load_state_dict(load_file(str(path)))
+    return head.eval().to(device)
+
+
+def points_to_cells(
+    points: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]
+) -> np.ndarray:
+    """(N, 2) (x, y) original-image pixels -> (N, 2) (x, y) in embedding-cell units (cell i spans
+    [i, i + 1))."""
+    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale / CELL
+
+
+def cells_to_points(
+    cells: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]
+) -> np.ndarray:
+    """(N, 2) integer (col, row) cells -> (N, 2) float64 (x, y) original-image pixels of the cells'
+    centres, clipped into the image."""
+    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+    pts = (np.asarray(cells, dtype=np.float64).reshape(-1, 2) + 0.5) * CELL / scale
+    upper = np.array([original_size[1], original_size[0]], dtype=np.float64) - 0.5
+    return np.clip(pts, 0.0, upper)
+
+
+def pick_peaks(
+    logits: torch.Tensor, input_size: tuple[int, int], settings: PeakSettings = PEAK_DEFAULTS
+) -> np.ndarray:
+    """Peaks of a (64, 64) heat-map logit tensor, as (K, 2) int64 (col, row) cells, best first.
+
+    Only cells over the image (not the padding right of and below `input_size`) are candidates."""
+    prob = torch.sigmoid(logits.detach().float().cpu())
+    rows, cols = (-(-s // CELL) for s in input_size)
+    prob = prob[:rows, :cols]
+    k = 2 * settings.nms_radius + 1
+    local_max = F.max_pool2d(prob[None, None], k, stride=1, padding=settings.nms_radius)[0, 0]
+    is_peak = prob >= local_max
+    scores = torch.where(is_peak, prob, torch.full_like(prob, -1.0)).flatten()
+    order = torch.argsort(scores, descending=True)
+    n_above = int(((scores >= settings.threshold) & (scores >= 0)).sum())
+    n_peaks = int((scores >= 0).sum())
+    k_out = min(max(n_above, settings.min_points), settings.max_points, n_peaks)
+    idx = order[:k_out]
+    return torch.stack([idx % cols, idx // cols], dim=1).numpy().astype(np.int64)
+
+
+@torch.inference_mode()
+def learned_points(
+    head: PromptHead,
+    embedding: torch.Tensor,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+    settings: PeakSettings = PEAK_DEFAULTS,
+) -> np.ndarray:
+    """(K, 2) float64 (x, y) original-image pixels: the prompts the head picks for one image
+    (`embedding`: (1, 256, 64, 64) from the same model the head was trained on)."""
+    param = next(head.parameters())
+    logits = head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
+    return cells_to_points(pick_peaks(logits, input_size, settings), original_size, input_size)
