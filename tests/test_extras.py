@@ -41,7 +41,8 @@ def test_web_and_plot_packages_are_extras_that_the_test_extra_pulls_in():
         r.replace(" ", "").startswith("samkit[") and "app" in r and "eval" in r for r in extras["test"]
     )
     assert "samkit[app]" in extras["labelstudio"]  # its backend is a FastAPI app too
-    assert {pip for extra in EXTRAS.values() for pip, _ in extra} == MOVED
+    assert {pip for name in ("app", "eval") for pip, _ in EXTRAS[name]} == MOVED
+    assert _names(extras["export"]) == {pip for pip, _ in EXTRAS["export"]}
 
 
 def test_require_names_the_missing_package_and_the_extra(monkeypatch):
@@ -60,6 +61,14 @@ def test_cli_web_commands_without_the_app_extra_fail_in_one_line(monkeypatch, ca
     assert len(err.splitlines()) == 1
     assert err.startswith(f"samkit: error: samkit {command[0]} needs fastapi")
     assert "pip install 'samkit[app]'" in err
+
+
+def test_onnx_export_without_the_export_extra_fails_in_one_line(monkeypatch, capsys, tmp_path):
+    _block(monkeypatch, "onnxscript")
+    assert cli.main(["export", "onnx", "--model", "nano", "--out", str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "samkit: error: samkit export onnx needs onnxscript: pip install 'samkit[export]'"
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_edges_protocol_without_the_eval_extra_fails_before_any_work(monkeypatch):

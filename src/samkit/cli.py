@@ -265,6 +265,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
+    from samkit.extras import require
+
+    require("export", "samkit export onnx")
     import samkit
     from samkit.export import export_onnx
 

@@ -1,7 +1,8 @@
 """Optional dependencies, grouped as the pip extras of pyproject.toml, and the error when one is missing.
 
 `pip install samkit` is enough to segment, run segment-everything and train; the web apps (`samkit serve`,
-`samkit annotate`) need `samkit[app]`, and the plots and edge matching of `samkit eval` need `samkit[eval]`.
+`samkit annotate`) need `samkit[app]`, the plots and edge matching of `samkit eval` need `samkit[eval]`, and
+`samkit export onnx` needs `samkit[export]`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ EXTRAS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "eval": (
         ("matplotlib", ("matplotlib",)),
         ("pyedgeeval", ("pyEdgeEval",)),
+    ),
+    "export": (
+        ("onnx", ("onnx",)),
+        ("onnxruntime", ("onnxruntime",)),
+        ("onnxscript", ("onnxscript",)),
     ),
 }
 
