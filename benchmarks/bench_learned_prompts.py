@@ -1,0 +1,79 @@
+"""Segment everything with learned prompts vs the 32 x 32 grid: proposal AR and wall time, same run.
+
+For each of the first `--limit` images of an instance set (default coco_mini/val, an EVAL split: measured
+here, never tuned on), both modes run `MaskGenerator.generate()` on the same image, one after the other
+(image encoding included in each, model loading excluded), then their masks are scored as the
+`proposals` protocol does (AR@100 / AR@1000 over IoU 0.5:0.95, ranked by predicted IoU).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_learned_prompts.py --limit 10 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets" / "instances" / "coco_mini" / "val"
+
+
+def main() -> None:
+    import samkit
+    from samkit.eval import protocols as P
+    from samkit.eval.datasets import open_dataset
+    from samkit.everything.learned import PEAK_DEFAULTS
+    from samkit.hardware import run_header
+    from samkit.image import load_image
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--model", default="vit_t")
+    parser.add_argument("--limit", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print(run_header("fp32"))
+    print(f"torch threads {args.threads}; data {args.data}; model {args.model} (fp32); limit {args.limit}")
+    print(f"learned peaks: {PEAK_DEFAULTS}")
+    model = samkit.load(args.model, dtype="fp32")
+    modes = ("grid", "learned")
+    gens = {m: samkit.MaskGenerator(model, prompts=m) for m in modes}
+    results: dict[str, list] = {m: [] for m in modes}
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    dataset = open_dataset(args.data)
+    for n, item in enumerate(dataset.images()):
+        if n >= args.limit:
+            break
+        image = load_image(item.image)
+        for m in modes:
+            t0 = time.perf_counter()
+            records = gens[m].generate(image)
+            seconds[m].append(time.perf_counter() - t0)
+            masks = [r["segmentation"] for r in records]
+            scores = np.array([r["predicted_iou"] for r in records], dtype=np.float64)
+            results[m].append(P.proposals(lambda _, masks=masks, scores=scores: (masks, scores), item))
+        print(
+            f"{item.id}: grid {seconds['grid'][-1]:.1f} s {results['grid'][-1]['n_proposals']} masks | "
+            f"learned {seconds['learned'][-1]:.1f} s {results['learned'][-1]['n_proposals']} masks",
+            flush=True,
+        )
+
+    print(f"\n{'mode':8} {'AR@100':>7} {'AR@1000':>8} {'masks/img':>9} {'s/img':>7} {'time ratio':>10}")
+    base = float(np.mean(seconds["grid"]))
+    for m in modes:
+        s = P.summarize_proposals(results[m])
+        t = float(np.mean(seconds[m]))
+        masks = float(np.mean([r["n_proposals"] for r in results[m]]))
+        print(
+            f"{m:8} {100 * s['AR@100']:7.1f} {100 * s['AR@1000']:8.1f} {masks:9.1f} {t:7.2f} {t / base:10.2f}"
+        )
+    print(f"images {len(seconds['grid'])}, objects {P.summarize_proposals(results['grid'])['n_objects']}")
+
+
+if __name__ == "__main__":
+    main()
