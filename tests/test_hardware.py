@@ -233,6 +233,9 @@ def test_every_benchmark_prints_the_machine():
     """A figure without its machine is no figure: each benchmark script prints `run_header` first."""
     from pathlib import Path
 
-    scripts = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not folder.is_dir():
+        pytest.skip(f"needs {folder}: not in this copy of the repository")
+    scripts = sorted(folder.glob("*.py"))
     assert scripts
     assert [p.name for p in scripts if "run_header(" not in p.read_text()] == []
