@@ -27,7 +27,7 @@ class PeakSettings:
     their (2 * nms_radius + 1)^2 neighbourhood, best first, at least `min_points` (the best peaks even
     when below the threshold) and at most `max_points`."""
 
-    threshold: float = 0.1
+    threshold: float = 0.2
     nms_radius: int = 1
     min_points: int = 16
     max_points: int = 256

@@ -154,7 +154,7 @@ def heldout_report(
 def fit(
     teacher_dir: Path,
     out: Path,
-    steps: int = 1500,
+    steps: int = 400,
     lr: float = 2e-3,
     batch: int = 8,
     seed: int = 0,
@@ -219,7 +219,7 @@ def main() -> None:
     p = sub.add_parser("fit", help="train the head on the teacher files")
     p.add_argument("teacher", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--holdout", type=int, default=6, help="last N teacher files: reported on, not trained on")
     p.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args()

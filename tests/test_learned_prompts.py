@@ -1,0 +1,160 @@
+"""Learned prompts for segment-everything: peak picking and its frames, the generator's learned mode on a
+tiny random model, the shipped head, the teacher's targets and the CLI flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import samkit
+from samkit.errors import InputError
+from samkit.everything.learned import (
+    HEAD_FILE,
+    PeakSettings,
+    cells_to_points,
+    learned_points,
+    load_head,
+    pick_peaks,
+    points_to_cells,
+)
+from samkit.models.build import SamConfig, build_sam
+from samkit.models.prompt_head import PromptHead
+from samkit.train.prompt_head import focal_loss, heatmap_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _logits(peaks: dict[tuple[int, int], float], side: int = 64) -> torch.Tensor:
+    """(side, side) logits: -10 everywhere, and the given probability at each (col, row)."""
+    out = torch.full((side, side), -10.0)
+    for (col, row), p in peaks.items():
+        out[row, col] = float(np.log(p / (1 - p)))
+    return out
+
+
+def test_peaks_map_to_cell_centres_in_original_pixels():
+    # A 480 x 640 photo is resized to 768 x 1024: 1.6 model pixels per image pixel, 48 rows of cells.
+    original, inp = (480, 640), (768, 1024)
+    logits = _logits({(10, 5): 0.9, (63, 47): 0.8, (3, 50): 0.99})  # row 50 lies in the padding
+    cells = pick_peaks(logits, inp, PeakSettings(threshold=0.5, min_points=1))
+    assert cells.tolist() == [[10, 5], [63, 47]]  # best first, the padding cell never picked
+    pts = cells_to_points(cells, original, inp)
+    np.testing.assert_allclose(pts[0], [10.5 * 16 / 1.6, 5.5 * 16 / 1.6])  # (105, 55)
+    np.testing.assert_allclose(pts[1], [635.0, 475.0])  # the last cell on the image
+    # and back: each point falls in the cell it came from
+    np.testing.assert_array_equal(np.floor(points_to_cells(pts[:1], original, inp)), [[10, 5]])
+
+
+def test_peak_count_adapts_between_min_and_max():
+    logits = _logits({(2 * i, 2 * j): 0.5 + 0.004 * (i + 10 * j) for i in range(10) for j in range(10)})
+    inp = (1024, 1024)
+    assert len(pick_peaks(logits, inp, PeakSettings(threshold=0.7, min_points=1, max_points=500))) == 50
+    assert len(pick_peaks(logits, inp, PeakSettings(threshold=0.99, min_points=7, max_points=500))) == 7
+    assert len(pick_peaks(logits, inp, PeakSettings(threshold=0.1, min_points=1, max_points=30))) == 30
+
+
+def test_neighbouring_cells_are_one_peak():
+    logits = _logits({(20, 20): 0.9, (21, 20): 0.8, (23, 20): 0.7})
+    cells = pick_peaks(logits, (1024, 1024), PeakSettings(threshold=0.5, min_points=1, nms_radius=1))
+    assert cells.tolist() == [[20, 20], [23, 20]]
+
+
+def test_heatmap_target_peaks_at_each_points_cell():
+    original, inp = (480, 640), (768, 1024)
+    target = heatmap_target(np.array([[105.0, 55.0], [600.0, 400.0]]), original, inp)
+    assert target[5, 10] == 1.0 and target[40, 60] == 1.0
+    assert (target == 1.0).sum() == 2 and 0.0 < target[5, 12] < 0.5
+    logits = torch.full((1, 64, 64), -5.0)
+    valid = torch.ones(1, 64, 64, dtype=torch.bool)
+    better = logits.clone()
+    better[0, 5, 10] = better[0, 40, 60] = 5.0
+    assert focal_loss(better, target[None], valid) < focal_loss(logits, target[None], valid)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = SamConfig("vit", embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,), image_size=256)
+    return build_sam(cfg)
+
+
+def test_learned_mode_decodes_the_heads_peaks_through_the_same_filters(tiny_model, photo):
+    torch.manual_seed(1)
+    head = PromptHead()
+    peaks = PeakSettings(threshold=1.0, min_points=6, max_points=6)
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
+    learned = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=peaks, **kw)
+    records = learned.generate(photo)
+
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    points = learned_points(head, pred.embedding, pred.original_size, pred.input_size, peaks)
+    assert points.shape == (6, 2)
+    h, w = photo.shape[:2]
+    # The same points as a fixed "grid" go through the grid path: the same masks must come out.
+    grid = samkit.MaskGenerator(tiny_model, points_per_side=None, point_grids=[points / [w, h]], **kw)
+    expected = grid.generate(photo)
+    assert 0 < len(records) <= 18
+    assert [r["segmentation"] for r in records] == [r["segmentation"] for r in expected]
+    for r in records:
+        ((x, y),) = r["point_coords"]
+        assert np.abs(points - [x, y]).sum(1).min() < 1e-6
+
+
+def test_learned_mode_rejects_unknown_prompt_source(tiny_model):
+    with pytest.raises(InputError, match="grid or learned"):
+        samkit.MaskGenerator(tiny_model, prompts="boxes")
+
+
+def test_shipped_head_loads_and_is_small():
+    assert HEAD_FILE.stat().st_size <= 5 * 2**20
+    head = load_head()
+    logits = head(torch.randn(1, 256, 64, 64))
+    assert logits.shape == (1, 1, 64, 64) and torch.isfinite(logits).all()
+
+
+def test_cli_everything_with_learned_prompts(tiny_ckpt, photo, tmp_path):
+    from samkit.formats import read_sa1b
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(photo).save(image)
+    out = tmp_path / "out"
+    fast = ["--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "samkit.cli",
+        "everything",
+        str(image),
+        "--out",
+        str(out),
+        "--model",
+        tiny_ckpt,
+    ]
+    run = subprocess.run([*cmd, "--prompts", "learned", *fast], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    data = read_sa1b(next(out.glob("*.json")))
+    # far fewer prompts than the 32 x 32 grid: at most max_points peaks x 3 masks each
+    assert 0 < len(data["annotations"]) <= 3 * PeakSettings().max_points
+    bad = subprocess.run([*cmd, "--prompts", "boxes"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+def test_eval_proposals_with_learned_prompts(tmp_path):
+    from test_eval_run import _one_image_coco, _stable_but_unsure_sam
+
+    from samkit.eval import run_eval
+    from samkit.eval.run import ProtocolError, _proposer
+
+    data = _one_image_coco(tmp_path / "data")
+    model = _stable_but_unsure_sam(tmp_path / "m.safetensors")
+    report = run_eval("proposals", data, model, progress=False, pred_iou_thresh=0.0, prompts="learned")
+    assert report["meta"]["settings"]["prompts"] == "learned"
+    assert report["items"][0]["n_proposals"] > 0
+    with pytest.raises(ProtocolError, match="needs a samkit SAM model"):
+        _proposer(object(), None, None, "learned")
