@@ -300,3 +300,38 @@ def test_browser_decodes_a_click_like_the_server(server, embedded, tmp_path) -> 
     agree = (browser_mask == server_mask).mean()
     assert agree >= 0.999, f"browser and server masks agree on {agree:.5f} of pixels"
     assert server_mask.sum() > 0
+
+
+def test_fine_tune_does_not_reuse_the_stock_models_embeddings(tiny_ckpt, tmp_path, monkeypatch) -> None:
+    """A fine-tuned checkpoint loads under its base architecture's name: served on the default cache folder it
+    used to be answered from the stock model's embeddings. Ids and folders follow the encoder's weights."""
+    import io as _io
+
+    import torch
+    from PIL import Image
+
+    from samkit.serve.app import ServeConfig, Service
+
+    tuned = samkit.load(tiny_ckpt, dtype="fp32")
+    with torch.no_grad():
+        next(tuned.image_encoder.parameters()).add_(0.5)
+    tuned_path = tmp_path / "tuned.safetensors"
+    samkit.save(tuned, tuned_path)
+    monkeypatch.setenv("SAMKIT_HOME", str(tmp_path / "home"))
+    buf = _io.BytesIO()
+    Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(buf, format="PNG")
+    data = buf.getvalue()
+
+    answers, embeddings = [], []
+    for path in (tiny_ckpt, str(tuned_path)):
+        service = Service(ServeConfig(model=path, dtype="fp32"))
+        try:
+            assert service.name == samkit.load(tiny_ckpt).arch  # both load under one architecture name
+            answer = service.embed(data)
+            assert answer["cached"] is False, "the second model was answered from the first one's cache"
+            answers.append(answer)
+            embeddings.append(service.predictor(answer["embedding_id"]).embedding.clone())
+        finally:
+            service.close()
+    assert answers[0]["embedding_id"] != answers[1]["embedding_id"]
+    assert not torch.equal(embeddings[0], embeddings[1])

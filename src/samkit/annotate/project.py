@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 
 from samkit.annotate.embeddings import EmbeddingCache
 from samkit.annotate.store import ObjectRecord, Store
+from samkit.embedding_file import fingerprint
 from samkit.errors import ImageError, InputError, PromptError, SamkitError, StateError
 from samkit.image import IMAGE_SUFFIXES, image_size
 from samkit.prompts import MAX_POINTS
@@ -139,7 +140,7 @@ class Project:
         self.embeddings = EmbeddingCache(
             db.parent / f"{db.stem}.embeddings",
             lambda: samkit.Predictor(self.model),
-            model_tag=_model_tag(self.model.arch, self.model_name),
+            model_tag=f"{self.model.arch}-{fingerprint(self.model)}",
             lru_size=lru_size,
             log=self.log,
         )
@@ -338,14 +339,6 @@ def register_images(store: Store, images_dir: str | Path, log: Callable[[str], N
     store.sync_images(entries)
     store.set_meta("images_dir", str(root))
     return root
-
-
-def _model_tag(arch: str, name: str | None) -> str:
-    """Cache key of a model: its architecture, plus the file name when it was loaded from a path
-    (a fine-tuned checkpoint must not reuse the embeddings of the official one)."""
-    if name and Path(name).is_file():
-        return f"{arch}-{Path(name).name}"
-    return arch
 
 
 def _image_size(path: Path) -> tuple[int | None, int | None]:

@@ -34,6 +34,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from samkit import embedding_file
+from samkit.embedding_file import fingerprint
 from samkit.errors import CheckpointError, ImageError, InputError, SamkitError, StateError
 from samkit.prompts import MAX_POINTS
 from samkit.serve.cache import EmbeddingCache
@@ -186,7 +188,14 @@ class Service:
         self.config = config
         self.model = samkit.load(config.model, dtype=config.dtype, progress=False)
         self.name = self.model.arch or Path(str(config.model)).stem
-        root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "serve" / self.name
+        # Embeddings are only reusable by the exact encoder weights that made them: a fine-tune loads as
+        # its base architecture's name, so the cache and the ids are keyed on the weights' fingerprint.
+        self.encoder = fingerprint(self.model)
+        root = (
+            Path(config.cache_dir)
+            if config.cache_dir
+            else cache_dir() / "serve" / f"{self.name}-{self.encoder}"
+        )
         self.cache = EmbeddingCache(root, config.max_embeddings)
         self.encodes = EncodeGate(config.max_encodes, config.max_waiting)
         threads = config.decode_threads or len(os.sched_getaffinity(0))
@@ -196,7 +205,7 @@ class Service:
         self._lock = threading.Lock()
 
     def embedding_id(self, data: bytes) -> str:
-        return hashlib.sha256(self.name.encode() + b"\0" + data).hexdigest()[:32]
+        return hashlib.sha256(self.encoder.encode() + b"\0" + data).hexdigest()[:32]
 
     def embed(self, data: bytes) -> dict[str, Any]:
         import samkit
@@ -211,8 +220,7 @@ class Service:
                 predictor.set_image(decode_upload(data, self.config.max_image_pixels))
             predictor.save_embedding(path)
             self.cache.added(key)
-        meta = _embedding_meta(path)
-        h, w = meta["original_size"]
+        h, w = embedding_file.read_info(path).original_size
         return {"embedding_id": key, "height": h, "width": w, "model": self.name, "cached": cached}
 
     def _path(self, key: str) -> Path:
@@ -317,14 +325,6 @@ def _status_of(exc: SamkitError) -> int:
     return 500
 
 
-def _embedding_meta(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-    return {"original_size": [int(v) for v in meta["original_size"].split(",")]}
-
-
 async def _read_upload(file: UploadFile, limit: int) -> bytes:
     data = await file.read(limit + 1)
     if len(data) > limit:
@@ -383,11 +383,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.get("/embeddings/{embedding_id}")
     def embedding(embedding_id: str) -> Response:
         """The embedding as raw little-endian float32 (1, 256, 64, 64); image size in X-Image-Size (H,W)."""
-        from safetensors.numpy import load_file
-
         path = service._path(embedding_id)
-        arr = load_file(str(path))["embedding"].astype("<f4")
-        h, w = _embedding_meta(path)["original_size"]
+        arr, info = embedding_file.load(path, embedding_file.EncoderId.of(service.model))
+        arr = arr.astype("<f4")
+        h, w = info.original_size
         headers = {"X-Image-Size": f"{h},{w}", "X-Shape": ",".join(str(s) for s in arr.shape)}
         return Response(arr.tobytes(), media_type="application/octet-stream", headers=headers)
 
