@@ -6,11 +6,13 @@ here, never tuned on), both modes run `MaskGenerator.generate()` on the same ima
 `proposals` protocol does (AR@100 / AR@1000 over IoU 0.5:0.95, ranked by predicted IoU).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_learned_prompts.py --limit 10 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/bench_learned_prompts.py --limit 10 --threads 1 --threshold 0.05 --min-points 64
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -34,15 +36,21 @@ def main() -> None:
     parser.add_argument("--model", default="vit_t")
     parser.add_argument("--limit", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threshold", type=float, default=PEAK_DEFAULTS.threshold, help="peak threshold")
+    parser.add_argument("--min-points", type=int, default=PEAK_DEFAULTS.min_points)
+    parser.add_argument("--max-points", type=int, default=PEAK_DEFAULTS.max_points)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     print(run_header("fp32"))
     print(f"torch threads {args.threads}; data {args.data}; model {args.model} (fp32); limit {args.limit}")
-    print(f"learned peaks: {PEAK_DEFAULTS}")
+    peaks = dataclasses.replace(
+        PEAK_DEFAULTS, threshold=args.threshold, min_points=args.min_points, max_points=args.max_points
+    )
+    print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")
     modes = ("grid", "learned")
-    gens = {m: samkit.MaskGenerator(model, prompts=m) for m in modes}
+    gens = {m: samkit.MaskGenerator(model, prompts=m, peaks=peaks) for m in modes}
     results: dict[str, list] = {m: [] for m in modes}
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     dataset = open_dataset(args.data)
