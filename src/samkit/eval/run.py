@@ -141,11 +141,11 @@ def run_eval(
         raise ProtocolError(f"--thresholds must be at least 1, got {thresholds}")
     if limit is not None and limit < 1:
         raise ProtocolError(f"--limit must be a positive number of items, got {limit}")
-    dataset = data if isinstance(data, Dataset) else open_dataset(data)
     if protocol == "edges":
         require("eval", "the edges protocol")
     elif protocol == "clicks" and out is not None:
         require("eval", "the clicks protocol's curve plot")
+    dataset = data if isinstance(data, Dataset) else open_dataset(data)
     predictor, meta = resolve_model(model, embedding_cache)
 
     if protocol == "edges":

@@ -765,12 +765,12 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
     train, val = read_metrics(metrics)
     if not train:
         return None
-    import matplotlib
     try:
         require("eval", "the training plot")
     except MissingExtraError as exc:
         print(f"samkit: {out.name} not written: {exc}", file=sys.stderr)
         return None
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
