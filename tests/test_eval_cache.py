@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import samkit
+from samkit.embedding_file import fingerprint as encoder_fingerprint
 from samkit.eval import run_eval
-from samkit.eval.cache import CachedPredictor, encoder_fingerprint
+from samkit.eval.cache import CachedPredictor
 
 GRABCUT = Path("/work/shared/datasets/interactive/GrabCut")
 needs_data = pytest.mark.skipif(not GRABCUT.is_dir(), reason="shared datasets not present")

@@ -582,8 +582,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9090)
     p.add_argument("--auto", action="store_true", help="answer prompt-less /predict with segment-everything")
-    p.add_argument("--points-per-side", type=int, default=32, help="--auto: N x N prompts (default 32)")
-    p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--auto: keep masks above this IoU")
+    p.add_argument(
+        "--points-per-side",
+        type=int,
+        default=GeneratorSettings.points_per_side,
+        help=f"--auto: N x N prompts (default {GeneratorSettings.points_per_side})",
+    )
+    p.add_argument(
+        "--pred-iou-thresh",
+        type=float,
+        default=GeneratorSettings.pred_iou_thresh,
+        help="--auto: keep masks above this predicted IoU",
+    )
     p.add_argument("--auto-label", default=None, help="--auto: BrushLabels label (default: the first)")
     p.add_argument(
         "--label-studio-url",

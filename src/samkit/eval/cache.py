@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samkit.embedding_file import fingerprint as encoder_fingerprint
+from samkit.embedding_file import fingerprint
 from samkit.image import ImageLike, load_image
 from samkit.models.sam import Sam
 from samkit.predictor import Predictor
@@ -28,7 +28,7 @@ class CachedPredictor(Predictor):
 
     def __init__(self, model: Sam, root: str | Path) -> None:
         super().__init__(model)
-        self.root = Path(root) / encoder_fingerprint(model)
+        self.root = Path(root) / fingerprint(model)
         self.root.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from samkit.embedding_file import fingerprint
 from samkit.errors import ImageError
+from samkit.everything.settings import DEFAULTS
 from samkit.labelstudio.images import ImageReader
 from samkit.labelstudio.protocol import (
     LabelConfig,
@@ -46,10 +48,10 @@ class BackendConfig:
 
     model: str | None = None
     auto: bool = False
-    points_per_side: int = 32
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    min_mask_region_area: int = 0
+    points_per_side: int | None = DEFAULTS.points_per_side
+    pred_iou_thresh: float = DEFAULTS.pred_iou_thresh
+    stability_score_thresh: float = DEFAULTS.stability_score_thresh
+    min_mask_region_area: int = DEFAULTS.min_mask_region_area
     auto_label: str | None = None
     label_studio_url: str | None = None
     api_key: str | None = None
@@ -65,14 +67,14 @@ class Backend:
     def __init__(self, config: BackendConfig) -> None:
         import samkit
         from samkit.download import cache_dir
-        from samkit.eval.cache import CachedPredictor, encoder_fingerprint
+        from samkit.eval.cache import CachedPredictor
         from samkit.serve.cache import EmbeddingCache
 
         converter_brush()  # fail now, not on the first click, when the extra is not installed
         self.config = config
         self.model = samkit.load(config.model)
         self.name = Path(str(config.model)).stem if config.model else samkit.DEFAULT_MODEL
-        self.fingerprint = encoder_fingerprint(self.model)
+        self.fingerprint = fingerprint(self.model)
         self.model_version = f"samkit-{self.name}-{self.fingerprint[:8]}"
         root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "labelstudio"
         self.predictor = CachedPredictor(self.model, root)
