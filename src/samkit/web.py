@@ -48,12 +48,18 @@ def error_response(
     return JSONResponse({key: line}, status_code=status, headers=dict(headers or {}))
 
 
-def install_error_handlers(app: FastAPI, key: str, status_of: Callable[[SamkitError], int]) -> None:
+def install_error_handlers(
+    app: FastAPI, key: str, status_of: Callable[[SamkitError], int], log_as: str | None = None
+) -> None:
     """One-line JSON errors for samkit's own errors (status from `status_of`), HTTP errors, malformed
-    requests (422) and anything unexpected (500; the traceback goes to the server's log)."""
+    requests (422) and anything unexpected (500; the traceback goes to the server's log). With `log_as`,
+    samkit's errors are also printed to stderr as `<log_as>: <message>` (for servers whose clients do not
+    show the answer to a person)."""
 
     @app.exception_handler(SamkitError)
     def _samkit(_: Request, exc: SamkitError) -> JSONResponse:
+        if log_as:
+            print(f"{log_as}: {exc}", file=sys.stderr, flush=True)
         return error_response(status_of(exc), str(exc), key)
 
     @app.exception_handler(StarletteHTTPException)

@@ -8,15 +8,14 @@ train from them). GET /versions: the model version, named by the encoder weights
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Body, FastAPI
 
 from samkit.errors import InputError, SamkitError
 from samkit.labelstudio.backend import Backend, BackendConfig
 from samkit.labelstudio.images import ImageAccessError
+from samkit.web import install_error_handlers
 
 
 def _status_of(exc: SamkitError) -> int:
@@ -33,10 +32,7 @@ def create_app(config: BackendConfig | None = None, backend: Backend | None = No
     app = FastAPI(title="samkit Label Studio ML backend", version="1")
     app.state.backend = backend
 
-    @app.exception_handler(SamkitError)
-    def _samkit_error(_: Request, exc: SamkitError) -> JSONResponse:
-        print(f"samkit labelstudio: {exc}", file=sys.stderr, flush=True)
-        return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc))
+    install_error_handlers(app, "detail", _status_of, log_as="samkit labelstudio")
 
     @app.get("/")
     @app.get("/health")
