@@ -10,7 +10,6 @@ import torch
 from samkit import embedding_file
 from samkit.devices import cpu_tuned
 from samkit.embedding_file import EmbeddingInfo, EncoderId
-from samkit.embedding_file import config_id as _config_id  # noqa: F401 (samkit.export imports it)
 from samkit.errors import StateError
 from samkit.image import ImageLike, load_image
 from samkit.masks.upscale import Upscaler

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from samkit.embedding_file import config_id
 from samkit.errors import InputError
 from samkit.export.wrappers import DecoderForExport, EncoderForExport
 from samkit.models.sam import Sam
-from samkit.predictor import _config_id
 
 SPEC_NAME = "samkit_onnx.json"
 ENCODER_NAME = "encoder.onnx"
@@ -240,7 +240,7 @@ def describe(model: Sam, quantize: str | None, opset: int) -> dict[str, Any]:
         "model": model.arch or None,
         "config": config,
         # Written into saved embeddings, so that Predictor and OnnxPredictor accept each other's files.
-        "model_config_id": _config_id(model),
+        "model_config_id": config_id(model),
         "opset": opset,
         "quantization": None if quantize is None else INT8_DOC,
         "image_size": s,
