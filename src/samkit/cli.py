@@ -315,7 +315,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from samkit.train import train
+    from samkit.train.config import read_yaml, task_of
 
+    if task_of(read_yaml(args.config)) == "prompt_head":  # resumable by itself: --resume changes nothing
+        from samkit.train.prompt_head import train_from_config
+
+        info = train_from_config(args.config, args.set, out=args.out)
+        print(f"trained {info['steps']} steps -> {info['head']} (model card {info['card']})")
+        return
     values = {"out": args.out} if args.out else {}
     result = train(args.config, args.set, resume=args.resume, **values)
     val = result["val"]

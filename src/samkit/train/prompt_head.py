@@ -7,6 +7,9 @@ Two steps, each a function and a `python -m samkit.train.prompt_head` subcommand
   (rerun skips done images).
 * `fit`: a `PromptHead` trained on those files to put a peak on each kept mask's prompt point (a
   Gaussian heat map on the 64 x 64 embedding grid, focal loss); saved as safetensors.
+
+`samkit train configs/prompt_head.yaml` (a config with `task: prompt_head`) runs both (`train_from_config`)
+and writes the head, a JSON log and a model card.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,10 +32,15 @@ SIGMA_CELLS = 1.0  # Gaussian radius of a target peak, in embedding cells (16 in
 
 
 def make_teacher(
-    images: list[Path], out_dir: Path, model_name: str = "vit_t", time_budget_s: float = 1e9
+    images: list[Path],
+    out_dir: Path,
+    model_name: str = "vit_t",
+    time_budget_s: float = 1e9,
+    settings: dict[str, Any] | None = None,
 ) -> None:
-    """One `<stem>.npz` per image in `out_dir`: features float16 (256, 64, 64), points float32 (N, 2)
-    (x, y original pixels of the kept masks' prompts), original_size, input_size, grid_seconds."""
+    """One `<set>_<stem>.npz` per image in `out_dir`: features float16 (256, 64, 64), points float32 (N, 2)
+    (x, y original pixels of the kept masks' prompts), original_size, input_size, grid_seconds.
+    `settings`: MaskGenerator keyword arguments of the grid teacher (default: its defaults)."""
     import samkit
     from samkit.everything.generator import MaskGenerator
     from samkit.image import load_image
@@ -39,11 +48,11 @@ def make_teacher(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = samkit.load(model_name, dtype="fp32")
-    generator = MaskGenerator(model, output_mode="coco_rle")
+    generator = MaskGenerator(model, output_mode="coco_rle", **(settings or {}))
     pred = Predictor(model)
     start = time.perf_counter()
     for path in images:
-        dest = out_dir / f"{path.parent.parent.parent.name}_{path.stem}.npz"
+        dest = out_dir / f"{_set_name(path)}_{path.stem}.npz"
         if dest.exists():
             continue
         if time.perf_counter() - start > time_budget_s:
@@ -114,8 +123,9 @@ def _load(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         osz = tuple(int(v) for v in d["original_size"])
         isz = tuple(int(v) for v in d["input_size"])
         feats.append(torch.from_numpy(d["features"].astype(np.float32)))
-        targets.append(heatmap_target(d["points"], osz, isz))
-        valids.append(_valid_area(isz))
+        side = feats[-1].shape[-1]  # 64 for a 1024 px encoder
+        targets.append(heatmap_target(d["points"], osz, isz, side))
+        valids.append(_valid_area(isz, side))
     return torch.stack(feats), torch.stack(targets), torch.stack(valids)
 
 
@@ -208,6 +218,163 @@ def fit(
     return info
 
 
+# Where a teacher image comes from -> the licence of its data, for the model card (see the datasets' README).
+_LICENCES = {
+    "coco_mini": "COCO 2017: annotations CC BY 4.0, images per their Flickr licence",
+    "ccp": "Clothing Co-Parsing: Apache-2.0",
+    "camvid": "CamVid: research use, non-commercial",
+    "dsb2018": "DSB 2018 (BBBC038): CC0",
+    "bsds500": "BSDS500: research use",
+}
+
+
+def _set_name(image: Path) -> str:
+    """The dataset an image belongs to: `<set>/<split>/images/x.jpg` (instances) and
+    `bsds500/images/<split>/x.jpg` both name their set three folders up."""
+    return image.parent.parent.parent.name
+
+
+def _check_training_folder(folder: Path) -> None:
+    """A ConfigError for an evaluation split (never a teacher: the head is measured on those)."""
+    from samkit.train.config import ConfigError
+
+    parts = folder.resolve().parts
+    if (
+        "interactive" in parts
+        or ("instances" in parts and "val" in parts)
+        or ("bsds500" in parts and "test" in parts)
+    ):
+        raise ConfigError(f"{folder} is an evaluation split; the prompt head trains on training splits only")
+    if not folder.is_dir():
+        raise ConfigError(f"teacher image folder not found: {folder}")
+
+
+def training_images(folders: list[str | Path], per_folder: int | None = None) -> list[Path]:
+    """The images of `folders` (training splits; evaluation splits are refused), the first `per_folder`
+    of each in name order, interleaved so that a time budget covers every folder. BSDS500 images listed
+    in its `eval-overlap.txt` (they are also in Berkeley and GrabCut) are skipped."""
+    per = []
+    for f in map(Path, folders):
+        _check_training_folder(f)
+        files = sorted(p for p in f.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        overlap = f.parent.parent / "eval-overlap.txt"
+        if f.parent.parent.name == "bsds500" and overlap.is_file():
+            skip = set(overlap.read_text().split())
+            files = [p for p in files if p.stem not in skip]
+        per.append(files[:per_folder] if per_folder is not None else files)
+    n = max((len(p) for p in per), default=0)
+    return [p[i] for i in range(n) for p in per if i < len(p)]
+
+
+def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, head_file: Path) -> str:
+    sets: dict[str, int] = {}
+    masks, seconds = 0, []
+    for f in sorted(teacher_dir.glob("*.npz")):
+        d = np.load(f)
+        name = next((s for s in _LICENCES if f.stem.startswith(s + "_")), f.stem.rsplit("_", 1)[0])
+        sets[name] = sets.get(name, 0) + 1
+        masks += len(d["points"])
+        seconds.append(float(d["grid_seconds"]))
+    rows = [
+        ("head file", f"{head_file.name}, {head_file.stat().st_size / 2**20:.2f} MB"),
+        ("encoder", f"the image embedding of `{cfg['model']}`"),
+        ("teacher", f"grid segment everything, settings {cfg['teacher'].get('settings') or 'default'}"),
+        (
+            "data",
+            f"{info['images']} training-split images trained on and {len(info['heldout_images'])} held out "
+            f"(the last made), of {', '.join(f'{n} {s}' for s, n in sets.items())}; {masks} kept teacher masks",
+        ),
+        ("data licences", "; ".join(_LICENCES.get(s, f"{s}: see the dataset's terms") for s in sets)),
+        ("teacher time", f"{np.mean(seconds):.1f} s per image (grid run, this machine)" if seconds else "-"),
+        (
+            "training",
+            f"{info['steps']} steps, batch {info['batch']}, AdamW lr {info['lr']} (cosine), seed {info['seed']}, "
+            f"{info['seconds']:.0f} s",
+        ),
+    ]
+    for row in info["heldout"]:
+        rows.append(
+            (
+                f"held out, peak threshold {row['threshold']}",
+                f"{100 * row['teacher_prompts_within_1_cell']:.0f}% of the teacher's kept prompts within one cell "
+                f"of a peak, {row['peaks_per_image']:.0f} peaks per image",
+            )
+        )
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        f"# Model card: {head_file.name}\n\n"
+        'A `PromptHead` for `MaskGenerator(prompts="learned")`, trained by `samkit train` from a '
+        "`task: prompt_head` config. The held-out figures are on training-split images the head did not see; "
+        "no evaluation split was used for training or for choosing settings.\n\n"
+        f"| | |\n|---|---|\n{table}\n"
+    )
+
+
+def train_from_config(
+    config: str | Path, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None
+) -> dict[str, Any]:
+    """Teacher (resumable: images already done are skipped) then fit, from a `task: prompt_head` YAML
+    config (configs/prompt_head.yaml shows every key); `overrides` are `a.b=value` strings.
+
+    Writes OUT/prompt_head.safetensors, OUT/prompt_head.json (the fit log) and OUT/MODEL_CARD.md;
+    returns the fit's info dict with `head` and `card` (paths) added."""
+    from samkit.train.config import ConfigError, parse_override, read_yaml, task_of
+
+    cfg: dict[str, Any] = {
+        "model": "vit_t",
+        "out": "runs/prompt_head",
+        "threads": None,
+        "teacher": {"folders": [], "per_folder": None, "budget_s": None, "dir": None, "settings": {}},
+        "fit": {"steps": 400, "lr": 2e-3, "batch": 8, "seed": 0, "holdout": 6},
+    }
+    user = read_yaml(config)
+    if task_of(user) != "prompt_head":
+        raise ConfigError(f"{config} is not a `task: prompt_head` config")
+    user.pop("task")
+    for key, value in user.items():
+        if key not in cfg:
+            raise ConfigError(f"unknown config key {key!r}; known keys: task, {', '.join(cfg)}")
+        if isinstance(cfg[key], dict):
+            unknown = set(value or {}) - set(cfg[key])
+            if unknown:
+                raise ConfigError(
+                    f"unknown config key {key}.{sorted(unknown)[0]}; known: {', '.join(cfg[key])}"
+                )
+            cfg[key].update(value or {})
+        else:
+            cfg[key] = value
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = cfg
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                raise ConfigError(f"--set {text}: {k!r} is not a config section")
+            node = node[k]
+        if keys[-1] not in node:
+            raise ConfigError(f"--set {text}: unknown key {keys[-1]!r}; known: {', '.join(node)}")
+        node[keys[-1]] = value
+    if out is not None:
+        cfg["out"] = str(out)
+    if not cfg["teacher"]["folders"]:
+        raise ConfigError("teacher.folders: list the training-split image folders to learn from")
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    out_dir = Path(cfg["out"])
+    teacher_dir = Path(cfg["teacher"]["dir"] or out_dir / "teacher")
+    t = cfg["teacher"]
+    images = training_images(t["folders"], t["per_folder"])
+    make_teacher(images, teacher_dir, cfg["model"], t["budget_s"] or 1e9, t["settings"])
+    f = cfg["fit"]
+    head_file = out_dir / "prompt_head.safetensors"
+    try:
+        info = fit(teacher_dir, head_file, f["steps"], f["lr"], f["batch"], f["seed"], f["holdout"])
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc} (more teacher.folders images, or a larger teacher.budget_s)") from None
+    card = out_dir / "MODEL_CARD.md"
+    card.write_text(_model_card(cfg, info, teacher_dir, head_file))
+    return {**info, "head": str(head_file), "card": str(card)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m samkit.train.prompt_head")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -224,12 +391,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args()
     if args.cmd == "teacher":
-        images = []
-        per = [sorted(Path(f).glob("*.jpg")) + sorted(Path(f).glob("*.png")) for f in args.folders]
-        n = args.per_folder or max(len(p) for p in per)
-        for i in range(n):  # interleave the folders, so a time budget covers each of them
-            images += [p[i] for p in per if i < len(p)]
-        make_teacher(images, args.out, time_budget_s=args.budget_s)
+        make_teacher(training_images(args.folders, args.per_folder), args.out, time_budget_s=args.budget_s)
     else:
         fit(args.teacher, args.out, steps=args.steps, lr=args.lr, holdout=args.holdout)
 
