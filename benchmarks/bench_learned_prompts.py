@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +46,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print(run_header("fp32"))
+    print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; load average {_load()}")
+    print(f"command: {shlex.join(['python', *sys.argv])} (nice {os.nice(0)})")
     print(f"torch threads {args.threads}; data {args.data}; model {args.model} (fp32); limit {args.limit}")
     peaks = dataclasses.replace(
         PEAK_DEFAULTS, threshold=args.threshold, min_points=args.min_points, max_points=args.max_points
@@ -67,7 +72,8 @@ def main() -> None:
             results[m].append(P.proposals(lambda _, masks=masks, scores=scores: (masks, scores), item))
         print(
             f"{item.id}: grid {seconds['grid'][-1]:.1f} s {results['grid'][-1]['n_proposals']} masks | "
-            f"learned {seconds['learned'][-1]:.1f} s {results['learned'][-1]['n_proposals']} masks",
+            f"learned {seconds['learned'][-1]:.1f} s {results['learned'][-1]['n_proposals']} masks | "
+            f"load {_load()}",
             flush=True,
         )
 
@@ -81,6 +87,11 @@ def main() -> None:
             f"{m:8} {100 * s['AR@100']:7.1f} {100 * s['AR@1000']:8.1f} {masks:9.1f} {t:7.2f} {t / base:10.2f}"
         )
     print(f"images {len(seconds['grid'])}, objects {P.summarize_proposals(results['grid'])['n_objects']}")
+    print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; load average {_load()}")
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ tiny random model, the shipped head, the teacher's targets and the CLI flag."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from samkit.everything.learned import (
     cells_to_points,
     learned_points,
     load_head,
+    pick_grid_points,
     pick_peaks,
     points_to_cells,
 )
@@ -62,6 +64,28 @@ def test_neighbouring_cells_are_one_peak():
     logits = _logits({(20, 20): 0.9, (21, 20): 0.8, (23, 20): 0.7})
     cells = pick_peaks(logits, (1024, 1024), PeakSettings(threshold=0.5, min_points=1, nms_radius=1))
     assert cells.tolist() == [[20, 20], [23, 20]]
+
+
+def test_grid_candidates_are_the_grid_modes_points_scored_by_their_cells():
+    from samkit.everything.grids import point_grid
+
+    # 480 x 640 photo -> 768 x 1024 model input: the 32 x 32 grid's point (i, j) (column, row) is at model
+    # pixel ((i + 0.5) * 32, (j + 0.5) * 24), in cell (2i + 1, floor(1.5 j + 0.75)).
+    original, inp = (480, 640), (768, 1024)
+    logits = _logits({(7, 8): 0.9, (9, 8): 0.8, (41, 11): 0.7})  # points (3, 5), (4, 5), (20, 7)
+    settings = PeakSettings(threshold=0.5, min_points=1, nms_radius=0, grid=32)
+    pts = pick_grid_points(logits, original, inp, settings)
+    grid = point_grid(32) * [640, 480]
+    np.testing.assert_allclose(pts, grid[[5 * 32 + 3, 5 * 32 + 4, 7 * 32 + 20]])  # best first
+    # nms_radius counts grid steps: the runner-up next to the best point is suppressed
+    one = pick_grid_points(logits, original, inp, dataclasses.replace(settings, nms_radius=1))
+    np.testing.assert_allclose(one, grid[[5 * 32 + 3, 7 * 32 + 20]])
+    # the generator's entry point takes the same path when settings.grid is set
+    head = PromptHead()
+    emb = torch.randn(1, 256, 64, 64)
+    with torch.no_grad():
+        expected = pick_grid_points(head(emb)[0, 0], original, inp, settings)
+    np.testing.assert_allclose(learned_points(head, emb, original, inp, settings), expected)
 
 
 def test_heatmap_target_peaks_at_each_points_cell():

@@ -23,14 +23,17 @@ HEAD_FILE = Path(__file__).resolve().parent.parent / "weights" / "prompt_head_vi
 
 @dataclass(frozen=True)
 class PeakSettings:
-    """How peaks become prompts: cells whose probability is at least `threshold` and the largest in
+    """How peaks become prompts: candidates whose probability is at least `threshold` and the largest in
     their (2 * nms_radius + 1)^2 neighbourhood, best first, at least `min_points` (the best peaks even
-    when below the threshold) and at most `max_points`."""
+    when below the threshold) and at most `max_points`. The candidates are the embedding's cells
+    (`grid` 0; a prompt at a cell's centre) or the points of the grid mode's `grid` x `grid` point grid,
+    each scored by the cell it falls in (`nms_radius` then counts grid steps)."""
 
     threshold: float = 0.2
     nms_radius: int = 1
     min_points: int = 16
     max_points: int = 256
+    grid: int = 0
 
 
 PEAK_DEFAULTS = PeakSettings()
@@ -68,6 +71,37 @@ def cells_to_points(
     return np.clip(pts, 0.0, upper)
 
 
+def _top(prob: torch.Tensor, settings: PeakSettings) -> torch.Tensor:
+    """Flat indices into (rows, cols) `prob` of its local maxima, best first, as many as `settings` say."""
+    k = 2 * settings.nms_radius + 1
+    local_max = F.max_pool2d(prob[None, None], k, stride=1, padding=settings.nms_radius)[0, 0]
+    scores = torch.where(prob >= local_max, prob, torch.full_like(prob, -1.0)).flatten()
+    order = torch.argsort(scores, descending=True, stable=True)
+    n_above = int(((scores >= settings.threshold) & (scores >= 0)).sum())
+    n_peaks = int((scores >= 0).sum())
+    return order[: min(max(n_above, settings.min_points), settings.max_points, n_peaks)]
+
+
+def pick_grid_points(
+    logits: torch.Tensor,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+    settings: PeakSettings,
+) -> np.ndarray:
+    """The best points of the `settings.grid`-per-side point grid (the grid mode's layout over the image)
+    under a heat-map logit tensor (side, side), as (K, 2) float64 (x, y) original-image pixels, best first."""
+    n = settings.grid
+    frac = (np.arange(n) + 0.5) / n
+    xs, ys = frac * original_size[1], frac * original_size[0]
+    scale = (input_size[1] / original_size[1], input_size[0] / original_size[0])
+    side = logits.shape[-1]
+    cols = np.minimum(np.floor(xs * scale[0] / CELL), side - 1).astype(np.int64)
+    rows = np.minimum(np.floor(ys * scale[1] / CELL), side - 1).astype(np.int64)
+    prob = torch.sigmoid(logits.detach().float().cpu())[torch.as_tensor(rows)][:, torch.as_tensor(cols)]
+    idx = _top(prob, settings).numpy()
+    return np.stack([xs[idx % n], ys[idx // n]], axis=1)
+
+
 def pick_peaks(
     logits: torch.Tensor, input_size: tuple[int, int], settings: PeakSettings = PEAK_DEFAULTS
 ) -> np.ndarray:
@@ -76,16 +110,7 @@ def pick_peaks(
     Only cells over the image (not the padding right of and below `input_size`) are candidates."""
     prob = torch.sigmoid(logits.detach().float().cpu())
     rows, cols = (-(-s // CELL) for s in input_size)
-    prob = prob[:rows, :cols]
-    k = 2 * settings.nms_radius + 1
-    local_max = F.max_pool2d(prob[None, None], k, stride=1, padding=settings.nms_radius)[0, 0]
-    is_peak = prob >= local_max
-    scores = torch.where(is_peak, prob, torch.full_like(prob, -1.0)).flatten()
-    order = torch.argsort(scores, descending=True)
-    n_above = int(((scores >= settings.threshold) & (scores >= 0)).sum())
-    n_peaks = int((scores >= 0).sum())
-    k_out = min(max(n_above, settings.min_points), settings.max_points, n_peaks)
-    idx = order[:k_out]
+    idx = _top(prob[:rows, :cols], settings)
     return torch.stack([idx % cols, idx // cols], dim=1).numpy().astype(np.int64)
 
 
@@ -101,4 +126,6 @@ def learned_points(
     (`embedding`: (1, 256, 64, 64) from the same model the head was trained on)."""
     param = next(head.parameters())
     logits = head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
+    if settings.grid:
+        return pick_grid_points(logits, original_size, input_size, settings)
     return cells_to_points(pick_peaks(logits, input_size, settings), original_size, input_size)
