@@ -111,13 +111,14 @@ def test_accept_commits_and_logs(env):
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "message"),
     [
-        ("post", "/api/images/{id}/predict", {"points": [[3000, 10, 1]]}, 422, "outside the 640x422 image"),
-        ("post", "/api/images/{id}/predict", {"points": [[10, 10, 2]]}, 422, "label must be 1"),
-        ("post", "/api/images/{id}/predict", {"points": [[10, 10]]}, 422, "[x, y, label]"),
-        ("post", "/api/images/{id}/predict", {"points": [["a", 1, 1]]}, 422, "must be numbers"),
-        ("post", "/api/images/{id}/predict", {"points": []}, 422, "empty prompt"),
-        ("post", "/api/images/{id}/predict", {"box": [50, 50, 10, 10]}, 422, "x1 >= x0"),
-        ("post", "/api/images/{id}/predict", {"box": [1, 2, 3]}, 422, "box must be"),
+        ("post", "/api/images/{id}/predict", {"points": [[3000, 10, 1]]}, 400, "outside the 640x422 image"),
+        ("post", "/api/images/{id}/predict", {"points": [[10, 10, 2]]}, 400, "point label 2 is not 1"),
+        ("post", "/api/images/{id}/predict", {"points": [[10, 10]]}, 400, "must be given together"),
+        ("post", "/api/images/{id}/predict", {"points": [[10, 10, 1], [5, 5]]}, 400, "rows of different"),
+        ("post", "/api/images/{id}/predict", {"points": [["a", 1, 1]]}, 422, "malformed request: points.0.0"),
+        ("post", "/api/images/{id}/predict", {"points": []}, 400, "no prompt"),
+        ("post", "/api/images/{id}/predict", {"box": [50, 50, 10, 10]}, 400, "x1 >= x0"),
+        ("post", "/api/images/{id}/predict", {"box": [1, 2, 3]}, 400, "box must be XYXY"),
         ("post", "/api/images/{id}/predict", {"points": "nope"}, 422, "malformed request"),
         ("post", "/api/images/9999/predict", {"points": [[1, 1, 1]]}, 404, "no image with id 9999"),
         ("post", "/api/images/abc/predict", {"points": [[1, 1, 1]]}, 422, "malformed request"),
@@ -125,16 +126,17 @@ def test_accept_commits_and_logs(env):
             "post",
             "/api/images/{id}/objects",
             {"points": [[9, 9, 1]], "candidate": 7},
-            422,
+            400,
             "candidate must be",
         ),
-        ("post", "/api/images/{id}/objects", {"points": [[9, 9, 1]], "label": " "}, 422, "label"),
-        ("post", "/api/images/{id}/status", {"status": "finished"}, 422, "status must be one of"),
+        ("post", "/api/images/{id}/objects", {"points": [[9, 9, 1]], "label": " "}, 400, "label"),
+        ("post", "/api/images/{id}/status", {"status": "finished"}, 400, "status must be one of"),
         ("patch", "/api/objects/424242", {"label": "x"}, 404, "no object"),
-        ("post", "/api/images/{id}/auto", {"points_per_side": 0}, 422, "points_per_side"),
-        ("post", "/api/images/{id}/auto", {"pred_iou_thresh": 3}, 422, "pred_iou_thresh"),
+        ("post", "/api/images/{id}/auto", {"points_per_side": 0}, 400, "points_per_side"),
+        ("post", "/api/images/{id}/auto", {"pred_iou_thresh": 3}, 400, "pred_iou_thresh"),
         ("post", "/api/events", {"kind": ""}, 422, "malformed request"),
         ("get", "/api/nothing-here", None, 404, "Not Found"),
+        ("put", "/api/images", {}, 405, "Method Not Allowed"),
     ],
 )
 def test_malformed_requests_get_4xx_with_a_message(env, method, path, body, status, message):
@@ -142,7 +144,7 @@ def test_malformed_requests_get_4xx_with_a_message(env, method, path, body, stat
     url = path.replace("{id}", str(ids["000000000790.jpg"]))
     res = getattr(client, method)(url, json=body) if body is not None else getattr(client, method)(url)
     assert res.status_code == status, res.text
-    assert message in res.json()["error"]
+    assert list(res.json()) == ["error"] and message in res.json()["error"]
 
 
 def test_broken_json_body(env):

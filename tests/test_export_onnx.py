@@ -285,10 +285,40 @@ def test_cli_export_onnx_of_a_checkpoint(vit_b_small, tmp_path) -> None:
     from samkit.cli import main
 
     ckpt = samkit.save(vit_b_small[0], tmp_path / "small.safetensors")
-    assert main(["export", "onnx", "--model", str(ckpt), "--out", str(tmp_path / "o"), "--opset", "19"]) == 0
+    assert main(["export-onnx", "--model", str(ckpt), "--out", str(tmp_path / "o"), "--opset", "19"]) == 0
     spec = json.loads((tmp_path / "o" / SPEC_NAME).read_text())
     assert spec["opset"] == 19 and (tmp_path / "o" / "encoder.onnx").is_file()
-    assert main(["export", "onnx", "--model", str(ckpt), "--out", str(tmp_path / "p"), "--opset", "9"]) == 2
+    assert main(["export-onnx", "--model", str(ckpt), "--out", str(tmp_path / "p"), "--opset", "9"]) == 2
+
+
+def test_cli_old_export_onnx_form_names_the_new_command(tmp_path, capsys) -> None:
+    from samkit.cli import main
+
+    out = tmp_path / "o"
+    assert main(["export", "onnx", "--model", "vit_t", "--out", str(out), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err == "samkit: error: `samkit export onnx` is now `samkit export-onnx` (same options)\n"
+    assert not out.exists()
+
+
+def test_cli_export_is_annotations_only_and_export_onnx_is_models(tmp_path, capsys) -> None:
+    from samkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = capsys.readouterr().out
+    assert "--db" in text and "onnx" not in text and "--model" not in text
+    with pytest.raises(SystemExit):
+        main(["export-onnx", "--help"])
+    text = capsys.readouterr().out
+    assert "samkit export-onnx --model vit_t --out vit_t_onnx/ [--quantize int8] [--opset 18]" in text
+    assert "--db" not in text
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--out", str(tmp_path / "d")])  # the database is required now
+    assert exit_.value.code == 2 and "--db" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "samkit export onnx" not in capsys.readouterr().out
 
 
 def test_old_8bit_int8_export_warns_on_a_cpu_without_vnni(vit_t_int8, tmp_path, monkeypatch, caplog) -> None:

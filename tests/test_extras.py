@@ -65,9 +65,9 @@ def test_cli_web_commands_without_the_app_extra_fail_in_one_line(monkeypatch, ca
 
 def test_onnx_export_without_the_export_extra_fails_in_one_line(monkeypatch, capsys, tmp_path):
     _block(monkeypatch, "onnxscript")
-    assert cli.main(["export", "onnx", "--model", "nano", "--out", str(tmp_path / "onnx")]) == 2
+    assert cli.main(["export-onnx", "--model", "nano", "--out", str(tmp_path / "onnx")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "samkit: error: samkit export onnx needs onnxscript: pip install 'samkit[export]'"
+    assert err == "samkit: error: samkit export-onnx needs onnxscript: pip install 'samkit[export]'"
     assert not (tmp_path / "onnx").exists()
 
 

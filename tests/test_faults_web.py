@@ -1,5 +1,6 @@
 """Faults and hostile clients of the web apps: `samkit.web` (token, Host check, body limits, error bodies,
-shared by both apps) and `samkit serve` (prompt caps, huge numbers, tiny images, queues, concurrency).
+shared by every app), the prompt schema `serve` and `annotate` share, and `samkit serve` (prompt caps,
+huge numbers, tiny images, queues, concurrency).
 
 The annotator's cases are in test_faults_web_annotate.py.
 """
@@ -23,7 +24,17 @@ from helpers_annotate import free_port
 from PIL import Image
 
 import samkit
-from samkit.errors import InputError, SamkitError
+from samkit.errors import (
+    AccessError,
+    CheckpointError,
+    GoneError,
+    ImageError,
+    InputError,
+    NotFoundError,
+    PromptError,
+    SamkitError,
+    StateError,
+)
 from samkit.prompts import MAX_POINTS
 from samkit.web import (
     LOOPBACK_NAMES,
@@ -31,9 +42,11 @@ from samkit.web import (
     TOKEN_ENV,
     Access,
     BodyLimit,
+    ErrorBody,
     Guard,
     host_name,
     install_error_handlers,
+    status_of,
 )
 
 PHOTO = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "instances" / "coco_mini"
@@ -45,7 +58,7 @@ def _tiny_app(access: Access | None = None, **limits) -> FastAPI:
     app = FastAPI()
     app.add_middleware(BodyLimit, **limits)
     app.add_middleware(Guard, access=access or Access())
-    install_error_handlers(app, "detail", lambda exc: 400 if isinstance(exc, InputError) else 500)
+    install_error_handlers(app)
 
     @app.get("/ok")
     def ok() -> dict:
@@ -66,11 +79,12 @@ def _tiny_app(access: Access | None = None, **limits) -> FastAPI:
     return app
 
 
-def _one_line_error(res, status: int, key: str = "detail") -> str:
+def _one_line_error(res, status: int) -> str:
+    """The message of an error answer, checked to be samkit's one shape: {"error": "<one line>"}."""
     assert res.status_code == status, res.text
     body = res.json()
-    assert isinstance(body[key], str) and "\n" not in body[key], body
-    return body[key]
+    assert list(body) == ["error"] and isinstance(body["error"], str) and "\n" not in body["error"], body
+    return body["error"]
 
 
 # --- Host check -----------------------------------------------------------------------------------------
@@ -219,7 +233,7 @@ def test_a_body_sent_too_slowly_gets_408() -> None:
     sent = _call(_tiny_app(seconds=0.3), "POST", "/echo", messages=first)
     assert time.monotonic() - started < 3
     assert sent[0]["status"] == 408
-    assert "not received within 0.3 s" in json.loads(sent[1]["body"])["detail"]
+    assert json.loads(sent[1]["body"]) == {"error": "request body not received within 0.3 s"}
 
 
 def test_unexpected_errors_are_one_line_json_500() -> None:
@@ -260,13 +274,13 @@ def test_points_per_prompt_are_capped(serve_app) -> None:
     ok = client.post("/predict", json={"embedding_id": key, "points": pts, "labels": [1] * MAX_POINTS})
     assert ok.status_code == 200, ok.text
     over = {"embedding_id": key, "points": [*pts, [5, 5]], "labels": [1] * (MAX_POINTS + 1)}
-    assert "64" in _one_line_error(client.post("/predict", json=over), 422)
+    msg = _one_line_error(client.post("/predict", json=over), 400)
+    assert msg == f"too many points ({MAX_POINTS + 1}) in one prompt; {MAX_POINTS} at most"
     n = 50_000
     huge = {"embedding_id": key, "points": [[1.0, 1.0]] * n, "labels": [1] * n}
     started = time.monotonic()
     res = client.post("/predict", json=huge)
-    assert res.status_code in (413, 422) and time.monotonic() - started < 10
-    _one_line_error(res, res.status_code)
+    assert "KiB limit" in _one_line_error(res, 413) and time.monotonic() - started < 10
 
 
 def test_predictor_refuses_more_points_than_the_cap(serve_app) -> None:
@@ -456,3 +470,176 @@ def test_uploads_use_samkit_image_limit_from_the_header(monkeypatch) -> None:
     Image.new("RGB", (40, 20)).save(buf, "JPEG", exif=exif)
     monkeypatch.delenv("SAMKIT_MAX_PIXELS")
     assert decode_upload(buf.getvalue()).shape == (40, 20, 3)  # the viewed frame
+
+
+# --- one error shape and one prompt schema for every app -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (GoneError("the file was deleted"), 410),
+        (NotFoundError("no such id"), 404),
+        (AccessError("outside the allowed roots"), 403),
+        (PromptError("point outside"), 400),
+        (ImageError("not an image"), 400),
+        (InputError("bad option"), 400),
+        (StateError("still embedding; try again"), 503),
+        (CheckpointError("corrupt weights"), 500),
+        (SamkitError("anything else"), 500),
+    ],
+)
+def test_every_samkit_error_has_one_status_in_every_app(error, status) -> None:
+    assert status_of(error) == status
+    app = _tiny_app()
+
+    @app.get("/raise")
+    def _raise() -> dict:
+        raise error
+
+    with TestClient(app) as client:
+        assert _one_line_error(client.get("/raise"), status) == str(error)
+
+
+def test_fastapis_validation_lists_become_one_line_and_the_openapi_says_so() -> None:
+    app = _tiny_app()
+
+    @app.get("/items/{n}")
+    def item(n: int, q: int) -> dict:
+        return {"n": n, "q": q}
+
+    with TestClient(app) as client:
+        assert _one_line_error(client.get("/items/x?q=y"), 422).startswith("malformed request: path.n: ")
+        assert _one_line_error(client.get("/items/1"), 422) == "malformed request: query.q: Field required"
+        broken = client.post("/echo", content=b'{"a": ', headers={"content-type": "application/json"})
+        assert "JSON decode error" in _one_line_error(broken, 422)
+        assert _one_line_error(client.delete("/ok"), 405) == "Method Not Allowed"
+        assert _one_line_error(client.get("/nowhere"), 404) == "Not Found"
+        openapi = client.get("/openapi.json").json()
+    assert openapi["components"]["schemas"]["HTTPValidationError"] == ErrorBody.model_json_schema()
+    assert "ValidationError" not in openapi["components"]["schemas"] and '"detail"' not in json.dumps(openapi)
+
+
+@pytest.fixture(scope="module")
+def annotate_app(tmp_path_factory):
+    """(TestClient, image id of the photo) for `samkit annotate` on the same photo as `serve_app`."""
+    from helpers_annotate import PHOTOS, make_project_dir
+
+    from samkit.annotate import Project
+    from samkit.annotate.app import create_app
+
+    if not PHOTOS[0].is_file():
+        pytest.skip(f"missing folder {PHOTOS[0].parent} (../shared/datasets)")
+    images, db = make_project_dir(tmp_path_factory.mktemp("annotate-schema"))
+    project = Project(images, db, samkit.load("vit_t", progress=False), log=lambda _: None)
+    with TestClient(create_app(project)) as client:
+        ids = {im["path"]: im["id"] for im in client.get("/api/images").json()}
+        project.embeddings.wait(ids[PHOTO.name], 300)
+        yield client, ids[PHOTO.name]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "status", "message"),
+    [
+        ({"points": [[900, 10]], "labels": [1]}, 400, "point (900, 10) is outside the 640x422 image"),
+        ({"points": [[10, 10]], "labels": [2]}, 400, "point label 2 is not 1 (foreground) or 0 (background)"),
+        ({"points": [[10, 10]], "labels": [-7]}, 400, "point label -7 is not 1"),
+        ({"points": [[10, 10, 2]]}, 400, "point label 2 is not 1"),
+        ({"points": [[10, 10]]}, 400, "point_coords and point_labels must be given together"),
+        ({"points": [[10, 10], [20, 20]], "labels": [1]}, 400, "one label per point"),
+        ({"points": [[10, 10, 1], [5, 5]]}, 400, "rows of different lengths"),
+        ({"points": [[1, 1]] * (MAX_POINTS + 1), "labels": [1] * (MAX_POINTS + 1)}, 400, "too many points"),
+        ({}, 400, "no prompt"),
+        ({"points": [], "box": None}, 400, "no prompt"),
+        ({"box": [50, 50, 10, 10]}, 400, "box must be XYXY with x1 >= x0 and y1 >= y0"),
+        ({"box": [1, 2, 3]}, 400, "box must be XYXY [x0, y0, x1, y1] pixels"),
+        ({"box": [700, 500, 800, 600]}, 400, "lies outside the 640x422 image"),
+        ({"points": "nope"}, 422, "malformed request: points: Input should be a valid list"),
+        ({"points": [["a", 1]], "labels": [1]}, 422, "malformed request: points.0.0: "),
+        ({"box": [0, 0, 10, True]}, None, None),
+        ({"points": [[100, 100]], "labels": [1]}, 200, None),
+        ({"points": [[100, 100, 1]]}, 200, None),
+        ({"points": [[100, 100, 1], [300, 200, 0]], "box": [50, 50, 400, 300]}, 200, None),
+    ],
+)
+def test_serve_and_annotate_share_one_prompt_schema(serve_app, annotate_app, prompt, status, message) -> None:
+    """One schema (samkit.web_schema.PromptFields) and one check (samkit.prompts.check_prompts): the same
+    prompt gets the same status and the same message from both apps, in both point forms."""
+    serve, key = serve_app
+    annotate, image_id = annotate_app
+    served = serve.post("/predict", json={"embedding_id": key, **prompt})
+    annotated = annotate.post(f"/api/images/{image_id}/predict", json=prompt)
+    assert served.status_code == annotated.status_code, (served.text, annotated.text)
+    if status is not None:
+        assert served.status_code == status, served.text
+    if served.status_code == 200:
+        assert served.json()["masks"] and annotated.json()["candidates"]
+        return
+    assert _one_line_error(served, served.status_code) == _one_line_error(annotated, served.status_code)
+    if message is not None:
+        assert message in served.json()["error"]
+
+
+def _labelstudio_app(monkeypatch, predict) -> FastAPI:
+    """The Label Studio backend's app on a stand-in backend whose /predict runs `predict` (no model)."""
+    from types import SimpleNamespace
+
+    from samkit.labelstudio import app as ls_app
+
+    def setup(body: dict) -> dict:
+        raise InputError("the labelling config has no BrushLabels")
+
+    monkeypatch.setattr(ls_app, "MAX_BODY_BYTES", 1024)
+    return ls_app.create_app(backend=SimpleNamespace(model_version="v", setup=setup, predict=predict))
+
+
+@pytest.mark.parametrize("name", ["serve", "annotate", "labelstudio"])
+def test_every_app_answers_errors_in_one_shape(name, request, monkeypatch) -> None:
+    """400, 404, 413, 422 and 500 from each app: {"error": "<one line>"} and nothing else."""
+
+    def boom(*args, **kwargs):
+        raise KeyError("a bug\nover two lines")
+
+    big = {"kind": "x", "detail": {"blob": "x" * (MAX_JSON_BYTES + 10)}}
+    if name == "serve":
+        client, key = request.getfixturevalue("serve_app")
+        app = client.app
+        monkeypatch.setattr(samkit.Predictor, "predict", boom)
+        calls = {
+            400: ("post", "/embed", "not an image"),
+            404: ("get", "/embeddings/" + "0" * 32, None),
+            413: ("post", "/predict", {"embedding_id": key, **big}),
+            422: ("post", "/predict", {"points": [[1, 1]], "labels": [1]}),
+            500: ("post", "/predict", {"embedding_id": key, "points": [[9, 9]], "labels": [1]}),
+        }
+    elif name == "annotate":
+        client, image_id = request.getfixturevalue("annotate_app")
+        app = client.app
+        calls = {
+            400: ("post", f"/api/images/{image_id}/status", {"status": "finished"}),
+            404: ("get", "/api/images/424242", None),
+            413: ("post", "/api/events", big),
+            422: ("post", "/api/images/abc/predict", {"points": [[1, 1, 1]]}),
+            500: ("post", f"/api/images/{image_id}/predict", {"points": [[9, 9, 1]]}),
+        }
+        from samkit.annotate import Project
+
+        monkeypatch.setattr(Project, "predict", boom)
+    else:
+        app = _labelstudio_app(monkeypatch, boom)
+        calls = {
+            400: ("post", "/setup", {"project": "1", "schema": "<View/>"}),
+            404: ("get", "/nowhere", None),
+            413: ("post", "/webhook", {"action": "x", "blob": "x" * 2000}),
+            422: ("post", "/predict", [1, 2]),
+            500: ("post", "/predict", {"tasks": []}),
+        }
+    raw = TestClient(app, raise_server_exceptions=False)  # no `with`: the fixture's app keeps running
+    for status, (method, path, body) in calls.items():
+        if isinstance(body, str):
+            res = raw.post(path, files={"file": ("a.jpg", body.encode())})
+        else:
+            res = getattr(raw, method)(path, json=body) if body is not None else getattr(raw, method)(path)
+        msg = _one_line_error(res, status)
+        if status == 500:
+            assert msg == f"internal error (KeyError) in {path}; see the server's log"

@@ -296,7 +296,7 @@ def test_health_setup_and_webhook(client):
     assert r.status_code == 200 and r.json() == {"model_version": backend.model_version}
     assert backend.images.url == "http://ls:8080"
     r = client.post("/setup", json={"project": "1.17", "schema": "<View/>"})
-    assert r.status_code == 400 and "BrushLabels" in r.json()["detail"]
+    assert r.status_code == 400 and "BrushLabels" in r.json()["error"]
     r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}})
     assert r.status_code == 200 and r.json()["trained"] is False
     assert client.get("/versions").json() == {"versions": [backend.model_version]}
@@ -424,9 +424,9 @@ def test_auto_prelabels_a_task_with_segment_everything(client):
 def test_bad_requests_get_one_line_errors(client):
     outside = {"id": 9, "data": {"image": "/data/local-files/?d=instances/coco_mini/train/images/x.jpg"}}
     r = _predict(client, outside, [keypoint(50, 50, 10, 10)], status=403)
-    assert "outside the allowed roots" in r["detail"]
+    assert "outside the allowed roots" in r["error"]
     r = _predict(client, _task("llama"), [keypoint(50, 50, 10, 10)], status=400)
-    assert "10x10 image" in r["detail"] and "\n" not in r["detail"]
+    assert "10x10 image" in r["error"] and "\n" not in r["error"]
 
 
 def test_cli_builds_the_backend_config(monkeypatch):

@@ -251,13 +251,6 @@ def _cmd_labelstudio(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from samkit.annotate import Store, export_project
 
-    if args.target == "onnx":
-        _cmd_export_onnx(args)
-        return
-    if args.db is None:
-        raise SamkitError(
-            "give --db PROJECT.sqlite to export annotations, or `samkit export onnx` for a model"
-        )
     if not Path(args.db).is_file():
         raise SamkitError(f"database not found: {args.db} (create it with `samkit annotate IMAGES --db ...`)")
     files = export_project(Store(args.db), args.out, args.format)
@@ -267,7 +260,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from samkit.extras import require
 
-    require("export", "samkit export onnx")
+    require("export", "samkit export-onnx")
     import samkit
     from samkit.export import export_onnx
 
@@ -391,8 +384,8 @@ EXAMPLES = {
     "train": "samkit train configs/finetune_decoder.yaml --set optim.steps=500 --out runs/ft\n"
     "  samkit train configs/finetune_decoder.yaml --out runs/ft --resume",
     "annotate": "samkit annotate photos/ --db project.sqlite --port 8000",
-    "export": "samkit export --db project.sqlite --format coco --out dataset/\n"
-    "  samkit export onnx --model vit_t --out vit_t_onnx/ [--quantize int8] [--opset 18]",
+    "export": "samkit export --db project.sqlite --format coco --out dataset/",
+    "export-onnx": "samkit export-onnx --model vit_t --out vit_t_onnx/ [--quantize int8] [--opset 18]",
     "import": "samkit import dataset/annotations.json --db project.sqlite --images photos/",
     "labelstudio": "samkit labelstudio --model vit_t --port 9090 --label-studio-url http://localhost:8080 "
     "--api-key $LABEL_STUDIO_API_KEY [--auto]",
@@ -564,21 +557,22 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_access(p)
     p.set_defaults(func=_cmd_annotate)
 
-    p = command(
-        "export",
-        "write an annotation project as SA-1B (one JSON per image) or COCO instances; "
-        "or, with target `onnx`, a model as ONNX encoder + decoder",
-    )
-    p.add_argument(
-        "target", nargs="?", choices=["onnx"], default=None, help="`onnx`: export --model instead of --db"
-    )
-    p.add_argument("--db", default=None, help="project database written by `samkit annotate`")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="onnx: int8 dynamic quantization")
-    p.add_argument("--opset", type=int, default=18, help="onnx: opset version 18..20 (default 18)")
-    _add_model(p)
+    p = command("export", "write an annotation project as SA-1B (one JSON per image) or COCO instances")
+    p.add_argument("--db", required=True, help="project database written by `samkit annotate`")
     p.add_argument("--format", choices=["sa1b", "coco"], default="coco")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
+
+    p = command(
+        "export-onnx",
+        "write a model as ONNX encoder + decoder, for onnxruntime (`samkit.OnnxPredictor`) and browsers "
+        "(pip install 'samkit[export]')",
+    )
+    _add_model(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 dynamic quantization")
+    p.add_argument("--opset", type=int, default=18, help="opset version 18..20 (default 18)")
+    p.set_defaults(func=_cmd_export_onnx)
 
     p = command(
         "labelstudio",
@@ -639,6 +633,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:2] == ["export", "onnx"]:
+        moved = "`samkit export onnx` is now `samkit export-onnx` (same options)"
+        print(f"samkit: error: {moved}", file=sys.stderr)
+        return 2
     args = _build_parser().parse_args(argv)
     try:
         args.func(args)

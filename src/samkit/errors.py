@@ -19,6 +19,18 @@ class PromptError(InputError):
     """A point, label, box or mask prompt that is malformed or outside the image."""
 
 
+class NotFoundError(InputError):
+    """An id, name or path that samkit does not have (an image or object id, a file outside a folder)."""
+
+
+class GoneError(NotFoundError):
+    """Something samkit knew of that has disappeared, e.g. an image file deleted from disk."""
+
+
+class AccessError(SamkitError):
+    """A file or URL samkit may not read, or whose server refused or failed to give it."""
+
+
 class StateError(SamkitError, RuntimeError):
     """An operation called in the wrong order, e.g. predict() before set_image()."""
 

@@ -2,7 +2,7 @@
 
 `pip install samkit` is enough to segment, run segment-everything and train; the web apps (`samkit serve`,
 `samkit annotate`) need `samkit[app]`, the plots and edge matching of `samkit eval` need `samkit[eval]`, and
-`samkit export onnx` needs `samkit[export]`.
+`samkit export-onnx` needs `samkit[export]`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """OnnxPredictor: the `Predictor` API on onnxruntime, for machines without PyTorch.
 
 Needs only numpy, pillow and onnxruntime (`pip install samkit[onnx]`), plus safetensors for
-save/load_embedding. Reads a folder written by `samkit export onnx` (encoder.onnx, decoder.onnx,
+save/load_embedding. Reads a folder written by `samkit export-onnx` (encoder.onnx, decoder.onnx,
 samkit_onnx.json); a folder with only decoder.onnx works with `set_embedding` / `load_embedding`.
 """
 
@@ -37,7 +37,7 @@ class OnnxPredictor(PredictorBase):
         spec_path = self.model_dir / SPEC_NAME
         if not spec_path.is_file():
             raise CheckpointError(
-                f"{self.model_dir} has no {SPEC_NAME}: export a model with `samkit export onnx --out DIR`"
+                f"{self.model_dir} has no {SPEC_NAME}: export a model with `samkit export-onnx --out DIR`"
             )
         try:
             self.spec: dict[str, Any] = json.loads(spec_path.read_text())
@@ -77,7 +77,7 @@ class OnnxPredictor(PredictorBase):
 
         path = self.model_dir / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing: export the model again with `samkit export onnx`")
+            raise CheckpointError(f"{path} is missing: export the model again with `samkit export-onnx`")
         opts = ort.SessionOptions()
         if self._num_threads:
             opts.intra_op_num_threads = self._num_threads
@@ -236,5 +236,5 @@ def _warn_if_int8_may_saturate(spec: dict[str, Any], model_dir: Path) -> None:
     if cpu.x86 and not cpu.vnni:
         log.warning(
             f"samkit: {model_dir} holds 8-bit int8 weights, which can saturate on this CPU without VNNI "
-            f"({cpu.model}): export it again with `samkit export onnx --quantize int8`"
+            f"({cpu.model}): export it again with `samkit export-onnx --quantize int8`"
         )

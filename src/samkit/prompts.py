@@ -28,15 +28,32 @@ def one_prompt_as_batch(
     point_coords (N, 2) -> (1, N, 2); point_labels (N,) -> (1, N); box (4,) -> (1, 4);
     mask_input (1, h, w) or (h, w) -> (1, 1, h, w).
     """
-    coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)[None]
-    labels = None if point_labels is None else np.asarray(point_labels)[None]
-    boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(1, 4)
+    coords = None if point_coords is None else _numbers(point_coords, _COORDS)[None]
+    labels = None if point_labels is None else _numbers(point_labels, _LABELS)[None]
+    boxes = None if box is None else _numbers(box, _BOX)
+    if boxes is not None:
+        boxes = boxes.reshape(1, 4) if boxes.size == 4 else boxes[None]
     if mask_input is not None:
         mask_input = np.asarray(mask_input, dtype=np.float32)
         if mask_input.shape == tuple(mask_size):
             mask_input = mask_input[None]
         mask_input = mask_input[None]
     return coords, labels, boxes, mask_input
+
+
+_COORDS = "point_coords must be (N, 2) XY pixels (batched: (B, N, 2))"
+_LABELS = "point_labels must be one number per point: 1 foreground, 0 background"
+_BOX = "box must be XYXY [x0, y0, x1, y1] pixels (batched: (B, 4))"
+
+
+def _numbers(value: Any, expected: str) -> np.ndarray:
+    """`value` as a float64 array; PromptError(`expected`) if it is not one (ragged rows, non-numbers)."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PromptError(
+            f"{expected}, got rows of different lengths or values that are not numbers"
+        ) from None
 
 
 def check_prompts(
@@ -50,7 +67,7 @@ def check_prompts(
     """Validate a batch of prompts against an (H, W) image; raise `PromptError` with one line if bad.
 
     coords (B, N, 2), labels (B, N), boxes (B, 4), mask_input (B, 1, h, w); returns them as float64 /
-    int / float64 / float32 arrays (None where absent).
+    float64 / float64 / float32 arrays (None where absent).
     """
     h, w = original_size
     if (coords is None) != (labels is None):
@@ -59,12 +76,10 @@ def check_prompts(
         raise PromptError("no prompt: give point_coords + point_labels, a box, or a mask_input")
     sizes = set()
     if coords is not None:
-        coords = np.asarray(coords, dtype=np.float64)
-        labels = np.asarray(labels)
+        coords = _numbers(coords, _COORDS)
+        labels = _numbers(labels, _LABELS)
         if coords.ndim != 3 or coords.shape[-1] != 2:
-            raise PromptError(
-                f"point_coords must be (N, 2) XY pixels (batched: (B, N, 2)), got shape {coords.shape}"
-            )
+            raise PromptError(f"{_COORDS}, got shape {coords.shape}")
         if labels.shape != coords.shape[:2]:
             raise PromptError(
                 f"point_labels must have one label per point: {labels.shape} vs {coords.shape[:2]}"
@@ -73,7 +88,7 @@ def check_prompts(
             raise PromptError(f"too many points ({coords.shape[1]}) in one prompt; {MAX_POINTS} at most")
         bad = ~np.isin(labels, (0, 1, -1))
         if bad.any():
-            raise PromptError(f"point label {labels[bad][0]} is not 1 (foreground) or 0 (background)")
+            raise PromptError(f"point label {labels[bad][0]:g} is not 1 (foreground) or 0 (background)")
         real = coords[labels != -1]
         outside = ~np.isfinite(real).all(1) | (real < 0).any(1) | (real[:, 0] > w) | (real[:, 1] > h)
         if outside.any():
@@ -81,7 +96,10 @@ def check_prompts(
             raise PromptError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})")
         sizes.add(coords.shape[0])
     if boxes is not None:
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        boxes = _numbers(boxes, _BOX)
+        if boxes.ndim == 0 or boxes.shape[-1] != 4:
+            raise PromptError(f"{_BOX}, got shape {boxes.shape}")
+        boxes = boxes.reshape(-1, 4)
         if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
             raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {boxes[0].tolist()}")
         if (boxes[:, :2] > [w, h]).any() or (boxes[:, 2:] < 0).any():

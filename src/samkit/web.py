@@ -1,11 +1,13 @@
-"""What both web apps (`samkit serve`, `samkit annotate`) put in front of their routes.
+"""What every samkit web app (`samkit serve`, `samkit annotate`, `samkit labelstudio`) puts in front of
+its routes.
 
 - `Access` and `Guard`: who may call. An optional token (Authorization: Bearer, an X-Samkit-Token header,
   or a cookie that a browser gets by opening the app once with `?token=...`), compared in constant time;
   and a Host check (with the Origin header of browsers' cross-site requests) that refuses unknown names,
   by default whenever the server listens on a loopback address, so that DNS rebinding cannot reach it.
 - `BodyLimit`: how much a request may send (413 beyond) and how long it may take to send it (408).
-- `install_error_handlers`: every error as one line of JSON, `{key: "<message>"}`.
+- `install_error_handlers`: every error as one line of JSON, `{"error": "<message>"}`, with the status of
+  `STATUS_OF_ERROR` for samkit's own errors (docs/security.md#errors lists them).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hmac
 import ipaddress
 import os
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -23,10 +25,11 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from samkit.errors import SamkitError
+from samkit.errors import AccessError, GoneError, InputError, NotFoundError, SamkitError, StateError
 
 TOKEN_ENV = "SAMKIT_TOKEN"
 TOKEN_HEADER = "x-samkit-token"
@@ -40,44 +43,79 @@ BODY_SECONDS = 60.0
 UVICORN_CONNECTIONS = 128
 
 
-def error_response(
-    status: int, message: str, key: str = "detail", headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    """The error body of the web apps: `{key: "<one line>"}`."""
+# The HTTP status of samkit's own errors in every web app, the first class that matches; any other
+# SamkitError (a corrupt checkpoint, an unwritable output) is the server's fault: 500.
+STATUS_OF_ERROR: tuple[tuple[type[SamkitError], int], ...] = (
+    (GoneError, 410),
+    (NotFoundError, 404),
+    (AccessError, 403),
+    (InputError, 400),
+    (StateError, 503),
+)
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer of samkit's web apps."""
+
+    error: str = Field(description="what was wrong and what to do, in one line")
+
+
+def status_of(exc: SamkitError) -> int:
+    """The HTTP status a web app answers `exc` with (`STATUS_OF_ERROR`)."""
+    return next((status for cls, status in STATUS_OF_ERROR if isinstance(exc, cls)), 500)
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The error answer of the web apps: `{"error": "<one line>"}`."""
     line = " ".join(str(message).split())
-    return JSONResponse({key: line}, status_code=status, headers=dict(headers or {}))
+    body = ErrorBody(error=line).model_dump()
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
-def install_error_handlers(
-    app: FastAPI, key: str, status_of: Callable[[SamkitError], int], log_as: str | None = None
-) -> None:
-    """One-line JSON errors for samkit's own errors (status from `status_of`), HTTP errors, malformed
-    requests (422) and anything unexpected (500; the traceback goes to the server's log). With `log_as`,
-    samkit's errors are also printed to stderr as `<log_as>: <message>` (for servers whose clients do not
-    show the answer to a person)."""
+def install_error_handlers(app: FastAPI, log_as: str | None = None) -> None:
+    """One-line `ErrorBody` answers for samkit's own errors (status from `status_of`), HTTP errors,
+    malformed requests (422: FastAPI's list of validation errors becomes its first, in one line) and
+    anything unexpected (500; the traceback goes to the server's log); the OpenAPI document describes
+    422 answers as `ErrorBody` too. With `log_as`, samkit's errors are also printed to stderr as
+    `<log_as>: <message>` (for servers whose clients do not show the answer to a person)."""
 
     @app.exception_handler(SamkitError)
     def _samkit(_: Request, exc: SamkitError) -> JSONResponse:
         if log_as:
             print(f"{log_as}: {exc}", file=sys.stderr, flush=True)
-        return error_response(status_of(exc), str(exc), key)
+        return error_response(status_of(exc), str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), key, exc.headers)
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     def _malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = f"malformed request: {where + ': ' if where else ''}{first.get('msg', 'invalid input')}"
-        return error_response(422, msg, key)
+        return error_response(422, msg)
 
     @app.exception_handler(Exception)
     def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette raises the exception again after this answer, so the server logs its traceback.
         msg = f"internal error ({type(exc).__name__}) in {request.url.path}; see the server's log"
-        return error_response(500, msg, key)
+        return error_response(500, msg)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        # FastAPI documents its own 422 body (a "detail" list); these apps answer an ErrorBody.
+        schema = default_openapi()  # cached by FastAPI: changed in place, once
+        schemas = schema.get("components", {}).get("schemas", {})
+        if "HTTPValidationError" in schemas:
+            schemas["HTTPValidationError"] = ErrorBody.model_json_schema()
+            schemas.pop("ValidationError", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def is_loopback(bind: str) -> bool:
@@ -146,10 +184,9 @@ class Guard:
     without the token. A browser GET with a valid `?token=` gets the token as a cookie (HttpOnly,
     SameSite=Lax) and is redirected to the same URL without it, so the page and its requests work."""
 
-    def __init__(self, app: Any, access: Access, key: str = "detail") -> None:
+    def __init__(self, app: Any, access: Access) -> None:
         self.app = app
         self.access = access
-        self.key = key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -168,7 +205,7 @@ class Guard:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            await error_response(status, message, self.key, extra)(scope, receive, send)
+            await error_response(status, message, extra)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -276,13 +313,11 @@ class BodyLimit:
         app: Any,
         max_bytes: int = MAX_JSON_BYTES,
         per_path: Mapping[str, int] | None = None,
-        key: str = "detail",
         seconds: float = BODY_SECONDS,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.per_path = dict(per_path or {})
-        self.key = key
         self.seconds = seconds
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -292,7 +327,7 @@ class BodyLimit:
         limit = self.per_path.get(scope["path"], self.max_bytes)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await error_response(413, too_large_message(limit), self.key)(scope, receive, send)
+            await error_response(413, too_large_message(limit))(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.seconds
@@ -335,9 +370,9 @@ class BodyLimit:
 
     async def _reject(self, exc: Exception, limit: int, send: Any) -> None:
         if isinstance(exc, _TooSlow):
-            response = error_response(408, f"request body not received within {self.seconds:g} s", self.key)
+            response = error_response(408, f"request body not received within {self.seconds:g} s")
         else:
-            response = error_response(413, too_large_message(limit), self.key)
+            response = error_response(413, too_large_message(limit))
         await response({"type": "http"}, _no_body, send)
 
 

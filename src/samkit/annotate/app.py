@@ -1,8 +1,9 @@
 """The web app: a JSON API over `Project` and the static front end (plain HTML/JS/CSS, no build step).
 
-Errors that samkit raises on purpose become 4xx responses `{"error": "<one line>"}`: unknown ids and paths
-outside the images folder 404, missing image files 410, bad prompts 422, an image still embedding 503,
-bodies over `MAX_JSON_BYTES` 413. Access (token, Host check) is `samkit.web`'s, shared with `samkit serve`.
+Errors are `samkit.web`'s, as in every samkit web app: `{"error": "<one line>"}` with the status of
+`samkit.web.STATUS_OF_ERROR` (unknown ids and paths outside the images folder 404, missing image files
+410, bad prompts 400, an image still embedding 503, bodies over `MAX_JSON_BYTES` 413). Prompts are
+`samkit.web_schema.PromptFields`, shared with `samkit serve`; so is access (token, Host check).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from samkit.annotate.project import MissingImageError, NotFoundError, Project, Prompt
-from samkit.errors import InputError, SamkitError, StateError
+from samkit.annotate.project import Project, Prompt
+from samkit.errors import NotFoundError
 from samkit.web import (
     MAX_JSON_BYTES,
     TOKEN_QUERY,
@@ -33,15 +34,10 @@ from samkit.web import (
     install_error_handlers,
     warn_if_open,
 )
+from samkit.web_schema import PromptFields
 
 # Formats browsers display as they are; others (TIFF) are sent as PNG.
 _BROWSER_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-class PromptBody(BaseModel):
-    points: list[Any] = Field(default_factory=list, description="[[x, y, label]] image pixels; 1 fg, 0 bg")
-    box: list[Any] | None = Field(default=None, description="[x0, y0, x1, y1] image pixels (XYXY)")
-    multimask: bool | None = None
 
 
 # Annotator names are stored with every event.
@@ -49,7 +45,7 @@ _Name = Field(default="", max_length=200)
 _NameQuery = Annotated[str, Query(max_length=200)]
 
 
-class AcceptBody(PromptBody):
+class AcceptBody(PromptFields):
     candidate: int = 0
     label: str = "object"
     annotator: str = _Name
@@ -82,18 +78,6 @@ class EventBody(BaseModel):
     detail: dict[str, Any] | None = None
 
 
-def _status_of(exc: SamkitError) -> int:
-    if isinstance(exc, MissingImageError):
-        return 410
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, StateError):
-        return 503
-    if isinstance(exc, InputError):
-        return 422
-    return 400
-
-
 def create_app(project: Project, access: Access | None = None) -> FastAPI:
     """The FastAPI app serving `project`; `project.start()` is called when the server starts.
 
@@ -111,9 +95,9 @@ def create_app(project: Project, access: Access | None = None) -> FastAPI:
         title="samkit annotate", docs_url="/api/docs", openapi_url="/api/openapi.json", lifespan=lifespan
     )
     static = Path(str(resources.files("samkit.annotate") / "static"))
-    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BYTES, key="error")
-    app.add_middleware(Guard, access=access or Access(), key="error")
-    install_error_handlers(app, "error", _status_of)
+    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BYTES)
+    app.add_middleware(Guard, access=access or Access())
+    install_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -169,9 +153,9 @@ def create_app(project: Project, access: Access | None = None) -> FastAPI:
         return {"ok": True, "embedded": project.embeddings.is_ready(image_id)}
 
     @app.post("/api/images/{image_id}/predict")
-    def predict(image_id: int, body: PromptBody) -> dict[str, Any]:
+    def predict(image_id: int, body: PromptFields) -> dict[str, Any]:
         started = time.perf_counter()
-        prompt = Prompt.parse(body.points, body.box)
+        prompt = Prompt(*body.predict_args())
         cands = project.predict(image_id, prompt, body.multimask)
         return {
             "candidates": [
@@ -189,7 +173,7 @@ def create_app(project: Project, access: Access | None = None) -> FastAPI:
 
     @app.post("/api/images/{image_id}/objects")
     def accept(image_id: int, body: AcceptBody) -> dict[str, Any]:
-        prompt = Prompt.parse(body.points, body.box)
+        prompt = Prompt(*body.predict_args())
         obj = project.accept(
             image_id, prompt, body.candidate, body.label, body.annotator, body.duration_ms, body.multimask
         )

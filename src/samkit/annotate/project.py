@@ -6,7 +6,6 @@ Coordinates: points (x, y) and boxes XYXY in original-image pixels; stored bboxe
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -21,9 +20,16 @@ from pycocotools import mask as mask_utils
 from samkit.annotate.embeddings import EmbeddingCache
 from samkit.annotate.store import ObjectRecord, Store
 from samkit.embedding_file import fingerprint
-from samkit.errors import ImageError, InputError, PromptError, SamkitError, StateError
+from samkit.errors import (
+    GoneError,
+    ImageError,
+    InputError,
+    NotFoundError,
+    PromptError,
+    SamkitError,
+    StateError,
+)
 from samkit.image import IMAGE_SUFFIXES, image_size
-from samkit.prompts import MAX_POINTS
 
 # Auto mode keeps a generated mask only if it overlaps every existing object by less than this IoU.
 AUTO_OVERLAP_IOU = 0.5
@@ -31,11 +37,7 @@ AUTO_OVERLAP_IOU = 0.5
 AUTO_WAIT_SECONDS = 60.0
 
 
-class NotFoundError(InputError):
-    """An image or object id, or a path, that the project does not have."""
-
-
-class MissingImageError(NotFoundError):
+class MissingImageError(GoneError):
     """An image the project knows whose file is gone from disk."""
 
 
@@ -52,58 +54,26 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Prompt:
-    """Points [(x, y, label)] with label 1 = foreground, 0 = background, and/or a box XYXY, in image pixels."""
+    """One prompt as `Predictor.predict` takes it, in image pixels: point_coords (N, 2) XY with point_labels
+    (N,) 1 = foreground, 0 = background, and/or box (4,) XYXY; None where absent. Checked when predicted
+    (`samkit.prompts.check_prompts`)."""
 
-    points: tuple[tuple[float, float, int], ...] = ()
-    box: tuple[float, float, float, float] | None = None
+    point_coords: Any = None
+    point_labels: Any = None
+    box: Any = None
 
-    @classmethod
-    def parse(cls, points: Any, box: Any) -> Prompt:
-        """Validate JSON-ish input: points [[x, y, label], ...], box [x0, y0, x1, y1] or None."""
-        points = points or []
-        if len(points) > MAX_POINTS:
-            raise PromptError(f"too many points ({len(points)}); {MAX_POINTS} at most")
-        parsed = []
-        for p in points:
-            if not isinstance(p, (list, tuple)) or len(p) != 3:
-                raise PromptError(f"each point must be [x, y, label], got {p!r}")
-            x, y, label = p
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y, label)):
-                raise PromptError(f"point values must be numbers, got {p!r}")
-            if label not in (0, 1):
-                raise PromptError(f"point label must be 1 (foreground) or 0 (background), got {label!r}")
-            if not (_finite(x) and _finite(y)):
-                raise PromptError(f"point coordinates must be finite numbers, got {p!r}")
-            parsed.append((float(x), float(y), int(label)))
-        b = None
-        if box is not None:
-            if (
-                not isinstance(box, (list, tuple))
-                or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
-            ):
-                raise PromptError(f"box must be [x0, y0, x1, y1] numbers, got {box!r}")
-            if not all(_finite(v) for v in box):
-                raise PromptError(f"box coordinates must be finite numbers, got {box!r}")
-            b = tuple(float(v) for v in box)
-        if not parsed and b is None:
-            raise PromptError("empty prompt: give at least one point or a box")
-        return cls(tuple(parsed), b)  # type: ignore[arg-type]
-
-    def check_inside(self, width: int, height: int) -> None:
-        """Refuse points or boxes outside a width x height image (pixels)."""
-        for x, y, _ in self.points:
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise PromptError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image")
-        if self.box is not None:
-            x0, y0, x1, y1 = self.box
-            if x1 < x0 or y1 < y0:
-                raise PromptError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {list(self.box)}")
-            if x0 > width or y0 > height or x1 < 0 or y1 < 0:
-                raise PromptError(f"box {list(self.box)} lies outside the {width}x{height} image")
+    def count(self) -> int:
+        """Points plus the box: one is ambiguous (SAM's advice: 3 candidates), more are not."""
+        points = 0 if self.point_coords is None else len(self.point_coords)
+        return points + (self.box is not None)
 
     def as_json(self) -> dict[str, Any]:
-        return {"points": [list(p) for p in self.points], "box": None if self.box is None else list(self.box)}
+        """The stored form (once checked): {"points": [[x, y, label], ...], "box": [x0, y0, x1, y1] | None}."""
+        coords = [] if self.point_coords is None else np.asarray(self.point_coords, dtype=np.float64)
+        labels = [] if self.point_labels is None else np.asarray(self.point_labels)
+        points = [[float(x), float(y), int(label)] for (x, y), label in zip(coords, labels, strict=True)]
+        box = None if self.box is None else [float(v) for v in self.box]
+        return {"points": points, "box": box}
 
 
 class Project:
@@ -205,13 +175,13 @@ class Project:
         self.image_file(image_id)
         pred = self.embeddings.predictor(image_id)
         if multimask is None:
-            multimask = len(prompt.points) + (prompt.box is not None) == 1
-        h, w = pred.original_size
-        prompt.check_inside(w, h)
-        coords = np.array([p[:2] for p in prompt.points], dtype=np.float64) if prompt.points else None
-        labels = np.array([p[2] for p in prompt.points]) if prompt.points else None
+            multimask = prompt.count() == 1
         logits, scores, _ = pred.predict(
-            coords, labels, prompt.box, multimask_output=multimask, return_logits=True
+            prompt.point_coords,
+            prompt.point_labels,
+            prompt.box,
+            multimask_output=multimask,
+            return_logits=True,
         )
         return _candidates(logits, scores)
 
@@ -348,14 +318,6 @@ def _image_size(path: Path) -> tuple[int | None, int | None]:
         return image_size(path)
     except ImageError:
         return None, None
-
-
-def _finite(v: float) -> bool:
-    """A finite number, and one a float can hold (JSON integers can be arbitrarily large)."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def _label(label: Any) -> str:

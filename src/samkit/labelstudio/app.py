@@ -12,18 +12,11 @@ from typing import Any
 
 from fastapi import Body, FastAPI
 
-from samkit.errors import InputError, SamkitError
 from samkit.labelstudio.backend import Backend, BackendConfig
-from samkit.labelstudio.images import ImageAccessError
-from samkit.web import install_error_handlers
+from samkit.web import BodyLimit, install_error_handlers
 
-
-def _status_of(exc: SamkitError) -> int:
-    if isinstance(exc, ImageAccessError):
-        return 403
-    if isinstance(exc, InputError):
-        return 400
-    return 500
+# Label Studio's bodies: tasks and their prompts, annotations (brush RLE) on the webhook; megabytes at most.
+MAX_BODY_BYTES = 32 * 2**20
 
 
 def create_app(config: BackendConfig | None = None, backend: Backend | None = None) -> FastAPI:
@@ -31,8 +24,8 @@ def create_app(config: BackendConfig | None = None, backend: Backend | None = No
     backend = backend or Backend(config or BackendConfig())
     app = FastAPI(title="samkit Label Studio ML backend", version="1")
     app.state.backend = backend
-
-    install_error_handlers(app, "detail", _status_of, log_as="samkit labelstudio")
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    install_error_handlers(app, log_as="samkit labelstudio")
 
     @app.get("/")
     @app.get("/health")

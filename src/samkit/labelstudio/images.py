@@ -17,12 +17,12 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from samkit.errors import InputError, SamkitError
+from samkit.errors import AccessError, InputError
 
 LOCAL_FILES_PREFIX = "/data/local-files/"
 
 
-class ImageAccessError(SamkitError):
+class ImageAccessError(AccessError):
     """A task image the backend may not read, or could not get."""
 
 

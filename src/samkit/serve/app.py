@@ -31,13 +31,12 @@ import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import Response
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from samkit import embedding_file
 from samkit.embedding_file import fingerprint
-from samkit.errors import CheckpointError, ImageError, InputError, SamkitError, StateError
-from samkit.prompts import MAX_POINTS
+from samkit.errors import CheckpointError, ImageError, InputError, NotFoundError
 from samkit.serve.cache import EmbeddingCache
 from samkit.web import (
     MAX_JSON_BYTES,
@@ -49,6 +48,7 @@ from samkit.web import (
     too_large_message,
     warn_if_open,
 )
+from samkit.web_schema import PromptFields
 
 CONFIG_ENV = "SAMKIT_SERVE_CONFIG"
 
@@ -91,20 +91,11 @@ ENCODE_WAIT_SECONDS = 120.0
 MIN_EVERYTHING_SIDE = 8
 
 
-class PredictBody(BaseModel):
+class PredictBody(PromptFields):
+    """The prompt every samkit web app takes (`PromptFields`) on the image of `embedding_id`."""
+
     embedding_id: str = Field(max_length=64, description="id returned by POST /embed")
-    points: list[tuple[float, float]] | None = Field(
-        None,
-        max_length=MAX_POINTS,
-        description=f"[[x, y], ...] in original-image pixels, {MAX_POINTS} at most",
-    )
-    labels: list[Annotated[int, Field(ge=0, le=1)]] | None = Field(
-        None, max_length=MAX_POINTS, description="one per point: 1 foreground, 0 background"
-    )
-    box: tuple[float, float, float, float] | None = Field(
-        None, description="[x0, y0, x1, y1] (XYXY) in original-image pixels"
-    )
-    multimask: bool = Field(True, description="3 candidate masks (True) or 1")
+    multimask: bool = Field(True, description="3 candidate masks (true) or 1")
 
 
 def decode_upload(data: bytes, max_pixels: int | None = None) -> np.ndarray:
@@ -227,8 +218,8 @@ class Service:
         valid = len(key) == 32 and all(c in "0123456789abcdef" for c in key)
         path = self.cache.get(key) if valid else None
         if path is None:
-            raise HTTPException(
-                404, f"unknown embedding id {key!r}: POST the image to /embed (old ids are evicted)"
+            raise NotFoundError(
+                f"unknown embedding id {key!r}: POST the image to /embed (old ids are evicted)"
             )
         return path
 
@@ -249,7 +240,7 @@ class Service:
         try:
             pred.load_embedding(path)
         except CheckpointError:
-            raise HTTPException(404, f"embedding {key} is gone: POST the image again") from None
+            raise NotFoundError(f"embedding {key} is gone: POST the image again") from None
         with self._lock:
             self._loaded[key] = pred
             while len(self._loaded) > LOADED_EMBEDDINGS:
@@ -272,9 +263,7 @@ class Service:
         from samkit.masks import masks_to_coco_rle
 
         pred = self.predictor(body.embedding_id)
-        coords = None if body.points is None else np.asarray(body.points, dtype=np.float64).reshape(-1, 2)
-        labels = None if body.labels is None else np.asarray(body.labels, dtype=np.int64)
-        masks, scores, _ = pred.predict(coords, labels, body.box, multimask_output=body.multimask)
+        masks, scores, _ = pred.predict(*body.predict_args(), multimask_output=body.multimask)
         h, w = pred.original_size
         order = np.argsort(-scores, kind="stable")
         rles = masks_to_coco_rle(masks[order])
@@ -294,12 +283,9 @@ class Service:
         }
 
     def everything(self, data: bytes, file_name: str, points_per_side: int) -> dict[str, Any]:
+        from samkit.everything import MaskGenerator
         from samkit.formats import sa1b_dict
 
-        try:
-            from samkit.everything import MaskGenerator
-        except ImportError:
-            raise HTTPException(501, "segment-everything is not available in this samkit install") from None
         generator = MaskGenerator(self.model, points_per_side=points_per_side, output_mode="coco_rle")
         with self.encodes.running():
             image = decode_upload(data, self.config.max_image_pixels)
@@ -315,14 +301,6 @@ class Service:
 
     def close(self) -> None:
         self.decoders.shutdown(wait=False, cancel_futures=True)
-
-
-def _status_of(exc: SamkitError) -> int:
-    if isinstance(exc, InputError):
-        return 400
-    if isinstance(exc, StateError):
-        return 409
-    return 500
 
 
 async def _read_upload(file: UploadFile, limit: int) -> bytes:
@@ -357,7 +335,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     access = Access(config.token, None if config.hosts is None else frozenset(config.hosts))
     app.add_middleware(Guard, access=access)
     app.state.service = service
-    install_error_handlers(app, "detail", _status_of)
+    install_error_handlers(app)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
