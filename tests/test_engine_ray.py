@@ -141,6 +141,39 @@ def test_killed_worker_is_replaced_every_image_once_and_rerun_does_no_work(
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == before
 
 
+def test_resume_skips_and_recovers_as_the_local_engine_does(tiny_ckpt, tmp_path):
+    """A folder left by a killed run (every JSON written, b's manifest line cut off, c's never logged):
+    both engines repair the manifest, log b and c as recovered, redo nothing and write the same lines."""
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = []
+    for name in ("a", "b", "c"):
+        paths.append(images / f"{name}.jpg")
+        paths[-1].write_bytes(b"never read: its JSON is there")
+    a_line = json.dumps({"image": str(paths[0]), "json": "a.json", "status": "done", "masks": 1}) + "\n"
+    outs = {}
+    for engine in ("local", "ray"):
+        out = outs[engine] = tmp_path / engine
+        out.mkdir()
+        for name in ("a", "b", "c"):
+            (out / f"{name}.json").write_text("{}")
+        (out / "manifest.jsonl").write_text(a_line + '{"image": "b.jpg", "json": "b.js')
+    gen = samkit.MaskGenerator(samkit.load(tiny_ckpt), output_mode="coco_rle", **GEN)
+    local = run_local(paths, gen, outs["local"], progress=False)
+    ray_engine = RayEngine(tiny_ckpt, GEN, workers=1)
+    remote = ray_engine.run(paths, outs["ray"], progress=False)
+
+    assert ray_engine._actors == []  # nothing to do, so Ray was not even asked for a worker
+    assert [r.status for r in remote.results] == [r.status for r in local.results] == ["skipped"] * 3
+    lines = (outs["ray"] / "manifest.jsonl").read_text()
+    assert lines == (outs["local"] / "manifest.jsonl").read_text()
+    recovered = [
+        {"image": str(p), "json": f"{p.stem}.json", "status": "done", "recovered": True} for p in paths[1:]
+    ]
+    assert [json.loads(line) for line in lines.splitlines()] == [json.loads(a_line), *recovered]
+    assert all((outs["ray"] / f"{name}.json").read_text() == "{}" for name in ("a", "b", "c"))
+
+
 def test_shards_hold_images_and_json_with_an_index(ray_local, tiny_ckpt, images, tmp_path):
     out = tmp_path / "ray"
     paths = list_images(images)

@@ -140,31 +140,14 @@ def run_local(
     rels = output_paths(images)
     summary = RunSummary()
     inner_bars = progress and sys.stderr.isatty()  # a bar per image only where it redraws in place
-    with hold_output(out) as manifest:
-        logged = logged_done(manifest)
+    with hold_output(out, overwrite) as manifest:
         bar = _progress(len(images), progress)
         try:
             for i, (path, rel) in enumerate(zip(images, rels, strict=True)):
-                target = out / rel
-                if target.exists() and not overwrite:
-                    if str(rel) not in logged:
-                        # Killed between writing the JSON and logging it: log it now, do not redo it.
-                        entry: dict[str, Any] = {
-                            "image": str(path),
-                            "json": str(rel),
-                            "status": "done",
-                            "recovered": True,
-                        }
-                        append_entry(manifest, entry)
-                    result = ImageResult(Path(path), target, "skipped")
-                else:
+                result = manifest.skipped(path, rel)
+                if result is None:
                     result = process_image(Path(path), generator, out, rel, i, overlay, inner_bars)
-                    entry = {"image": str(path), "json": str(rel), "status": result.status}
-                    if result.status == "done":
-                        entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))
-                    else:
-                        entry["reason"] = result.reason
-                    append_entry(manifest, entry)
+                    manifest.record(path, rel, result)
                 summary.results.append(result)
                 if on_result is not None:
                     on_result(result)
@@ -205,14 +188,43 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     return entries
 
 
-def logged_done(manifest: Path) -> set[str]:
-    """Output JSON names the manifest records as done (shared by the local and the Ray engine)."""
-    return {e["json"] for e in read_manifest(manifest) if e.get("status") == "done" and "json" in e}
+class Manifest:
+    """The resume rule and the manifest lines of a run, one implementation for the local and the Ray
+    engine. `hold_output` makes it; `out` is the output folder, `path` its manifest.jsonl."""
+
+    def __init__(self, out: Path, overwrite: bool) -> None:
+        self.out = out
+        self.path = out / MANIFEST
+        self.overwrite = overwrite
+        entries = read_manifest(self.path)
+        self.logged = {e["json"] for e in entries if e.get("status") == "done" and "json" in e}
+
+    def skipped(self, image: str | Path, rel: Path) -> ImageResult | None:
+        """The "skipped" result of an image whose JSON an earlier run wrote (unless `overwrite`); None:
+        the image is to be processed. A JSON the manifest misses (a run killed between writing the JSON
+        and logging it) is logged now as recovered, and not redone."""
+        target = self.out / rel
+        if self.overwrite or not target.exists():
+            return None
+        if str(rel) not in self.logged:
+            append_entry(
+                self.path, {"image": str(image), "json": str(rel), "status": "done", "recovered": True}
+            )
+        return ImageResult(Path(image), target, "skipped")
+
+    def record(self, image: str | Path, rel: Path, result: ImageResult, **extra: Any) -> None:
+        """Log a processed or failed image: masks and seconds, or the reason, then `extra`."""
+        entry: dict[str, Any] = {"image": str(image), "json": str(rel), "status": result.status}
+        if result.status == "done":
+            entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))
+        else:
+            entry["reason"] = result.reason
+        append_entry(self.path, {**entry, **extra})
 
 
 def append_entry(manifest: Path, entry: dict[str, Any]) -> None:
-    """Append one manifest line (shared by the local and the Ray engine). On a full or read-only disk
-    the manifest is left as it was and OutputError is raised."""
+    """Append one manifest line. On a full or read-only disk the manifest is left as it was and
+    OutputError is raised."""
     line = (json.dumps(entry) + "\n").encode("utf-8")
     try:
         f = open(manifest, "ab")
@@ -241,10 +253,10 @@ def _undo_append(f: Any, size: int) -> None:
 
 
 @contextmanager
-def hold_output(out: Path) -> Iterator[Path]:
+def hold_output(out: Path, overwrite: bool = False) -> Iterator[Manifest]:
     """Hold the output folder `out` for one run (shared by the local and the Ray engine): create it,
     take its lock (OutputError when another run holds it) and repair a manifest whose last line a
-    killed run cut short. Yields the manifest's path. The lock is released when the block ends, and by
+    killed run cut short. Yields the run's `Manifest` (`overwrite`: redo images already done). The lock is released when the block ends, and by
     the system when the process dies (kill -9 included), so a stale lock file never blocks a rerun."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -257,9 +269,8 @@ def hold_output(out: Path) -> Iterator[Path]:
                 f"another samkit run is writing to {out} (it holds {out / LOCK}); wait for it to finish "
                 "or give another --out"
             )
-        manifest = out / MANIFEST
-        repair_manifest(manifest)
-        yield manifest
+        repair_manifest(out / MANIFEST)
+        yield Manifest(out, overwrite)
 
 
 def _try_lock(f: Any) -> bool:

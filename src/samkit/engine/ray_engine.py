@@ -28,10 +28,9 @@ from typing import Any
 
 from samkit.engine.local import (
     ImageResult,
+    Manifest,
     RunSummary,
-    append_entry,
     hold_output,
-    logged_done,
     output_paths,
     process_image,
     write_coco_for,
@@ -288,8 +287,8 @@ class RayEngine:
         Returns the per-image results in input order; `on_result` is called on the driver as each image
         resolves (skipped ones first). Raises OutputError when another run holds `out_dir`."""
         out = Path(out_dir).resolve()
-        with hold_output(out) as manifest:
-            summary = self._run(images, out, manifest, overwrite, overlay, shard_size, progress, on_result)
+        with hold_output(out, overwrite) as manifest:
+            summary = self._run(images, out, manifest, overlay, shard_size, progress, on_result)
         if coco is not None:
             write_coco_for(Path(coco), images, [out / r for r in output_paths(images)])
         return summary
@@ -298,26 +297,20 @@ class RayEngine:
         self,
         images: Sequence[Path],
         out: Path,
-        manifest: Path,
-        overwrite: bool,
+        manifest: Manifest,
         overlay: bool,
         shard_size: int | None,
         progress: bool,
         on_result: Callable[[ImageResult], None] | None,
     ) -> RunSummary:
-        logged = logged_done(manifest)
         rels = output_paths(images)
         sharder = Sharder(images, rels, out, shard_size) if shard_size else None
         results: dict[int, ImageResult] = {}
         todo: list[_Item] = []
         for i, (path, rel) in enumerate(zip(images, rels, strict=True)):
-            target = out / rel
-            if target.exists() and not overwrite:
-                if str(rel) not in logged:
-                    append_entry(
-                        manifest, {"image": str(path), "json": str(rel), "status": "done", "recovered": True}
-                    )
-                results[i] = ImageResult(Path(path), target, "skipped")
+            skipped = manifest.skipped(path, rel)
+            if skipped is not None:
+                results[i] = skipped
             else:
                 todo.append(_Item(i, os.path.abspath(path), str(rel)))
 
@@ -345,7 +338,7 @@ class RayEngine:
         todo: list[_Item],
         out: Path,
         overlay: bool,
-        manifest: Path,
+        manifest: Manifest,
         resolve: Callable[[int, ImageResult], None],
     ) -> None:
         ray = self._ray()
@@ -365,23 +358,10 @@ class RayEngine:
             if index in recorded:  # a late duplicate reply: the image is already in the manifest
                 return
             recorded.add(index)
-            entry: dict[str, Any] = {
-                "image": str(result.path),
-                "json": str(out_rel(result)),
-                "status": result.status,
-            }
-            if result.status == "done":
-                entry.update(masks=result.n_masks, seconds=round(result.seconds, 3))
-            else:
-                entry["reason"] = result.reason
-            entry.update(worker=pid, attempt=attempt + 1)
-            if recovered:
-                entry["recovered"] = True
-            append_entry(manifest, entry)
+            extra = {"recovered": True} if recovered else {}
+            rel = result.json_path.relative_to(out)
+            manifest.record(result.path, rel, result, worker=pid, attempt=attempt + 1, **extra)
             resolve(index, result)
-
-        def out_rel(result: ImageResult) -> Path:
-            return result.json_path.relative_to(out)
 
         while queue or inflight:
             # Two calls per actor keep it busy while the driver handles the other's reply.
@@ -437,29 +417,18 @@ def run_ray(
     model: str | None = None,
     generator_kwargs: Mapping[str, Any] | None = None,
     *,
-    address: str | None = None,
-    workers: int | None = None,
-    batch_size: int = 4,
-    gpus_per_worker: float = 0.0,
-    cpus_per_worker: float = 1.0,
     overwrite: bool = False,
     overlay: bool = False,
     shard_size: int | None = None,
     coco: str | Path | None = None,
     progress: bool = True,
-    dtype: str = "auto",
+    **engine_options: Any,
 ) -> RunSummary:
-    """One run on Ray with a fresh set of actors, closed at the end (see `RayEngine` and `RayEngine.run`)."""
-    engine = RayEngine(
-        model,
-        generator_kwargs,
-        address=address,
-        workers=workers,
-        batch_size=batch_size,
-        gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-        dtype=dtype,
-    )
+    """One run on Ray with a fresh set of actors, closed at the end.
+
+    `engine_options`: `RayEngine`'s keyword options (address, workers, batch_size, gpus_per_worker,
+    cpus_per_worker, max_attempts, dtype); the others as for `RayEngine` and `RayEngine.run`."""
+    engine = RayEngine(model, generator_kwargs, **engine_options)
     try:
         return engine.run(
             images,
