@@ -83,6 +83,8 @@ def test_delete_relabel_are_soft_and_logged(store):
     assert store.objects(im) == []
     with pytest.raises(InputError, match="no object"):
         store.delete_object(o.id)
+    with pytest.raises(InputError, match=f"no object with id {o.id} "):
+        store.relabel_object(o.id, "dog")
     with pytest.raises(InputError, match="label"):
         store.relabel_object(o.id, "")
     kinds = [e["kind"] for e in store.events()]

@@ -278,11 +278,7 @@ class Store:
     def object(self, object_id: int) -> ObjectRecord | None:
         if not _is_row_id(object_id):
             return None
-        row = (
-            self._conn()
-            .execute("SELECT * FROM objects WHERE id = ? AND deleted_at IS NULL", (object_id,))
-            .fetchone()
-        )
+        row = _live_object(self._conn(), object_id)
         return None if row is None else _record(row)
 
     def objects(self, image_id: int) -> list[ObjectRecord]:
@@ -294,11 +290,7 @@ class Store:
 
     def delete_object(self, object_id: int, annotator: str = "") -> ObjectRecord:
         with self._tx() as db:
-            row = db.execute(
-                "SELECT * FROM objects WHERE id = ? AND deleted_at IS NULL", (object_id,)
-            ).fetchone()
-            if row is None:
-                raise InputError(f"no object with id {object_id} (deleted already?)")
+            row = _existing_object(db, object_id)
             db.execute("UPDATE objects SET deleted_at = ? WHERE id = ?", (time.time(), object_id))
             _event(db, "delete", row["image_id"], object_id, annotator, None, None)
         return _record(row)
@@ -308,11 +300,7 @@ class Store:
         if not label or len(label) > 200:
             raise InputError("a label must be 1 to 200 characters")
         with self._tx() as db:
-            row = db.execute(
-                "SELECT * FROM objects WHERE id = ? AND deleted_at IS NULL", (object_id,)
-            ).fetchone()
-            if row is None:
-                raise InputError(f"no object with id {object_id} (deleted already?)")
+            row = _existing_object(db, object_id)
             db.execute("UPDATE objects SET label = ? WHERE id = ?", (label, object_id))
             _event(
                 db,
@@ -392,6 +380,19 @@ def _is_row_id(value: int) -> bool:
 
 def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _live_object(db: sqlite3.Connection, object_id: int) -> sqlite3.Row | None:
+    """The row of an object that is not deleted, or None."""
+    return db.execute("SELECT * FROM objects WHERE id = ? AND deleted_at IS NULL", (object_id,)).fetchone()
+
+
+def _existing_object(db: sqlite3.Connection, object_id: int) -> sqlite3.Row:
+    """The row of an object that is not deleted; InputError for an unknown or deleted id."""
+    row = _live_object(db, object_id)
+    if row is None:
+        raise InputError(f"no object with id {object_id} (deleted already?)")
+    return row
 
 
 def _record(row: sqlite3.Row) -> ObjectRecord:

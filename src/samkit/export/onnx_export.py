@@ -167,18 +167,11 @@ def quantize_int8(src: Path, dst: Path) -> None:
 def _export_encoder(model: Sam, path: Path, opset: int) -> None:
     s = model.image_size
     big = sum(p.numel() * p.element_size() for p in model.image_encoder.parameters()) > EXTERNAL_DATA_BYTES
-    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            EncoderForExport(model).eval(),
-            (torch.zeros(1, 3, s, s),),
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            input_names=ENCODER_INPUTS,
-            output_names=ENCODER_OUTPUTS,
-            external_data=big,
-        )
+    example = (torch.zeros(1, 3, s, s),)
+    encoder = EncoderForExport(model).eval()
+    _onnx_export(
+        encoder, example, path, opset, ENCODER_INPUTS, ENCODER_OUTPUTS, dynamo=True, external_data=big
+    )
 
 
 def _export_decoder(model: Sam, path: Path, opset: int) -> None:
@@ -198,33 +191,34 @@ def _export_decoder(model: Sam, path: Path, opset: int) -> None:
         "point_labels": {1: "num_points"},
         "masks": {2: "height", 3: "width"},
     }
-    _export_torchscript(
-        DecoderForExport(model).eval(), example, path, opset, DECODER_INPUTS, DECODER_OUTPUTS, dynamic
+    decoder = DecoderForExport(model).eval()
+    _onnx_export(
+        decoder, example, path, opset, DECODER_INPUTS, DECODER_OUTPUTS, dynamo=False, dynamic_axes=dynamic
     )
 
 
-def _export_torchscript(
+def _onnx_export(
     module: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
     path: Path,
     opset: int,
     inputs: list[str],
     outputs: list[str],
-    dynamic_axes: dict[str, dict[int, str]] | None,
+    **options: Any,
 ) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        # The tracer warns about every Python-level shape read; the graphs are checked by the tests.
+    """`torch.onnx.export` of `module` on `example` inputs (`options`: its other keywords), quietly: the
+    tracer warns about every Python-level shape read and torch.export prints its progress; the graphs
+    are checked by the tests."""
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             example,
             str(path),
-            dynamo=False,
             opset_version=opset,
             input_names=inputs,
             output_names=outputs,
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
+            **options,
         )
 
 

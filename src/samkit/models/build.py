@@ -86,25 +86,23 @@ def build_sam(cfg: SamConfig) -> Sam:
             window_size=cfg.window_size,
             global_attn_indexes=cfg.global_attn_indexes,
         )
-    elif cfg.encoder == "tiny_vit":
-        encoder = TinyViT(
-            img_size=cfg.image_size,
-            embed_dims=cfg.tiny_embed_dims,
-            depths=cfg.tiny_depths,
-            num_heads=cfg.tiny_num_heads,
-            window_sizes=cfg.tiny_window_sizes,
-            patch_stride=cfg.tiny_patch_stride,
-            classifier_head=cfg.tiny_classifier_head,
-        )
-    elif cfg.encoder == "nano":
-        encoder = NanoEncoder(
-            img_size=cfg.image_size,
-            inner=cfg.nano_input_size,
-            embed_dims=cfg.tiny_embed_dims,
-            depths=cfg.tiny_depths,
-            num_heads=cfg.tiny_num_heads,
-            window_sizes=cfg.tiny_window_sizes,
-        )
+    elif cfg.encoder in ("tiny_vit", "nano"):
+        # samkit-nano is a TinyViT too: the same stages, run at its own input size inside.
+        tiny = {
+            "embed_dims": cfg.tiny_embed_dims,
+            "depths": cfg.tiny_depths,
+            "num_heads": cfg.tiny_num_heads,
+            "window_sizes": cfg.tiny_window_sizes,
+        }
+        if cfg.encoder == "nano":
+            encoder = NanoEncoder(img_size=cfg.image_size, inner=cfg.nano_input_size, **tiny)
+        else:
+            encoder = TinyViT(
+                img_size=cfg.image_size,
+                patch_stride=cfg.tiny_patch_stride,
+                classifier_head=cfg.tiny_classifier_head,
+                **tiny,
+            )
     else:
         raise ValueError(f"unknown encoder type {cfg.encoder!r}")
     grid = cfg.image_size // 16 if cfg.encoder == "vit" else encoder.embed_resolution
