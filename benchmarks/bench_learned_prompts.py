@@ -42,6 +42,12 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=PEAK_DEFAULTS.threshold, help="peak threshold")
     parser.add_argument("--min-points", type=int, default=PEAK_DEFAULTS.min_points)
     parser.add_argument("--max-points", type=int, default=PEAK_DEFAULTS.max_points)
+    parser.add_argument("--nms-radius", type=int, default=PEAK_DEFAULTS.nms_radius)
+    parser.add_argument(
+        "--grid", type=int, default=PEAK_DEFAULTS.grid, help="candidates: n x n grid (0: cells)"
+    )
+    parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -50,17 +56,23 @@ def main() -> None:
     print(f"command: {shlex.join(['python', *sys.argv])} (nice {os.nice(0)})")
     print(f"torch threads {args.threads}; data {args.data}; model {args.model} (fp32); limit {args.limit}")
     peaks = dataclasses.replace(
-        PEAK_DEFAULTS, threshold=args.threshold, min_points=args.min_points, max_points=args.max_points
+        PEAK_DEFAULTS,
+        threshold=args.threshold,
+        min_points=args.min_points,
+        max_points=args.max_points,
+        nms_radius=args.nms_radius,
+        grid=args.grid,
     )
     print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")
     modes = ("grid", "learned")
-    gens = {m: samkit.MaskGenerator(model, prompts=m, peaks=peaks) for m in modes}
+    gens = {m: samkit.MaskGenerator(model, prompts=m, peaks=peaks, prompt_head=args.head) for m in modes}
     results: dict[str, list] = {m: [] for m in modes}
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     dataset = open_dataset(args.data)
+    start = time.perf_counter()
     for n, item in enumerate(dataset.images()):
-        if n >= args.limit:
+        if n >= args.limit or (args.budget_s is not None and time.perf_counter() - start > args.budget_s):
             break
         image = load_image(item.image)
         for m in modes:
