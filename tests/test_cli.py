@@ -42,3 +42,29 @@ def test_segment_on_the_sample_with_the_bundled_model(capsys, tmp_path, monkeypa
     # The spoon's bowl: a few thousand pixels of the 600 x 400 photo, not the saucer or the whole table.
     assert 1_500 < best["area"] < 12_000, best
     assert (out / "coffee_overlay.png").is_file()
+
+
+def test_serve_builds_its_config_from_the_options(monkeypatch, tmp_path):
+    pytest.importorskip("fastapi", reason="samkit serve needs the app extra")
+    import samkit.serve as serve_module
+
+    seen = {}
+    monkeypatch.setattr(serve_module, "serve", lambda config, **where: seen.update(config=config, **where))
+    argv = ["serve", "--model", "nano", "--cache-dir", str(tmp_path), "--max-embeddings", "7"]
+    argv += ["--max-upload-mb", "3.5", "--dtype", "fp32", "--token", "secret", "--port", "8123"]
+    assert cli.main([*argv, "--workers", "2", "--allow-host", "example.org"]) == 0
+    expected = serve_module.ServeConfig(
+        model="nano",
+        cache_dir=str(tmp_path),
+        max_embeddings=7,
+        max_upload_mb=3.5,
+        dtype="fp32",
+        token="secret",
+    )
+    assert seen == {
+        "config": expected,
+        "host": "127.0.0.1",
+        "port": 8123,
+        "workers": 2,
+        "allow_hosts": ["example.org"],
+    }

@@ -197,20 +197,20 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"{key:22} {' '.join(value) if isinstance(value, list) else value}")
 
 
+def _config_from(cls: typing.Any, args: argparse.Namespace, **renamed: typing.Any) -> typing.Any:
+    """A config dataclass `cls` from the options of the same names, plus `renamed` (options whose field
+    is named otherwise); fields without an option keep their defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**given, **renamed)
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     from samkit.extras import require
 
     require("app", "samkit serve")
     from samkit.serve import ServeConfig, serve
 
-    config = ServeConfig(
-        model=args.model,
-        cache_dir=args.cache_dir,
-        max_embeddings=args.max_embeddings,
-        max_upload_mb=args.max_upload_mb,
-        dtype=args.dtype,
-        token=args.token,
-    )
+    config = _config_from(ServeConfig, args)
     serve(config, host=args.host, port=args.port, workers=args.workers, allow_hosts=args.allow_host)
 
 
@@ -232,20 +232,7 @@ def _cmd_labelstudio(args: argparse.Namespace) -> None:
     require("app", "samkit labelstudio")
     from samkit.labelstudio import BackendConfig, serve
 
-    config = BackendConfig(
-        model=args.model,
-        auto=args.auto,
-        points_per_side=args.points_per_side,
-        pred_iou_thresh=args.pred_iou_thresh,
-        auto_label=args.auto_label,
-        label_studio_url=args.label_studio_url,
-        api_key=args.api_key,
-        document_root=args.document_root,
-        allow_roots=args.allow_root,
-        cache_dir=args.cache_dir,
-        max_embeddings=args.max_embeddings,
-    )
-    serve(config, host=args.host, port=args.port)
+    serve(_config_from(BackendConfig, args, allow_roots=args.allow_root), host=args.host, port=args.port)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from samkit import embedding_file
-from samkit.embedding_file import EmbeddingInfo, EncoderId
-from samkit.errors import CheckpointError, InputError, StateError
+from samkit.embedding_file import EncoderId
+from samkit.errors import CheckpointError, InputError
 from samkit.image import ImageLike, load_image
 from samkit.prompts import PredictorBase, check_prompts
 from samkit.transforms import ImagePipeline
@@ -87,22 +86,10 @@ class OnnxPredictor(PredictorBase):
         except Exception as exc:  # onnxruntime raises its own exception types for a damaged file
             raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
 
-    # --- image -----------------------------------------------------------------------------------------
+    # --- image (its state and embedding file: PredictorBase) -----------------------------------------
 
-    def reset_image(self) -> None:
-        """Forget the current image and its embedding."""
-        self.features: np.ndarray | None = None
-        self.original_size: tuple[int, int] = (0, 0)
-        self.input_size: tuple[int, int] = (0, 0)
-
-    @property
-    def is_image_set(self) -> bool:
-        return self.features is not None
-
-    @property
-    def embedding(self) -> np.ndarray:
-        """The image embedding, (1, 256, 64, 64) float32."""
-        return self._require_image()
+    def encoder_id(self) -> EncoderId:
+        return self._encoder_id
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (1, 3, S, S) float32: resized, normalised, padded bottom-right."""
@@ -129,17 +116,6 @@ class OnnxPredictor(PredictorBase):
         self.features = emb
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = self.transform.input_size(self.original_size)
-
-    def save_embedding(self, path: str | Path) -> None:
-        """Write the embedding as `Predictor.save_embedding` does (`samkit.embedding_file`), readable by either."""
-        info = EmbeddingInfo(self.original_size, self.input_size, self._encoder_id)
-        embedding_file.save(path, self._require_image(), info)
-
-    def load_embedding(self, path: str | Path) -> None:
-        """Load an embedding written by `Predictor.save_embedding` or `OnnxPredictor.save_embedding` with
-        this model's encoder (same architecture and, where both record it, the same weights)."""
-        feats, info = embedding_file.load(path, self._encoder_id)
-        self.set_embedding(feats, info.original_size)
 
     # --- prompts ---------------------------------------------------------------------------------------
 
@@ -214,13 +190,6 @@ class OnnxPredictor(PredictorBase):
             "has_mask_input": np.array([1.0 if has_mask else 0.0], dtype=np.float32),
             "orig_im_size": np.array(self.original_size, dtype=np.float32),
         }
-
-    # --- validation ------------------------------------------------------------------------------------
-
-    def _require_image(self) -> np.ndarray:
-        if self.features is None:
-            raise StateError("no image set: call set_image() (or load_embedding()) before predict()")
-        return self.features
 
 
 def _warn_if_int8_may_saturate(spec: dict[str, Any], model_dir: Path) -> None:

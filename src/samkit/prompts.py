@@ -1,4 +1,5 @@
-"""Prompt checking shared by every predictor front end (torch `Predictor`, onnxruntime `OnnxPredictor`).
+"""What every predictor front end (torch `Predictor`, onnxruntime `OnnxPredictor`) shares: prompt checking,
+and `PredictorBase` (the current image's state, its embedding file, `predict()` for one prompt).
 
 numpy only, so the torch-free ONNX path can use it. Frames: points (x, y) and boxes XYXY in original-image
 pixels; labels 1 foreground, 0 background, -1 padding; mask prompts are low-res logits.
@@ -7,11 +8,14 @@ pixels; labels 1 foreground, 0 background, -1 padding; mask prompts are low-res 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from samkit.errors import PromptError
+from samkit import embedding_file
+from samkit.embedding_file import EmbeddingInfo, EncoderId
+from samkit.errors import PromptError, StateError
 
 Prompts = tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]
 
@@ -118,11 +122,63 @@ def check_prompts(
 
 
 class PredictorBase:
-    """What `Predictor` and `OnnxPredictor` share: `predict()` for one prompt on top of their
-    `predict_batch()`. Subclasses set `mask_input_size`, the (h, w) of low-res mask prompts."""
+    """What `Predictor` and `OnnxPredictor` share: the current image (its embedding `features` and its
+    frames), the embedding file either of them reads, and `predict()` for one prompt on top of their
+    `predict_batch()`.
+
+    Subclasses set `mask_input_size` (the (h, w) of low-res mask prompts), say who their encoder is
+    (`encoder_id`), take an embedding in (`set_embedding`) and give it out as numpy (`_features_array`:
+    `features` itself here).
+    """
 
     mask_input_size: tuple[int, int]
     predict_batch: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+    set_embedding: Callable[[np.ndarray, tuple[int, int]], None]
+
+    # --- image -----------------------------------------------------------------------------------------
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.features: Any = None
+        self.original_size: tuple[int, int] = (0, 0)
+        self.input_size: tuple[int, int] = (0, 0)
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    @property
+    def embedding(self) -> Any:
+        """The image embedding (1, 256, g, g): a float32 numpy array, or for `Predictor` a torch tensor
+        on the model's device."""
+        return self._require_image()
+
+    def save_embedding(self, path: str | Path) -> None:
+        """Write the embedding, the frame sizes needed to map prompts back and the encoder's identity
+        (`samkit.embedding_file`); `Predictor` and `OnnxPredictor` read each other's files."""
+        info = EmbeddingInfo(self.original_size, self.input_size, self.encoder_id())
+        embedding_file.save(path, self._features_array(), info)
+
+    def load_embedding(self, path: str | Path) -> None:
+        """Load an embedding file made by this model's encoder (same architecture and, where both record
+        it, the same weights); CheckpointError otherwise."""
+        feats, info = embedding_file.load(path, self.encoder_id())
+        self.set_embedding(feats, info.original_size)
+
+    def encoder_id(self) -> EncoderId:
+        """Who this predictor's encoder is, as embedding files record it."""
+        raise NotImplementedError
+
+    def _features_array(self) -> np.ndarray:
+        """`features` as a (1, 256, g, g) numpy array; StateError before an image is set."""
+        return self._require_image()
+
+    def _require_image(self) -> Any:
+        if self.features is None:
+            raise StateError("no image set: call set_image() (or load_embedding()) before predict()")
+        return self.features
+
+    # --- prompts ---------------------------------------------------------------------------------------
 
     def predict(
         self,
