@@ -86,7 +86,7 @@ class OnnxPredictor(PredictorBase):
         except Exception as exc:  # onnxruntime raises its own exception types for a damaged file
             raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
 
-    # --- image (its state and embedding file: PredictorBase) -----------------------------------------
+    # --- image (its state and embedding file: PredictorBase) -------------------------------------------
 
     def encoder_id(self) -> EncoderId:
         return self._encoder_id

@@ -31,18 +31,14 @@ from samkit.eval.metrics import (
 
 
 class PromptModel(Protocol):
-    """What the protocols need from a model: SamPredictor's `set_image` / `predict`."""
+    """What the protocols need from a model: SamPredictor's `set_image` / `predict` (samkit's predictors,
+    the reference's, `GrabCut`). `predict` is called with the keywords point_coords (N, 2) XY pixels,
+    point_labels (N,), box (4,) XYXY, mask_input (1, 256, 256) low-res logits and multimask_output, and
+    returns masks, scores and low-res logits as numpy arrays or torch tensors (see `_predict`)."""
 
     def set_image(self, image: Any) -> None: ...
 
-    def predict(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        box: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-    ) -> tuple[Any, Any, Any]: ...
+    def predict(self, *args: Any, **prompts: Any) -> tuple[Any, Any, Any]: ...
 
 
 def _predict(model: PromptModel, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
