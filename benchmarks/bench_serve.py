@@ -47,9 +47,10 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    from samkit.hardware import run_header
+    from samkit.hardware import auto_dtype, run_header
 
     print(run_header("auto"), flush=True)
+    print(f"mask decoder under dtype auto: {auto_dtype('cpu')}", flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--clicks", type=int, default=40, help="clicks per client in the latency phase")

@@ -9,7 +9,9 @@ Each measurement is its own subprocess (peak RSS = `ru_maxrss` of that process; 
 GPU memory) with torch.set_num_threads(2); reference and samkit alternate, round after round.
 Rows: encoder fp32 (samkit also checks max |embedding diff| vs the reference), encoder bf16, encoder
 auto (`samkit.load`'s default: bf16 where the CPU runs it natively, else fp32), one point `predict()` with
-3 masks at full size on a cached embedding (p50 / p95 over `--clicks` calls). `--tasks` picks rows (the
+3 masks at full size on a cached embedding (p50 / p95 over `--clicks` calls): `predict` with the model
+loaded in fp32, `predict_auto` with the default dtype (where bf16 is native, the mask decoder runs in bf16
+too; elsewhere the same as `predict`); both ratios are to the reference's fp32 click. `--tasks` picks rows (the
 reference's fp32 encoder, the encoder ratios' base, always runs). The output starts with the CPU, its flags and what each
 dtype resolves to here (`samkit.hardware.run_header`).
 """
@@ -31,8 +33,14 @@ PHOTO = (
 )
 
 
-TASKS = ("encoder_fp32", "encoder_bf16", "encoder_auto", "predict")
-TASK_DTYPE = {"encoder_fp32": "fp32", "encoder_bf16": "bf16", "encoder_auto": "auto", "predict": "fp32"}
+TASKS = ("encoder_fp32", "encoder_bf16", "encoder_auto", "predict", "predict_auto")
+TASK_DTYPE = {
+    "encoder_fp32": "fp32",
+    "encoder_bf16": "bf16",
+    "encoder_auto": "auto",
+    "predict": "fp32",
+    "predict_auto": "auto",
+}
 
 
 def _photo():
@@ -135,7 +143,7 @@ def main() -> None:
         a = sys.argv[2:]
         _child(a[0], a[1], a[2], a[3], a[4], int(a[5]), int(a[6]))
         return
-    from samkit.hardware import run_header
+    from samkit.hardware import auto_dtype, run_header
 
     print(run_header("fp32", "bf16", "auto"), flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +154,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     args = ap.parse_args()
+    print(f"mask decoder: fp32 under dtype fp32; {auto_dtype(args.device)} under dtype auto", flush=True)
     import numpy as np
 
     rows = []
@@ -155,7 +164,8 @@ def main() -> None:
             plan = [
                 ("reference", "encoder_fp32"),
                 *(("samkit", t) for t in TASKS if t.startswith("encoder") and t in args.tasks),
-                *([("reference", "predict"), ("samkit", "predict")] if "predict" in args.tasks else []),
+                *([("reference", "predict")] if any(t.startswith("predict") for t in args.tasks) else []),
+                *(("samkit", t) for t in TASKS if t.startswith("predict") and t in args.tasks),
             ]
             res: dict = {key: [] for key in plan}
             for _ in range(args.rounds):

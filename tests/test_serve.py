@@ -40,7 +40,9 @@ def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("serve_cache")
     port = free_port()
     cmd = [sys.executable, "-m", "samkit.cli", "serve", "--model", "vit_t", "--port", str(port)]
-    cmd += ["--cache-dir", str(cache), "--max-upload-mb", "1", "--max-embeddings", "8"]
+    # fp32 on every machine: its answers are compared with fp32 decoders (in-process, ONNX in a browser);
+    # where bf16 is native, "auto" would decode in bf16, which rounds differently.
+    cmd += ["--cache-dir", str(cache), "--max-upload-mb", "1", "--max-embeddings", "8", "--dtype", "fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -99,7 +101,7 @@ def test_50_concurrent_predicts_match_the_predictor(server, embedded) -> None:
     rng = np.random.default_rng(0)
     distinct = np.stack([rng.uniform(0, 640, 10), rng.uniform(0, 422, 10)], axis=1).round(1)
     clicks = np.concatenate([distinct] * 5)  # 50 requests; repeats must get the same answer
-    pred = samkit.Predictor(samkit.load("vit_t", progress=False))
+    pred = samkit.Predictor(samkit.load("vit_t", progress=False, dtype="fp32"))
     pred.load_embedding(cache / f"{key}.safetensors")
     expected = [pred.predict(c[None], [1]) for c in distinct] * 5
 

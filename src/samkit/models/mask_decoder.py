@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -50,6 +51,11 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        # Precision of inference calls (no autograd): None runs the weights as stored; `samkit.load` sets
+        # torch.bfloat16 where the hardware multiplies bf16 natively. The weights stay as stored (fp32
+        # for saving, training and export); inference runs a cast copy (`_cast_copy`).
+        self.inference_dtype: torch.dtype | None = None
+        self._cast_cache: tuple[tuple, MaskDecoder] | None = None
 
     def forward(
         self,
@@ -79,7 +85,8 @@ class MaskDecoder(nn.Module):
         """The image-only part of the first two-way block for a (1, C, H, W) embedding, to reuse for
         every prompt without a mask input. no_mask: the prompt encoder's no-mask dense embedding
         (1 or C values broadcast over H x W)."""
-        return self.transformer.image_side(image_embeddings + no_mask, image_pe)
+        run, dtype = self._runner()
+        return run.transformer.image_side(*_cast(dtype, image_embeddings + no_mask, image_pe))
 
     def predict_masks(
         self,
@@ -101,22 +108,30 @@ class MaskDecoder(nn.Module):
         dense: torch.Tensor | None,
         image_side: ImageSide | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two-way transformer: output tokens (B, 1 + 4 + N, C) and image tokens (B, H*W, C)."""
+        """The two-way transformer: the IoU and mask tokens (B, 1 + 4, C) and image tokens (B, H*W, C)
+        (in `inference_dtype` when that is set)."""
+        run, dtype = self._runner()
+        image_embeddings, image_pe, sparse, dense = _cast(dtype, image_embeddings, image_pe, sparse, dense)
+        if image_side is not None and image_side.keys.dtype != dtype:  # prepared in another precision
+            image_side = ImageSide(*_cast(dtype, *image_side))
         b = sparse.shape[0]
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1).to(sparse.dtype), sparse], dim=1)
+        keep = 1 + self.num_mask_tokens
+        out_tokens = torch.cat([run.iou_token.weight, run.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         if image_side is not None:
-            return self.transformer(None, None, tokens, image_side)
+            return run.transformer(None, None, tokens, image_side, keep)
         if image_embeddings.shape[0] == 1 and dense.shape[0] > 1 and dense.stride(0) == 0:
             # One image, B prompts, no mask prompt: the dense embedding is one vector broadcast over the
             # batch, so the image side of the first two-way block is the same for every prompt. Keep it
             # at batch 1; attention broadcasts it, and the first image update makes it batch B.
             dense = dense[:1]
-        return self.transformer(image_embeddings + dense, image_pe, tokens)
+        return run.transformer(image_embeddings + dense, image_pe, tokens, keep=keep)
 
     def iou_from(self, hs: torch.Tensor) -> torch.Tensor:
-        """Predicted IoU (B, 4) of the 4 masks from the transformer's output tokens."""
-        return self.iou_prediction_head(hs[:, 0])
+        """Predicted IoU (B, 4) of the 4 masks from the transformer's output tokens.
+
+        Always in the stored weights' precision: one small MLP on one token, cheap in fp32."""
+        return self.iou_prediction_head(hs[:, 0].to(self.iou_token.weight.dtype))
 
     def masks_from(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """Mask logits (B, 4, 4h, 4w) from output tokens hs (B, T, C) and image tokens src (B, h*w, C).
@@ -126,47 +141,98 @@ class MaskDecoder(nn.Module):
         maps at the end puts the pixels in place. Same weights, same result as the convolutions.
         At inference on a CPU the embedding is upscaled a few rows at a time: each band's intermediate
         activations then stay in cache (~25% faster, bit-identical); a GPU takes it whole.
+        With `inference_dtype` set the upscaling runs in it; the logits come back in fp32.
         """
+        run, dtype = self._runner()
+        return run._masks(*_cast(dtype, hs, src)).float()
+
+    def _masks(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         b, n, c = src.shape
         h = w = math.isqrt(int(n))  # SAM's embeddings are square
         mask_out = hs[:, 1 : 1 + self.num_mask_tokens]
         hyper = torch.stack(
             [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
+        conv1, _, _, conv2, _ = self.output_upscaling
+        convs = (*_conv2x2_rows(conv1.weight, conv1.bias), *_conv2x2_rows(conv2.weight, conv2.bias))
         inference = not (torch.is_grad_enabled() or torch.jit.is_tracing())
         band = _BAND_ROWS if inference and cpu_tuned(src) else h
+        k = hyper.shape[1]
         if band >= h:
-            return self._mask_band(hyper, src, w)
-        out = torch.empty(b, hyper.shape[1], 4 * h, 4 * w, dtype=hyper.dtype, device=hyper.device)
+            return self._mask_band(hyper, src, w, convs).reshape(b, k, 4 * h, 4 * w)
+        out = torch.empty(b, k, 4 * h, 4 * w, dtype=hyper.dtype, device=hyper.device)
         for y0 in range(0, h, band):
             y1 = min(h, y0 + band)
-            out[:, :, 4 * y0 : 4 * y1] = self._mask_band(hyper, src[:, y0 * w : y1 * w], w)
+            rows = out[:, :, 4 * y0 : 4 * y1].view(b, k, y1 - y0, 2, 2, w, 2, 2)
+            rows.copy_(self._mask_band(hyper, src[:, y0 * w : y1 * w], w, convs))
         return out
 
-    def _mask_band(self, hyper: torch.Tensor, src: torch.Tensor, w: int) -> torch.Tensor:
-        """Mask logits (B, K, 4r, 4w) of r rows of image tokens src (B, r*w, C); hyper: (B, K, C/8)."""
+    def _mask_band(
+        self, hyper: torch.Tensor, src: torch.Tensor, w: int, convs: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """Mask logits (B, K, r, 2, 2, w, 2, 2) of r rows of image tokens src (B, r*w, C): output pixel
+        (4y + 2i + k, 4x + 2j + l) at [:, :, y, i, k, x, j, l]. hyper: (B, K, C/8); convs: both transposed
+        convolutions' `_conv2x2_rows`."""
         b, n, c = src.shape
         r = n // w
-        conv1, norm, act1, conv2, act2 = self.output_upscaling
-        x = _transposed_conv2x2(src.reshape(b * n, c), conv1.weight, conv1.bias)  # (b*n*4, c/4)
+        rows1, bias1, rows2, bias2 = convs
+        _, norm, act1, _, act2 = self.output_upscaling
+        x = F.linear(src.reshape(b * n, c), rows1, bias1).view(b * n * 4, -1)  # (b*n*4, c/4)
         dtype = x.dtype
         width = (self.transformer_dim // 4,)  # a Python int, so ONNX tracing sees a constant
         x = F.layer_norm(x.float(), width, norm.weight.float(), norm.bias.float(), norm.eps)
-        x = _transposed_conv2x2(act1(x.to(dtype)), conv2.weight, conv2.bias)  # (b*n*16, c/8)
+        x = F.linear(act1(x.to(dtype)), rows2, bias2)  # (b*n*4, 4 * c/8)
         x = act2(x).view(b, n * 16, -1)
         masks = hyper @ x.transpose(1, 2)  # (b, K, n*16), pixels ordered (y, x, i, j, k, l)
-        k = masks.shape[1]
-        # Output pixel (4y + 2i + k, 4x + 2j + l).
-        masks = masks.view(b, k, r, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        return masks.reshape(b, k, 4 * r, 4 * w)
+        return masks.view(b, -1, r, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+
+    def _runner(self) -> tuple[MaskDecoder, torch.dtype]:
+        """The decoder to run this call with (itself, or its `_cast_copy`) and that decoder's dtype."""
+        low = self._cast_copy()
+        run = self if low is None else low
+        return run, run.iou_token.weight.dtype
+
+    def _cast_copy(self) -> MaskDecoder | None:
+        """The copy of this decoder in `inference_dtype` for an inference call, or None to run this one.
+
+        Made on first use and made again whenever a weight changes (in place, replaced or moved), so it
+        never runs stale weights; decoding threads may race to make it, which only costs a copy.
+        """
+        dtype = self.inference_dtype
+        if dtype is None or torch.is_grad_enabled() or torch.jit.is_tracing():
+            return None
+        tensors = [*self.parameters(), *self.buffers()]
+        if all(t.dtype == dtype for t in tensors):
+            return None
+        key = (dtype, *((t.data_ptr(), _version(t)) for t in tensors))
+        cached = self._cast_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._cast_cache = None  # not copied along
+        low = copy.deepcopy(self).to(dtype).requires_grad_(False)
+        low.inference_dtype, low._cast_cache = None, None  # (another thread may have set the cache meanwhile)
+        self._cast_cache = (key, low)
+        return low
 
 
-def _transposed_conv2x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """A kernel-2, stride-2 transposed convolution on pixels x (P, Cin) -> (P * 4, Cout).
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) keeps no version
+        return -1
 
-    weight: (Cin, Cout, 2, 2) as in nn.ConvTranspose2d. Output row 4p + 2i + j is the input pixel p's
-    contribution at offset (i, j) of its 2x2 output block.
+
+def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _conv2x2_rows(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel-2, stride-2 transposed convolution as one linear map per pixel: (rows (4 * Cout, Cin),
+    bias (4 * Cout,)), so `F.linear(x, rows, bias)` on pixels x (P, Cin) viewed as (P * 4, Cout) has row
+    4p + 2i + j = pixel p's contribution at offset (i, j) of its 2x2 output block.
+
+    weight: (Cin, Cout, 2, 2) as in nn.ConvTranspose2d.
     """
     cin, cout = weight.shape[:2]
     rows = weight.permute(2, 3, 1, 0).reshape(4 * cout, cin)  # output features ordered (i, j, cout)
-    return F.linear(x, rows, bias.repeat(4)).view(-1, cout)
+    return rows, bias.repeat(4)
