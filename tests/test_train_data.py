@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from conftest import DATASETS
 from PIL import Image
 
-from samkit.train.config import ConfigError
+from samkit.train.config import AugmentConfig, ConfigError, DataConfig
 from samkit.train.data import Mix, augment_params, build_source, to_input_frame
 from samkit.train.synthetic import CopyPasteSource, SyntheticSource
 
@@ -126,7 +127,7 @@ def test_input_frame_resize_crop_flip():
     masks[0, :, :100] = True
     out, m = to_input_frame(image, masks, 64)
     assert out.shape == (32, 64, 3) and m.shape == (1, 32, 64)
-    params = augment_params({"scale": [2.0, 2.0], "hflip": 1.0}, np.random.default_rng(0))
+    params = augment_params(AugmentConfig(scale=[2.0, 2.0], hflip=1.0), np.random.default_rng(0))
     out, m = to_input_frame(image, masks, 64, params)
     assert out.shape == (64, 64, 3)
     # After the flip the white (object) half is on the right; image and mask stay aligned.
@@ -138,12 +139,12 @@ def test_step_batches_are_the_same_with_or_without_workers():
     from samkit.train.data import BatchDrawer, step_batches
 
     sources = [SyntheticSource(6, 96, seed=3), SyntheticSource(4, 64, seed=4)]
-    data = {
-        "masks_per_image": 2,
-        "batch_size": 2,
-        "cache_variants": 1,
-        "augment": {"scale": [0.6, 1.4], "hflip": 0.5, "vflip": 0.5, "color": 0.3},
-    }
+    data = DataConfig(
+        masks_per_image=2,
+        batch_size=2,
+        cache_variants=1,
+        augment=AugmentConfig(scale=[0.6, 1.4], hflip=0.5, vflip=0.5, color=0.3),
+    )
     drawer = BatchDrawer(sources, Mix(sources, [1.0, 2.0]), data, seed=7, image_size=64)
     drawn = [list(step_batches(drawer, 5, 11, workers)) for workers in (0, 2)]
     assert len(drawn[0]) == len(drawn[1]) == 6
@@ -162,10 +163,10 @@ def test_cached_variants_are_keyed_by_their_augmentation():
     from samkit.train.data import BatchDrawer
 
     src = SyntheticSource(2, 64)
-    aug = {"scale": [0.5, 1.5], "hflip": 0.5, "color": 0.2}
+    aug = AugmentConfig(scale=[0.5, 1.5], hflip=0.5, color=0.2)
     keys = []
-    for seed, augment in ((0, aug), (1, aug), (0, {**aug, "color": 0.4})):
-        data = {"masks_per_image": 1, "batch_size": 1, "cache_variants": 2, "augment": augment}
+    for seed, augment in ((0, aug), (1, aug), (0, dataclasses.replace(aug, color=0.4))):
+        data = DataConfig(masks_per_image=1, batch_size=1, cache_variants=2, augment=augment)
         drawer = BatchDrawer([src], Mix([src], [1.0]), data, seed=seed, image_size=64, cached=True)
         keys.append([drawer.variant(0, 0, v, src[0])[0] for v in (0, 1)])
     assert keys[0][0] == keys[1][0] == keys[2][0] == f"{src.name}/0#v0"

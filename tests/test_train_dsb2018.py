@@ -22,11 +22,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_shipped_config_holds_out_validation_from_training():
     cfg = load_config(CONFIG)
-    (source,) = cfg["data"]["train"]
+    (source,) = cfg.data.train
+    assert cfg.data.val is not None
     stop = source["range"][1]
-    start = cfg["data"]["val"]["range"][0]
-    assert cfg["mode"] == "decoder" and cfg["data"]["precache"]
-    assert source["path"] == cfg["data"]["val"]["path"]  # both slices of dsb2018/train, never /val
+    start = cfg.data.val["range"][0]
+    assert cfg.mode == "decoder" and cfg.data.precache
+    assert source["path"] == cfg.data.val["path"]  # both slices of dsb2018/train, never /val
     assert "/val" not in source["path"]
     assert 0 < stop and start < 0 and stop <= 564 + start  # the slices do not overlap
 

@@ -173,7 +173,7 @@ def test_training_feeds_the_encoders_what_inference_does(tmp_path, preprocess):
         model.image_encoder.register_forward_pre_hook(
             lambda _, args, name=name: seen.__setitem__(name, args[0].detach().clone())
         )
-    trainer._distill_loss(trainer.drawer(np.random.default_rng(0)))
+    trainer.distillation.loss(trainer.drawer(np.random.default_rng(0)))
     training = dict(seen)
     samkit.Predictor(trainer.model).set_image(photo)
     inference = seen["student"]
@@ -300,7 +300,7 @@ def test_ctrl_c_while_caching_embeddings_keeps_them_and_the_same_command_continu
     entry is whole, and the same command again encodes only the images still missing."""
     from safetensors.torch import load_file
 
-    from samkit.train import load_config, loop
+    from samkit.train import embeddings, load_config, loop
 
     count = 150
     cfg = tiny_train_config(tmp_path / "run", mode="decoder")
@@ -320,8 +320,10 @@ def test_ctrl_c_while_caching_embeddings_keeps_them_and_the_same_command_continu
     assert all(load_file(str(p))["embedding"].shape == (1, 256, 8, 8) for p in kept)
 
     encoded = []
-    encode = loop._encode
-    monkeypatch.setattr(loop, "_encode", lambda pred, image: encoded.append(1) or encode(pred, image))
+    encode = embeddings.encode_input_frame
+    monkeypatch.setattr(
+        embeddings, "encode_input_frame", lambda pred, image: encoded.append(1) or encode(pred, image)
+    )
     loop.Trainer(load_config(cfg), progress=False).precache()
     assert len(encoded) == count - len(kept)
     assert len(list(cache.glob("*/*.safetensors"))) == count
@@ -351,7 +353,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
     trainer = Trainer(
         load_config(tiny_train_config(tmp_path, amp="bf16", optim={"steps": 2, "lr": 3.0e-4, "warmup": 1}))
     )
-    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert trainer.precision.dtype == torch.bfloat16 and not trainer.precision.scaler.is_enabled()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     stats = [trainer.train_step() for _ in range(2)]
     assert all(np.isfinite(s["loss"]) for s in stats)

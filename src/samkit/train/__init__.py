@@ -5,7 +5,17 @@ builds the model and data a config describes, trains, and exports `out/model.saf
 `samkit.load` opens.
 """
 
-from samkit.train.config import ConfigError, load_config
-from samkit.train.loop import Trainer, TrainingInterrupted, read_metrics, train
+from samkit.train.config import ConfigError, TrainConfig, load_config
+from samkit.train.loop import Trainer, train
+from samkit.train.metrics import read_metrics
+from samkit.train.signals import TrainingInterrupted
 
-__all__ = ["ConfigError", "Trainer", "TrainingInterrupted", "load_config", "read_metrics", "train"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "Trainer",
+    "TrainingInterrupted",
+    "load_config",
+    "read_metrics",
+    "train",
+]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from samkit.errors import InputError, SamkitError
 from samkit.image import IMAGE_SUFFIXES, load_image
-from samkit.train.config import ConfigError
+from samkit.train.config import AugmentConfig, ConfigError, DataConfig
 from samkit.train.source import Sample, Source, stack_masks
 from samkit.train.synthetic import CopyPasteSource, SyntheticSource
 from samkit.transforms import ResizeLongestSide
@@ -312,15 +312,15 @@ class Mix:
 # --- augmentation and the input frame -------------------------------------------------------------------
 
 
-def augment_params(aug: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+def augment_params(aug: AugmentConfig, rng: np.random.Generator) -> dict[str, Any]:
     """Draw one augmentation: scale factor, crop anchor, flips and colour factors."""
-    lo, hi = aug.get("scale", [1.0, 1.0])
-    c = float(aug.get("color", 0.0))
+    lo, hi = aug.scale
+    c = aug.color
     return {
         "scale": float(rng.uniform(lo, hi)),
         "anchor": rng.random(2),
-        "hflip": bool(rng.random() < float(aug.get("hflip", 0.0))),
-        "vflip": bool(rng.random() < float(aug.get("vflip", 0.0))),
+        "hflip": bool(rng.random() < aug.hflip),
+        "vflip": bool(rng.random() < aug.vflip),
         "color": rng.uniform(1 - c, 1 + c, size=3) if c > 0 else None,
     }
 
@@ -389,7 +389,7 @@ class BatchDrawer:
 
     sources: list[Source]
     mix: Mix
-    data: dict[str, Any]  # the config's `data` section
+    data: DataConfig
     seed: int
     image_size: int
     cached: bool = False
@@ -403,14 +403,12 @@ class BatchDrawer:
         augment settings) never reuse a differently augmented embedding."""
         if v == 0:
             return f"{sample.key}#v0", None
-        params = augment_params(self.data["augment"], np.random.default_rng([self.seed, s, i, v]))
+        params = augment_params(self.data.augment, np.random.default_rng([self.seed, s, i, v]))
         text = json.dumps({k: np.asarray(x).tolist() for k, x in params.items() if x is not None})
         return f"{sample.key}#v{v}-{hashlib.sha1(text.encode()).hexdigest()[:12]}", params
 
     def __call__(self, rng: np.random.Generator) -> Batch:
-        want = int(self.data["masks_per_image"])
-        size = int(self.data["batch_size"])
-        variants = int(self.data["cache_variants"])
+        want, size, variants = self.data.masks_per_image, self.data.batch_size, self.data.cache_variants
         batch: Batch = []
         for _ in range(100 * size):
             if len(batch) == size:
@@ -423,7 +421,7 @@ class BatchDrawer:
             if self.cached:
                 key, params = self.variant(s, i, int(rng.integers(variants)), sample)
             else:
-                key, params = sample.key, augment_params(self.data["augment"], rng)
+                key, params = sample.key, augment_params(self.data.augment, rng)
             image, masks = to_input_frame(
                 sample.image, sample.masks[pick], self.image_size, params, self.resize
             )
