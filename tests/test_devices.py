@@ -3,13 +3,13 @@ the same masks and records. `plain_ops()` runs the GPU form on CPU tensors, so i
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
 import samkit
-import samkit.predictor
 from samkit.cli import main
 from samkit.devices import cpu_tuned, plain_ops, resolve_device
 from samkit.errors import InputError
@@ -67,11 +67,12 @@ def _calls(monkeypatch, owner, name) -> list[int]:
 def test_one_click_gpu_form_upsamples_on_the_device_and_decodes_in_one_batch(pred, monkeypatch):
     dec = pred.model.mask_decoder
     labels = np.ones((len(POINTS), 1))
-    opencv = _calls(monkeypatch, samkit.predictor, "upscale_logits")
+    opencv = _calls(monkeypatch, cv2, "resize")
     attend = _calls(monkeypatch, MaskDecoder, "attend")
     masks, scores, low = pred.predict_batch(POINTS, labels)
     logits, _, _ = pred.predict_batch(POINTS, labels, return_logits=True)
-    assert len(opencv) == 2 and len(attend) == 2 * len(POINTS)  # one prompt at a time on a CPU
+    # OpenCV: 2 resizes per mask (5 prompts x 3 masks) and call; one prompt at a time on a CPU.
+    assert len(opencv) == 2 * 2 * 15 and len(attend) == 2 * len(POINTS)
     opencv.clear()
     attend.clear()
     with plain_ops():

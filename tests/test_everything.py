@@ -4,6 +4,7 @@ windowed small-region cleanup vs the full-image one, and the generator on a tiny
 from __future__ import annotations
 
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -226,6 +227,65 @@ def test_generator_threads_give_the_same_masks(tiny_model, photo):
         assert a["point_coords"] == b["point_coords"]
         assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-4
         assert (a["segmentation"] != b["segmentation"]).sum() <= 2
+
+
+def test_generate_leaves_torch_threads_of_other_threads_alone(tiny_model, photo, monkeypatch):
+    """Only the generator's own worker threads run torch on one thread: the caller's count is unchanged
+    after generate(), and a thread that starts torch work meanwhile (an embedding worker) gets torch's
+    usual count, not 1 (setting torch's count process-wide made such a thread stay on one thread)."""
+    kw = dict(points_per_side=8, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    gen = samkit.MaskGenerator(tiny_model, **kw)
+    workers, others = [], []
+    process_batch = gen._process_batch
+
+    def probe(*args):  # runs in the generator's worker threads
+        workers.append(torch.get_num_threads())
+        other = threading.Thread(target=lambda: others.append(torch.get_num_threads()))
+        other.start()
+        other.join()
+        return process_batch(*args)
+
+    monkeypatch.setattr(gen, "_process_batch", probe)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gen.generate(photo)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(workers) == 4 and set(workers) == {1}  # 64 points in batches of 16, 1 torch thread each
+    assert others == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("threads, pools", [(None, [2]), (1, []), (3, [3])])
+def test_generator_threads_are_the_callers_choice(tiny_model, photo, monkeypatch, threads, pools):
+    """threads: None follows the caller's torch thread count, 1 decodes in the calling thread; where a
+    thread's own torch count cannot be set, batches run one after another in the calling thread."""
+    from samkit.everything import generator
+
+    sizes = []
+    pool = generator.ThreadPoolExecutor
+
+    def counted(n, **kwargs):
+        sizes.append(n)
+        return pool(n, **kwargs)
+
+    monkeypatch.setattr(generator, "ThreadPoolExecutor", counted)
+    kw = dict(points_per_side=8, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    gen = samkit.MaskGenerator(tiny_model, threads=threads, **kw)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        records = gen.generate(photo)
+        assert sizes == pools
+        monkeypatch.setattr(generator, "can_limit_threads", lambda: False)
+        sizes.clear()
+        assert len(gen.generate(photo)) == len(records) > 0
+        assert sizes == []
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(InputError, match="threads"):
+        samkit.MaskGenerator(tiny_model, threads=0)
 
 
 def test_generator_rejects_bad_options(tiny_model):

@@ -209,12 +209,12 @@ def test_cached_first_block_and_candidates_match_full_decode(pred):
     torch.testing.assert_close(low_res, plain_logits, atol=1e-4, rtol=1e-4)
     best = iou.max(1).values.sort().values
     cut = float(best[1] + best[2]) / 2  # between two prompts' best scores: 2 of 4 pass
-    scores, rows, kept = pred.decode_candidates(coords, labels, min_iou=cut)
+    scores, rows, kept = pred.embedded_image.decode(coords, labels, min_iou=cut)
     expect = (plain_iou > cut).any(1).nonzero().flatten()
     assert 0 < len(rows) < 4 and rows.tolist() == expect.tolist()
     torch.testing.assert_close(scores, plain_iou, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kept, plain_logits[expect], atol=1e-4, rtol=1e-4)
-    _, none_rows, none = pred.decode_candidates(coords, labels, min_iou=2.0)
+    _, none_rows, none = pred.embedded_image.decode(coords, labels, min_iou=2.0)
     assert len(none_rows) == 0 and none.shape == (0, 3, 256, 256)
 
 

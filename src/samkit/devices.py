@@ -13,8 +13,11 @@ so that both forms can be checked against each other on a machine without a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -59,3 +62,48 @@ def plain_ops() -> Iterator[None]:
         yield
     finally:
         _force_plain = before
+
+
+def limit_this_thread(threads: int) -> bool:
+    """Run torch's CPU ops in the calling thread on `threads` threads, leaving every other thread as it is.
+
+    `torch.set_num_threads` also changes torch's process-wide count, which every thread that starts torch
+    work later takes up (an embedding worker started meanwhile would stay on one thread), and MKL's
+    process-wide count. This sets only the calling thread's OpenMP count and, where torch has MKL, its
+    MKL count. False, with nothing changed, where this torch build runs on no OpenMP runtime that can be
+    reached.
+    """
+    setters = _thread_setters()
+    if not setters:
+        return False
+    torch.get_num_threads()  # torch sets a thread's count from its process-wide one at its first op: now
+    for setter in setters:
+        setter(threads)
+    return True
+
+
+def can_limit_threads() -> bool:
+    """Whether `limit_this_thread` works with this torch build."""
+    return bool(_thread_setters())
+
+
+@functools.cache
+def _thread_setters() -> list[Callable[[int], int]]:
+    """The per-thread thread-count setters of the OpenMP runtime torch's CPU ops run on and of MKL where
+    torch has it; empty where there is no OpenMP runtime to reach."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            lib = ctypes.CDLL(str(path))
+            omp = lib.omp_set_num_threads
+            omp.argtypes = [ctypes.c_int]
+            setters = [omp]
+        except (OSError, AttributeError):
+            continue
+        mkl = getattr(lib, "MKL_Set_Num_Threads_Local", None)  # MKL's C entry point (int by value)
+        if mkl is not None:
+            mkl.argtypes, mkl.restype = [ctypes.c_int], ctypes.c_int
+            setters.append(mkl)
+        return setters
+    return []

@@ -151,26 +151,3 @@ class ImagePipeline(ResizeLongestSide):
         import torch.nn.functional as F
 
         return F.pad(x, (0, self.image_size - x.shape[-1], 0, self.image_size - x.shape[-2]))
-
-
-def upscale_logits(
-    low_res: np.ndarray, image_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
-) -> np.ndarray:
-    """Low-res logits (C, 256, 256) in the padded model frame -> (C, H, W) logits at the original size.
-
-    The same two bilinear (half-pixel) steps as `Sam.postprocess_masks` — to the padded square, crop the
-    unpadded part, to the original size — done by OpenCV, which is ~3x faster than torch on a CPU. The
-    logits agree to ~1e-6 relative; a mask pixel can only differ where a logit is within that of 0.
-    """
-    import cv2
-
-    c = low_res.shape[0]
-    out = np.empty((c, original_size[0], original_size[1]), dtype=np.float32)
-    big = np.empty((image_size, image_size), dtype=np.float32)
-    h, w = input_size
-    size = (original_size[1], original_size[0])  # OpenCV sizes are (width, height)
-    for i in range(c):  # one plane at a time: no channel transposes, results written in place
-        plane = np.ascontiguousarray(low_res[i], dtype=np.float32)
-        cv2.resize(plane, (image_size, image_size), dst=big, interpolation=cv2.INTER_LINEAR)
-        cv2.resize(big[:h, :w], size, dst=out[i], interpolation=cv2.INTER_LINEAR)
-    return out

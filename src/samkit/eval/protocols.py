@@ -13,7 +13,6 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from samkit.eval.clicks import first_click, next_click
@@ -28,6 +27,7 @@ from samkit.eval.metrics import (
     noc,
     size_bucket,
 )
+from samkit.masks.upscale import interpolate_logits
 
 
 class PromptModel(Protocol):
@@ -238,8 +238,7 @@ def lowres_to_probability(logits: np.ndarray, height: int, width: int, image_siz
     scale = image_size / max(height, width)
     h, w = int(height * scale + 0.5), int(width * scale + 0.5)
     t = torch.from_numpy(np.asarray(logits, dtype=np.float32))[None, None]
-    t = F.interpolate(t, (image_size, image_size), mode="bilinear", align_corners=False)[..., :h, :w]
-    t = F.interpolate(t, (height, width), mode="bilinear", align_corners=False)
+    t = interpolate_logits(t, image_size, (h, w), (height, width))
     return torch.sigmoid(t)[0, 0].numpy()
 
 

@@ -19,7 +19,8 @@ import torch
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from samkit.devices import cpu_tuned
+from samkit.decoding import EmbeddedImage
+from samkit.devices import can_limit_threads, cpu_tuned, limit_this_thread
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
@@ -38,6 +39,7 @@ from samkit.masks.upscale import BlockMasks, Upscaler
 from samkit.models.prompt_head import PromptHead
 from samkit.models.sam import Sam
 from samkit.predictor import Predictor
+from samkit.transforms import ImagePipeline
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 PromptSource = Literal["grid", "learned"]
@@ -180,6 +182,11 @@ class MaskGenerator:
     and point_grids are then unused). prompt_head: the head for "learned", a `PromptHead` or a
     safetensors path; None loads the one shipped with samkit (trained on vit_t embeddings). peaks: how
     the heat map's peaks become prompts (`PeakSettings`).
+    threads: on a CPU, batches of prompts decoded at once, each in its own Python thread whose torch ops
+    run on one thread (the decoder's many small ops keep the cores busier that way than one batch split
+    over the cores op by op); None: as many as the calling thread's torch thread count; 1: one batch
+    after another in the calling thread. Only those worker threads are set to one torch thread: torch's
+    process-wide setting and every other thread's stay as the caller left them.
     """
 
     def __init__(
@@ -201,6 +208,7 @@ class MaskGenerator:
         prompts: PromptSource = DEFAULTS.prompts,
         prompt_head: PromptHead | str | Path | None = None,
         peaks: PeakSettings = PEAK_DEFAULTS,
+        threads: int | None = None,
     ) -> None:
         if prompts not in ("grid", "learned"):
             raise InputError(f"prompts must be grid or learned, got {prompts!r}")
@@ -213,6 +221,8 @@ class MaskGenerator:
             raise InputError(f"output_mode must be one of {', '.join(_OUTPUT_MODES)}, got {output_mode!r}")
         if points_per_batch < 1:
             raise InputError(f"points_per_batch must be at least 1, got {points_per_batch}")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be at least 1, got {threads}")
         if crop_n_layers < 0:
             raise InputError(f"crop_n_layers must be 0 or more, got {crop_n_layers}")
         if points_per_side is not None:
@@ -227,7 +237,9 @@ class MaskGenerator:
                     f"({crop_n_layers + 1} for crop_n_layers={crop_n_layers})"
                 )
             self.point_grids = grids
-        self.predictor = Predictor(model)
+        self.model = model
+        self.pipeline = ImagePipeline.of(model)
+        self.threads = threads
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -260,7 +272,7 @@ class MaskGenerator:
         """
         arr = load_image(image)
         if embedded is not None:
-            if embedded.model is not self.predictor.model:
+            if embedded.model is not self.model:
                 raise InputError("embedded must be a Predictor of this generator's model")
             if embedded.original_size != (arr.shape[0], arr.shape[1]):
                 raise InputError(
@@ -315,30 +327,32 @@ class MaskGenerator:
         x0, y0, x1, y1 = crop.box
         cropped = image[y0:y1, x0:x1]
         crop_size = (cropped.shape[0], cropped.shape[1])
-        reuse = embedded is not None and crop.layer == 0
-        pred = embedded if reuse else self.predictor
-        if not reuse:
-            pred.set_image(cropped)
-        upscaler = pred.upscaler()
+        if embedded is not None and crop.layer == 0:
+            embedded_image = embedded.embedded_image
+        else:
+            embedded_image = EmbeddedImage.encode(self.model, cropped, self.pipeline)
+        upscaler = embedded_image.upscaler()
         if self.head is None:
             points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
         else:
             points = learned_points(
-                self.head, pred.embedding, pred.original_size, pred.input_size, self.peaks
+                self.head,
+                embedded_image.features,
+                embedded_image.original_size,
+                embedded_image.input_size,
+                self.peaks,
             )
         batches = [
             points[i : i + self.points_per_batch] for i in range(0, len(points), self.points_per_batch)
         ]
 
         def one_batch(batch: np.ndarray) -> _Masks:
-            masks = self._process_batch(pred, batch, crop, crop_size, image_size, upscaler)
+            masks = self._process_batch(embedded_image, batch, crop, crop_size, image_size, upscaler)
             if bar is not None:
                 bar.update(1)  # tqdm's update is thread-safe
             return masks
 
-        parts = _map_batches(one_batch, batches, pred.model.device)
-        if not reuse:
-            pred.reset_image()
+        parts = _map_batches(one_batch, batches, self.model.device, self.threads)
         masks = _Masks.cat(parts) if parts else _Masks.empty()
         keep = batched_nms(masks.boxes.float(), masks.iou_preds, torch.zeros(len(masks)), self.box_nms_thresh)
         masks = masks.select(keep).compact()
@@ -349,7 +363,7 @@ class MaskGenerator:
 
     def _process_batch(
         self,
-        pred: Predictor,
+        embedded_image: EmbeddedImage,
         points: np.ndarray,
         crop: Crop,
         crop_size: tuple[int, int],
@@ -357,12 +371,12 @@ class MaskGenerator:
         upscaler: Upscaler,
     ) -> _Masks:
         """Masks for one batch of points (P, 2) (x, y) in the crop's pixels; boxes in the crop's frame."""
-        device = pred.model.device
-        coords = torch.as_tensor(pred.transform.apply_coords(points, crop_size), device=device)
+        device = self.model.device
+        coords = torch.as_tensor(self.pipeline.apply_coords(points, crop_size), device=device)
         labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
         # Only prompts with a mask above pred_iou_thresh get their masks computed at all.
         min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
-        iou, rows, rows_low_res = pred.decode_candidates(
+        iou, rows, rows_low_res = embedded_image.decode(
             coords[:, None, :], labels, multimask_output=True, min_iou=min_iou
         )
         n_out = iou.shape[1]
@@ -376,7 +390,7 @@ class MaskGenerator:
         where[rows] = torch.arange(len(rows), device=device)
         low_res = rows_low_res[where[keep // n_out], keep % n_out].float()
         del rows_low_res  # ~50 MB a batch, and two batches run at once on a CPU
-        threshold = pred.model.mask_threshold
+        threshold = self.model.mask_threshold
         offset = self.stability_score_offset
         h, w = image_size
         chunk = _BLOCK_CHUNK
@@ -469,21 +483,19 @@ class MaskGenerator:
         return mask_to_rle(mask[None])[0]
 
 
-def _map_batches(fn: Callable[[Any], _Masks], batches: Sequence[Any], device: torch.device) -> list[_Masks]:
-    """`fn` over the batches, in order. On a CPU with n > 1 torch threads the batches run in n Python
-    threads whose torch ops use one thread each: the decoder's many small ops keep the cores busier that
-    way than split across threads one op at a time (torch's thread count is restored afterwards)."""
+def _map_batches(
+    fn: Callable[[Any], _Masks], batches: Sequence[Any], device: torch.device, threads: int | None
+) -> list[_Masks]:
+    """`fn` over the batches, in order: on a CPU `threads` at once (None: the calling thread's torch
+    thread count) in Python threads of one torch thread each (see `MaskGenerator`), else one after another
+    in the calling thread, also where a thread's torch thread count cannot be set on its own."""
 
     def run(batch: Any) -> _Masks:
         with torch.inference_mode():  # grad mode is per thread
             return fn(batch)
 
-    n = torch.get_num_threads()
-    if not cpu_tuned(device) or n < 2 or len(batches) < 2:
+    n = torch.get_num_threads() if threads is None else threads
+    if not cpu_tuned(device) or n < 2 or len(batches) < 2 or not can_limit_threads():
         return [run(b) for b in batches]
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(min(n, len(batches))) as pool:
-            return list(pool.map(run, batches))
-    finally:
-        torch.set_num_threads(n)
+    with ThreadPoolExecutor(min(n, len(batches)), initializer=limit_this_thread, initargs=(1,)) as pool:
+        return list(pool.map(run, batches))

@@ -7,9 +7,9 @@ inputs (no Python `None`, no optional prompts); the numbers are those of `samkit
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from samkit.masks.upscale import interpolate_logits
 from samkit.models.sam import Sam
 
 
@@ -58,15 +58,10 @@ class DecoderForExport(nn.Module):
         return emb
 
     def _upscale(self, low_res: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
-        s = self.image_size
-        masks = F.interpolate(low_res, (s, s), mode="bilinear", align_corners=False)
         # Same rounding as samkit.transforms.preprocess_shape, in float64 like Python's.
         orig = orig_im_size.to(torch.float64)
-        scale = s / torch.max(orig)
-        input_size = torch.floor(orig * scale + 0.5).to(torch.int64)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        size = orig_im_size.to(torch.int64)
-        return F.interpolate(masks, size=(size[0], size[1]), mode="bilinear", align_corners=False)
+        input_size = torch.floor(orig * (self.image_size / torch.max(orig)) + 0.5).to(torch.int64)
+        return interpolate_logits(low_res, self.image_size, input_size, orig_im_size.to(torch.int64))
 
     def forward(
         self,

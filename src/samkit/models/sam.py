@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from samkit.models.mask_decoder import MaskDecoder
@@ -63,7 +62,8 @@ class Sam(nn.Module):
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> torch.Tensor:
-        """Low-res logits (B, C, 256, 256) -> logits at the original image size (B, C, H, W)."""
-        masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        """Low-res logits (B, C, 256, 256) -> logits at the original image size (B, C, H, W)
+        (`samkit.masks.upscale.interpolate_logits`, where every front end's upsampling lives)."""
+        from samkit.masks.upscale import interpolate_logits
+
+        return interpolate_logits(masks, self.image_size, input_size, original_size)
