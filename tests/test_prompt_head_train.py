@@ -80,3 +80,15 @@ def test_samkit_train_prompt_head_refuses_an_evaluation_split(tiny_ckpt, tmp_pat
 def test_samkit_train_prompt_head_rejects_unknown_keys(tiny_ckpt, tmp_path):
     run = _train(_config(tmp_path, tmp_path, tiny_ckpt), "--set", "fit.stepz=2")
     assert run.returncode != 0 and "unknown key 'stepz'" in run.stderr
+
+
+def test_shipped_prompt_head_config_lists_existing_training_folders():
+    from conftest import ROOT, needs_shared
+
+    from samkit.train.prompt_head import load_prompt_head_config, training_images
+
+    cfg = load_prompt_head_config(ROOT / "configs" / "prompt_head.yaml")
+    folders = [needs_shared(ROOT / f) for f in cfg["teacher"]["folders"]]
+    images = training_images(folders, cfg["teacher"]["per_folder"])
+    assert len(images) == len(folders) * cfg["teacher"]["per_folder"]
+    assert cfg["fit"]["holdout"] < len(images)

@@ -314,14 +314,11 @@ def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, he
     )
 
 
-def train_from_config(
+def load_prompt_head_config(
     config: str | Path, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None
 ) -> dict[str, Any]:
-    """Teacher (resumable: images already done are skipped) then fit, from a `task: prompt_head` YAML
-    config (configs/prompt_head.yaml shows every key); `overrides` are `a.b=value` strings.
-
-    Writes OUT/prompt_head.safetensors, OUT/prompt_head.json (the fit log) and OUT/MODEL_CARD.md;
-    returns the fit's info dict with `head` and `card` (paths) added."""
+    """The settings of a `task: prompt_head` YAML config (defaults <- file <- `a.b=value` overrides <- `out`),
+    checked: unknown keys and a config without teacher folders are one-line ConfigErrors."""
     from samkit.train.config import ConfigError, parse_override, read_yaml, task_of
 
     cfg: dict[str, Any] = {
@@ -361,6 +358,20 @@ def train_from_config(
         cfg["out"] = str(out)
     if not cfg["teacher"]["folders"]:
         raise ConfigError("teacher.folders: list the training-split image folders to learn from")
+    return cfg
+
+
+def train_from_config(
+    config: str | Path, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None
+) -> dict[str, Any]:
+    """Teacher (resumable: images already done are skipped) then fit, from a `task: prompt_head` YAML
+    config (configs/prompt_head.yaml shows every key); `overrides` are `a.b=value` strings.
+
+    Writes OUT/prompt_head.safetensors, OUT/prompt_head.json (the fit log) and OUT/MODEL_CARD.md;
+    returns the fit's info dict with `head` and `card` (paths) added."""
+    from samkit.train.config import ConfigError
+
+    cfg = load_prompt_head_config(config, overrides, out)
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     out_dir = Path(cfg["out"])
