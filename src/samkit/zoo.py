@@ -185,7 +185,7 @@ def load(
         if model.device.type != "cpu":
             model.image_encoder.to(amp)
     if amp == torch.bfloat16 and auto_dtype(model.device) == "bf16":
-        # One click's decoder in native bf16: ~25% less time per click on an AVX512_BF16 CPU, best masks
+        # One click's decoder in native bf16: ~23% less time per click at 1 thread on an AVX512_BF16 CPU, best masks
         # at mean IoU 0.997 with the fp32 decoder's (docs/hardware.md); emulated bf16 would be slower.
         model.mask_decoder.inference_dtype = torch.bfloat16
     return model.eval()
