@@ -16,7 +16,7 @@ import numpy as np
 from samkit.embedding_file import EncoderId
 from samkit.errors import CheckpointError, InputError
 from samkit.image import ImageLike, load_image
-from samkit.prompts import PredictorBase, check_prompts
+from samkit.prompts import PredictorBase, Prompts
 from samkit.transforms import ImagePipeline
 
 SPEC_NAME = "samkit_onnx.json"  # the same name as samkit.export.SPEC_NAME, which needs torch to import
@@ -88,7 +88,7 @@ class OnnxPredictor(PredictorBase):
 
     # --- image (its state and embedding file: PredictorBase) -------------------------------------------
 
-    def encoder_id(self) -> EncoderId:
+    def _encoder_identity(self) -> EncoderId:
         return self._encoder_id
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
@@ -119,25 +119,12 @@ class OnnxPredictor(PredictorBase):
 
     # --- prompts ---------------------------------------------------------------------------------------
 
-    def predict_batch(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        boxes: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
+    def _decode_batch(
+        self, prompts: Prompts, multimask_output: bool, return_logits: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """B prompts on the current image, one decoder run each (the graph takes one prompt).
-
-        point_coords: (B, N, 2) XY original pixels; point_labels: (B, N) in {1, 0, -1 padding};
-        boxes: (B, 4) XYXY original pixels; mask_input: (B, 1, 256, 256).
-        Returns masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256).
-        """
+        """`predict_batch` after its checks: one decoder run per prompt (the graph takes one prompt)."""
         features = self._require_image()
-        coords, labels, boxes, mask_input = check_prompts(
-            point_coords, point_labels, boxes, mask_input, self.original_size, self.mask_input_size
-        )
+        coords, labels, boxes, mask_input = prompts
         batch = next(a.shape[0] for a in (coords, boxes, mask_input) if a is not None)
         sel = slice(1, None) if multimask_output else slice(0, 1)
         outs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

@@ -127,12 +127,11 @@ class PredictorBase:
     `predict_batch()`.
 
     Subclasses set `mask_input_size` (the (h, w) of low-res mask prompts), say who their encoder is
-    (`encoder_id`), take an embedding in (`set_embedding`) and give it out as numpy (`_features_array`:
-    `features` itself here).
+    (`_encoder_identity`), take an embedding in (`set_embedding`) and give it out as numpy (`_features_array`:
+    `features` itself here), and decode checked prompts (`_decode_batch`).
     """
 
     mask_input_size: tuple[int, int]
-    predict_batch: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
     set_embedding: Callable[[np.ndarray, tuple[int, int]], None]
 
     # --- image -----------------------------------------------------------------------------------------
@@ -156,16 +155,16 @@ class PredictorBase:
     def save_embedding(self, path: str | Path) -> None:
         """Write the embedding, the frame sizes needed to map prompts back and the encoder's identity
         (`samkit.embedding_file`); `Predictor` and `OnnxPredictor` read each other's files."""
-        info = EmbeddingInfo(self.original_size, self.input_size, self.encoder_id())
+        info = EmbeddingInfo(self.original_size, self.input_size, self._encoder_identity())
         embedding_file.save(path, self._features_array(), info)
 
     def load_embedding(self, path: str | Path) -> None:
         """Load an embedding file made by this model's encoder (same architecture and, where both record
         it, the same weights); CheckpointError otherwise."""
-        feats, info = embedding_file.load(path, self.encoder_id())
+        feats, info = embedding_file.load(path, self._encoder_identity())
         self.set_embedding(feats, info.original_size)
 
-    def encoder_id(self) -> EncoderId:
+    def _encoder_identity(self) -> EncoderId:
         """Who this predictor's encoder is, as embedding files record it."""
         raise NotImplementedError
 
@@ -179,6 +178,37 @@ class PredictorBase:
         return self.features
 
     # --- prompts ---------------------------------------------------------------------------------------
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B prompts on the current image at once.
+
+        point_coords: (B, N, 2) XY original pixels; point_labels: (B, N) in {1, 0}, or -1 for padding
+        so prompts with different point counts can share a batch. A -1 point becomes SAM's "not a point"
+        token (the one the reference appends to box-less prompts): its coordinates are ignored, but the
+        decoder still attends to it, so results differ slightly from sending the prompt without it.
+        boxes: (B, 4) XYXY original pixels. mask_input: (B, 1, 256, 256).
+        Returns masks (B, C, H, W) bool (float logits if return_logits), scores (B, C), low-res logits
+        (B, C, 256, 256) as numpy arrays, with C = 3 if multimask_output else 1.
+        """
+        self._require_image()
+        prompts = check_prompts(
+            point_coords, point_labels, boxes, mask_input, self.original_size, self.mask_input_size
+        )
+        return self._decode_batch(prompts, multimask_output, return_logits)
+
+    def _decode_batch(
+        self, prompts: Prompts, multimask_output: bool, return_logits: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`predict_batch`'s result for prompts `check_prompts` passed (arrays in original pixels)."""
+        raise NotImplementedError
 
     def predict(
         self,
