@@ -297,7 +297,10 @@ def test_cli_old_export_onnx_form_names_the_new_command(tmp_path, capsys) -> Non
     out = tmp_path / "o"
     assert main(["export", "onnx", "--model", "vit_t", "--out", str(out), "--quantize", "int8"]) == 2
     err = capsys.readouterr().err
-    assert err == "samkit: error: `samkit export onnx` is now `samkit export-onnx` (same options)\n"
+    assert err == (
+        "samkit: error: `samkit export` writes annotations; models go to ONNX with `samkit export-onnx`"
+        " (same options)\n"
+    )
     assert not out.exists()
 
 

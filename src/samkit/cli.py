@@ -622,7 +622,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if given[:2] == ["export", "onnx"]:
-        moved = "`samkit export onnx` is now `samkit export-onnx` (same options)"
+        moved = (
+            "`samkit export` writes annotations; models go to ONNX with `samkit export-onnx` (same options)"
+        )
         print(f"samkit: error: {moved}", file=sys.stderr)
         return 2
     args = _build_parser().parse_args(argv)
