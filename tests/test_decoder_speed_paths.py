@@ -134,3 +134,33 @@ def test_predictor_with_a_bf16_decoder_answers_in_fp32(monkeypatch, tiny_ckpt):
     _, scores32, logits32 = pred.predict(point_coords=np.array([[80.0, 60.0]]), point_labels=np.array([1]))
     assert np.abs(scores - scores32).max() < 0.05
     assert np.abs(logits - logits32).max() < 0.05 * np.abs(logits32).max()
+
+
+@pytest.mark.parametrize("size", [(120, 160), (200, 90), (30, 250), (97, 97), (256, 255)])
+def test_masks_without_low_res_logits_skip_the_padding_and_match(tiny_ckpt, size):
+    """low_res_logits=False decodes only the tokens over the image (plus one of margin for the bilinear
+    upsampling): the full-size logits are those of the full decode, for any aspect ratio."""
+    pred = samkit.Predictor(samkit.load(tiny_ckpt, dtype="fp32"))
+    h, w = size
+    pred.set_image(np.random.default_rng(h * w).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    points, labels = np.array([[w * 0.4, h * 0.6], [w - 1.0, h - 1.0]]), np.array([1, 0])
+    full, scores, low_res = pred.predict(points, labels, return_logits=True)
+    part, scores_part, none = pred.predict(points, labels, return_logits=True, low_res_logits=False)
+    assert none is None and low_res.shape == (3, 64, 64)
+    np.testing.assert_array_equal(scores_part, scores)
+    scale = np.abs(full).max()
+    np.testing.assert_allclose(part, full, rtol=0, atol=1e-5 * scale)
+    masks, _, _ = pred.predict(points, labels, low_res_logits=False)
+    sure = np.abs(full) > 1e-4 * scale
+    np.testing.assert_array_equal(masks[sure], (full > 0)[sure])
+    # The skipped part really is skipped: the decoding core's logits read OUTSIDE_REGION past the region.
+    from samkit.models.mask_decoder import OUTSIDE_REGION
+
+    rows, cols = pred.embedded_image.image_region()
+    t = pred.transform.apply_coords_torch(torch.tensor(points[None], dtype=torch.float32), (h, w))
+    _, _, logits = pred.embedded_image.decode(t, torch.tensor(labels[None]), image_only=True)
+    grid = pred.features.shape[-1]
+    assert (rows, cols) != (grid, grid) or max(h, w) - min(h, w) < 16
+    assert (logits[..., 4 * rows :, :] == OUTSIDE_REGION).all()
+    assert (logits[..., :, 4 * cols :] == OUTSIDE_REGION).all()
+    assert (logits[..., : 4 * rows, : 4 * cols] != OUTSIDE_REGION).all()

@@ -86,6 +86,7 @@ class EmbeddedImage:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         min_iou: float | None = None,
+        image_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores of B prompts and the low-res logits of only those worth upsampling.
 
@@ -95,6 +96,9 @@ class EmbeddedImage:
         multimask_output else 1. The mask head (upscaling + hypernetworks) runs only for those K
         prompts. On a CPU the prompts are decoded a few at a time, which keeps the per-prompt image
         tokens in cache and is faster than one large batch.
+        image_only: compute the logits only where they reach the image's full-size masks (the tokens
+        over the image plus one row / column of margin for the bilinear upsampling); the padding's
+        logits then read `OUTSIDE_REGION`. For callers that return masks but not low-res logits.
         """
         features = self.features
         pe, dec = self.model.prompt_encoder, self.model.mask_decoder
@@ -120,13 +124,21 @@ class EmbeddedImage:
                 if not len(keep):
                     continue
             rows.append(keep)
-            logits.append(dec.masks_from(hs, src)[:, sel])
+            logits.append(dec.masks_from(hs, src, self.image_region() if image_only else None)[:, sel])
         iou = check_finite(self.model, torch.cat(ious), "predicted IoU")
         if not rows:
             size = pe.mask_input_size
             empty = torch.zeros(0, iou.shape[1], *size, dtype=iou.dtype, device=iou.device)
             return iou, torch.zeros(0, dtype=torch.int64, device=iou.device), empty
         return iou, torch.cat(rows), torch.cat(logits)
+
+    def image_region(self) -> tuple[int, int]:
+        """(rows, cols) of embedding tokens whose low-res logits reach the full-size masks: those over
+        the unpadded input plus one of margin (bilinear upsampling reads one low-res pixel beyond)."""
+        g = self.features.shape[-1]
+        px = self.model.image_size // g  # input pixels per token
+        h, w = self.input_size
+        return min(g, -(-h // px) + 1), min(g, -(-w // px) + 1)
 
     def first_block(self) -> ImageSide:
         """The decoder's image-only first-block work for this image."""

@@ -107,7 +107,8 @@ class Predictor(PredictorBase):
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        low_res_logits: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """B prompts on the current image at once.
 
         point_coords: (B, N, 2) XY original pixels; point_labels: (B, N) in {1, 0}, or -1 for padding
@@ -116,19 +117,24 @@ class Predictor(PredictorBase):
         decoder still attends to it, so results differ slightly from sending the prompt without it.
         boxes: (B, 4) XYXY original pixels. mask_input: (B, 1, 256, 256).
         Returns masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256) as numpy arrays.
+        low_res_logits=False: the logits are decoded only over the image (not its padding), the same masks
+        ~10-30% sooner for non-square photos, and the third result is None.
         """
         self._require_image()
         coords_t, labels_t, boxes_t, mask_t = self._prompts_to_torch(
             point_coords, point_labels, boxes, mask_input
         )
-        low_res, scores = self.decode_low_res(coords_t, labels_t, boxes_t, mask_t, multimask_output)
+        scores, _, low_res = self.embedded_image.decode(
+            coords_t, labels_t, boxes_t, mask_t, multimask_output, image_only=not low_res_logits
+        )
         # Upsampled and thresholded on the model's device: from a GPU only the bool masks cross to the host.
         up = upscale_logits(low_res, self.model.image_size, self.input_size, self.original_size)
         if up.device.type == "cpu":  # numpy thresholds one click's full-size maps 2-4x faster than torch
             masks = up.numpy() if return_logits else up.numpy() > self.model.mask_threshold
         else:
             masks = (up if return_logits else up > self.model.mask_threshold).cpu().numpy()
-        return masks, scores.float().cpu().numpy(), low_res.float().cpu().numpy()
+        logits = low_res.float().cpu().numpy() if low_res_logits else None
+        return masks, scores.float().cpu().numpy(), logits
 
     @torch.inference_mode()
     def predict_torch(

@@ -187,7 +187,8 @@ class PredictorBase:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        low_res_logits: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """B prompts on the current image at once.
 
         point_coords: (B, N, 2) XY original pixels; point_labels: (B, N) in {1, 0}, or -1 for padding
@@ -197,12 +198,15 @@ class PredictorBase:
         boxes: (B, 4) XYXY original pixels. mask_input: (B, 1, 256, 256).
         Returns masks (B, C, H, W) bool (float logits if return_logits), scores (B, C), low-res logits
         (B, C, 256, 256) as numpy arrays, with C = 3 if multimask_output else 1.
+        low_res_logits=False: the third result is None, and a predictor may skip the work only those
+        logits need (the torch Predictor then decodes no logits over the image's padding).
         """
         self._require_image()
         prompts = check_prompts(
             point_coords, point_labels, boxes, mask_input, self.original_size, self.mask_input_size
         )
-        return self._decode_batch(prompts, multimask_output, return_logits)
+        masks, scores, logits = self._decode_batch(prompts, multimask_output, return_logits)
+        return masks, scores, logits if low_res_logits else None
 
     def _decode_batch(
         self, prompts: Prompts, multimask_output: bool, return_logits: bool
@@ -218,18 +222,20 @@ class PredictorBase:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        low_res_logits: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Masks for one prompt.
 
         point_coords: (N, 2) XY original pixels; point_labels: (N,) 1 = foreground, 0 = background.
         box: (4,) XYXY original pixels. mask_input: (1, 256, 256) low-res logits from a previous call.
         Returns masks (C, H, W) bool (float logits if return_logits), scores (C,) predicted IoU, and
-        low-res logits (C, 256, 256), with C = 3 if multimask_output else 1.
+        low-res logits (C, 256, 256), with C = 3 if multimask_output else 1 (None with
+        low_res_logits=False, which spares the torch Predictor the logits over the image's padding).
         """
         coords, labels, boxes, mask_input = one_prompt_as_batch(
             point_coords, point_labels, box, mask_input, self.mask_input_size
         )
         masks, scores, logits = self.predict_batch(
-            coords, labels, boxes, mask_input, multimask_output, return_logits
+            coords, labels, boxes, mask_input, multimask_output, return_logits, low_res_logits
         )
-        return masks[0], scores[0], logits[0]
+        return masks[0], scores[0], None if logits is None else logits[0]

@@ -182,6 +182,7 @@ class Project:
             prompt.box,
             multimask_output=multimask,
             return_logits=True,
+            low_res_logits=False,
         )
         return _candidates(logits, scores)
 

@@ -127,6 +127,7 @@ class Backend:
                 prompt.point_labels if len(prompt.points) else None,
                 prompt.box,
                 multimask_output=prompt.single_click,
+                low_res_logits=False,
             )
         best = int(np.argmax(scores))
         result = brush_result(masks[best], float(scores[best]), config, prompt.label)

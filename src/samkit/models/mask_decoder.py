@@ -16,6 +16,8 @@ from samkit.models.transformer import ImageSide, TwoWayTransformer
 # Rows of image tokens upscaled at once by `MaskDecoder.masks_from` at inference (16 of 64: ~2 MB of
 # activations per band).
 _BAND_ROWS = 16
+# The low-res logit given outside `masks_from`'s region: far below any threshold, finite (safe to interpolate).
+OUTSIDE_REGION = -1.0e4
 
 
 class MaskDecoder(nn.Module):
@@ -133,7 +135,9 @@ class MaskDecoder(nn.Module):
         Always in the stored weights' precision: one small MLP on one token, cheap in fp32."""
         return self.iou_prediction_head(hs[:, 0].to(self.iou_token.weight.dtype))
 
-    def masks_from(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    def masks_from(
+        self, hs: torch.Tensor, src: torch.Tensor, region: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Mask logits (B, 4, 4h, 4w) from output tokens hs (B, T, C) and image tokens src (B, h*w, C).
 
         The two stride-2 transposed convolutions of `output_upscaling` run as per-pixel matrix
@@ -142,13 +146,29 @@ class MaskDecoder(nn.Module):
         At inference on a CPU the embedding is upscaled a few rows at a time: each band's intermediate
         activations then stay in cache (~25% faster, bit-identical); a GPU takes it whole.
         With `inference_dtype` set the upscaling runs in it; the logits come back in fp32.
+        region: (rows, cols) of image tokens from the top-left to upscale; logits outside them are not
+        computed and read OUTSIDE_REGION. Each token's 4 x 4 logits depend on that token alone, so the
+        region's logits are the same as in the full map; callers that only need the masks inside the
+        image (not its padding) use it to skip the padded tokens.
         """
         run, dtype = self._runner()
-        return run._masks(*_cast(dtype, hs, src)).float()
-
-    def _masks(self, hs: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        hs, src = _cast(dtype, hs, src)
         b, n, c = src.shape
-        h = w = math.isqrt(int(n))  # SAM's embeddings are square
+        h = w = math.isqrt(int(n))
+        if region is None or tuple(region) == (h, w):
+            return run._masks(hs, src).float()
+        rows, cols = region
+        part = src.view(b, h, w, c)[:, :rows, :cols].reshape(b, rows * cols, c)
+        inner = run._masks(hs, part, cols).float()
+        out = torch.full((b, inner.shape[1], 4 * h, 4 * w), OUTSIDE_REGION, device=inner.device)
+        out[:, :, : 4 * rows, : 4 * cols] = inner
+        return out
+
+    def _masks(self, hs: torch.Tensor, src: torch.Tensor, w: int | None = None) -> torch.Tensor:
+        b, n, c = src.shape
+        if w is None:
+            w = math.isqrt(int(n))  # SAM's embeddings are square
+        h = n // w
         mask_out = hs[:, 1 : 1 + self.num_mask_tokens]
         hyper = torch.stack(
             [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1

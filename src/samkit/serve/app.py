@@ -263,7 +263,9 @@ class Service:
         from samkit.masks import masks_to_coco_rle
 
         pred = self.predictor(body.embedding_id)
-        masks, scores, _ = pred.predict(*body.predict_args(), multimask_output=body.multimask)
+        masks, scores, _ = pred.predict(
+            *body.predict_args(), multimask_output=body.multimask, low_res_logits=False
+        )
         h, w = pred.original_size
         order = np.argsort(-scores, kind="stable")
         rles = masks_to_coco_rle(masks[order])
