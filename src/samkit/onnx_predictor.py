@@ -120,7 +120,7 @@ class OnnxPredictor(PredictorBase):
     # --- prompts ---------------------------------------------------------------------------------------
 
     def _decode_batch(
-        self, prompts: Prompts, multimask_output: bool, return_logits: bool
+        self, prompts: Prompts, multimask_output: bool, return_logits: bool, low_res_logits: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`predict_batch` after its checks: one decoder run per prompt (the graph takes one prompt)."""
         features = self._require_image()

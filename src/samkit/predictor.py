@@ -14,7 +14,7 @@ from samkit.errors import StateError
 from samkit.image import ImageLike, load_image
 from samkit.masks.upscale import interpolate_logits, upscale_logits
 from samkit.models.sam import Sam
-from samkit.prompts import PredictorBase, check_prompts
+from samkit.prompts import PredictorBase, Prompts
 from samkit.transforms import ImagePipeline
 
 
@@ -99,31 +99,12 @@ class Predictor(PredictorBase):
 
     # --- prompts ---------------------------------------------------------------------------------------
 
-    def predict_batch(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        boxes: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-        low_res_logits: bool = True,
+    def _decode_batch(
+        self, prompts: Prompts, multimask_output: bool, return_logits: bool, low_res_logits: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """B prompts on the current image at once.
-
-        point_coords: (B, N, 2) XY original pixels; point_labels: (B, N) in {1, 0}, or -1 for padding
-        so prompts with different point counts can share a batch. A -1 point becomes SAM's "not a point"
-        token (the one the reference appends to box-less prompts): its coordinates are ignored, but the
-        decoder still attends to it, so results differ slightly from sending the prompt without it.
-        boxes: (B, 4) XYXY original pixels. mask_input: (B, 1, 256, 256).
-        Returns masks (B, C, H, W), scores (B, C), low-res logits (B, C, 256, 256) as numpy arrays.
-        low_res_logits=False: the logits are decoded only over the image (not its padding), the same masks
-        ~10-30% sooner for non-square photos, and the third result is None.
-        """
-        self._require_image()
-        coords_t, labels_t, boxes_t, mask_t = self._prompts_to_torch(
-            point_coords, point_labels, boxes, mask_input
-        )
+        """`predict_batch` after its checks. low_res_logits=False decodes the logits only over the image
+        (not its padding): the same masks, ~10-30% sooner for non-square photos."""
+        coords_t, labels_t, boxes_t, mask_t = self._prompts_to_torch(*prompts)
         scores, _, low_res = self.embedded_image.decode(
             coords_t, labels_t, boxes_t, mask_t, multimask_output, image_only=not low_res_logits
         )
@@ -186,10 +167,8 @@ class Predictor(PredictorBase):
         boxes: np.ndarray | None,
         mask_input: np.ndarray | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Checked prompts (original pixels) -> tensors in the model-input frame on the model's device."""
         device = self.model.device
-        coords, labels, boxes, mask_input = check_prompts(
-            coords, labels, boxes, mask_input, self.original_size, self.mask_input_size
-        )
         coords_t = labels_t = boxes_t = mask_t = None
         if coords is not None:
             coords_t = torch.as_tensor(

@@ -205,13 +205,14 @@ class PredictorBase:
         prompts = check_prompts(
             point_coords, point_labels, boxes, mask_input, self.original_size, self.mask_input_size
         )
-        masks, scores, logits = self._decode_batch(prompts, multimask_output, return_logits)
+        masks, scores, logits = self._decode_batch(prompts, multimask_output, return_logits, low_res_logits)
         return masks, scores, logits if low_res_logits else None
 
     def _decode_batch(
-        self, prompts: Prompts, multimask_output: bool, return_logits: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`predict_batch`'s result for prompts `check_prompts` passed (arrays in original pixels)."""
+        self, prompts: Prompts, multimask_output: bool, return_logits: bool, low_res_logits: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`predict_batch`'s result for prompts `check_prompts` passed (arrays in original pixels); the
+        low-res logits may be None when low_res_logits is False."""
         raise NotImplementedError
 
     def predict(
