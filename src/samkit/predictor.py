@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from samkit import embedding_file
 from samkit.decoding import EmbeddedImage
-from samkit.embedding_file import EmbeddingInfo, EncoderId
-from samkit.errors import StateError
+from samkit.embedding_file import EncoderId
 from samkit.image import ImageLike, load_image
 from samkit.masks.upscale import interpolate_logits, upscale_logits
 from samkit.models.sam import Sam
@@ -37,19 +33,8 @@ class Predictor(PredictorBase):
 
     def reset_image(self) -> None:
         """Forget the current image and its embedding."""
-        self.features: torch.Tensor | None = None
+        super().reset_image()
         self._embedded: EmbeddedImage | None = None
-        self.original_size: tuple[int, int] = (0, 0)
-        self.input_size: tuple[int, int] = (0, 0)
-
-    @property
-    def is_image_set(self) -> bool:
-        return self.features is not None
-
-    @property
-    def embedding(self) -> torch.Tensor:
-        """The image embedding, (1, 256, 64, 64)."""
-        return self._require_image()
 
     @property
     def embedded_image(self) -> EmbeddedImage:
@@ -82,20 +67,19 @@ class Predictor(PredictorBase):
         self.input_size = image.input_size
         self._embedded = image
 
-    def save_embedding(self, path: str | Path) -> None:
-        """Write the embedding, the frame sizes needed to map prompts back and the encoder's identity
-        (`samkit.embedding_file`)."""
-        info = EmbeddingInfo(self.original_size, self.input_size, EncoderId.of(self.model))
-        embedding_file.save(path, self._require_image().detach().cpu().numpy(), info)
-
-    def load_embedding(self, path: str | Path) -> None:
-        """Load an embedding file made by this model's encoder (same architecture and, where the file
-        records it, the same weights); CheckpointError otherwise."""
-        feats, info = embedding_file.load(path, EncoderId.of(self.model))
+    def set_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
+        """Use a (1, 256, g, g) embedding of an image of `original_size` (H, W) made by this model's encoder
+        (as `load_embedding` does after checking the file)."""
         self.reset_image()
-        self.features = torch.from_numpy(feats).to(self.model.device)
-        self.original_size = info.original_size
-        self.input_size = info.input_size
+        self.features = torch.from_numpy(np.ascontiguousarray(embedding)).to(self.model.device)
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = self.transform.input_size(self.original_size)
+
+    def _encoder_identity(self) -> EncoderId:
+        return EncoderId.of(self.model)
+
+    def _features_array(self) -> np.ndarray:
+        return self._require_image().detach().cpu().numpy()
 
     # --- prompts ---------------------------------------------------------------------------------------
 
@@ -154,11 +138,6 @@ class Predictor(PredictorBase):
         return low_res, iou
 
     # --- validation ------------------------------------------------------------------------------------
-
-    def _require_image(self) -> torch.Tensor:
-        if self.features is None:
-            raise StateError("no image set: call set_image() (or load_embedding()) before predict()")
-        return self.features
 
     def _prompts_to_torch(
         self,
