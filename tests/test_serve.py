@@ -335,3 +335,31 @@ def test_fine_tune_does_not_reuse_the_stock_models_embeddings(tiny_ckpt, tmp_pat
             service.close()
     assert answers[0]["embedding_id"] != answers[1]["embedding_id"]
     assert not torch.equal(embeddings[0], embeddings[1])
+
+
+def test_decode_threads_leave_other_threads_torch_thread_count_alone(
+    tiny_ckpt, tmp_path, monkeypatch
+) -> None:
+    """Decode threads run on one torch thread each; the rest of the process (encodes, the main thread,
+    threads started later) keeps its own count. torch.set_num_threads(1) in the pool changed everyone's."""
+    import torch
+
+    from samkit.devices import can_limit_threads
+    from samkit.serve.app import ServeConfig, Service
+
+    if not can_limit_threads():
+        pytest.skip("this torch build cannot set one thread's torch thread count on its own")
+    monkeypatch.setenv("SAMKIT_HOME", str(tmp_path / "home"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    service = Service(ServeConfig(model=tiny_ckpt, dtype="fp32", decode_threads=2))
+    try:
+        assert service.decoders.submit(torch.get_num_threads).result() == 1
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert (torch.get_num_threads(), later) == (2, [2])
+    finally:
+        service.close()
+        torch.set_num_threads(before)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import Response
 from PIL import Image
@@ -35,6 +34,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from samkit import embedding_file
+from samkit.devices import limit_this_thread
 from samkit.embedding_file import fingerprint
 from samkit.errors import CheckpointError, ImageError, InputError, NotFoundError
 from samkit.serve.cache import EmbeddingCache
@@ -163,11 +163,6 @@ class EncodeGate:
             self._slots.release()
 
 
-def _one_torch_thread() -> None:
-    # Per thread (OpenMP): each decode thread runs its ops on one core, and encodes keep all of them.
-    torch.set_num_threads(1)
-
-
 class Service:
     """The model, the embedding cache on disk, the embeddings loaded for clicks, and the two queues:
     decode threads for clicks and the encode gate for images."""
@@ -190,7 +185,11 @@ class Service:
         self.cache = EmbeddingCache(root, config.max_embeddings)
         self.encodes = EncodeGate(config.max_encodes, config.max_waiting)
         threads = config.decode_threads or len(os.sched_getaffinity(0))
-        self.decoders = ThreadPoolExecutor(threads, "samkit-decode", initializer=_one_torch_thread)
+        # Each decode thread runs its ops on one core; encodes (other threads) keep all of them. Where a
+        # thread's count cannot be set alone, decode threads keep torch's count rather than change everyone's.
+        self.decoders = ThreadPoolExecutor(
+            threads, "samkit-decode", initializer=limit_this_thread, initargs=(1,)
+        )
         self._pending = 0
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
