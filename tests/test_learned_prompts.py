@@ -26,7 +26,6 @@ from samkit.everything.learned import (
 )
 from samkit.models.build import SamConfig, build_sam
 from samkit.models.prompt_head import PromptHead
-from samkit.train.prompt_head import focal_loss, heatmap_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,18 +85,6 @@ def test_grid_candidates_are_the_grid_modes_points_scored_by_their_cells():
     with torch.no_grad():
         expected = pick_grid_points(head(emb)[0, 0], original, inp, settings)
     np.testing.assert_allclose(learned_points(head, emb, original, inp, settings), expected)
-
-
-def test_heatmap_target_peaks_at_each_points_cell():
-    original, inp = (480, 640), (768, 1024)
-    target = heatmap_target(np.array([[105.0, 55.0], [600.0, 400.0]]), original, inp)
-    assert target[5, 10] == 1.0 and target[40, 60] == 1.0
-    assert (target == 1.0).sum() == 2 and 0.0 < target[5, 12] < 0.5
-    logits = torch.full((1, 64, 64), -5.0)
-    valid = torch.ones(1, 64, 64, dtype=torch.bool)
-    better = logits.clone()
-    better[0, 5, 10] = better[0, 40, 60] = 5.0
-    assert focal_loss(better, target[None], valid) < focal_loss(logits, target[None], valid)
 
 
 @pytest.fixture(scope="module")

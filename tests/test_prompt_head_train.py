@@ -1,5 +1,5 @@
 """`samkit train` with a `task: prompt_head` config: teacher (resumable) + fit end to end on a tiny model,
-and the refusal of evaluation splits."""
+the refusal of evaluation splits, and the per-grid-point targets, loss and held-out recall."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import torch
 import yaml
 from PIL import Image
 
-from samkit.everything.learned import load_head
+from samkit.everything.learned import grid_cells, load_head
+from samkit.train.prompt_head import (
+    grid_point_loss,
+    grid_target,
+    kept_by_nms,
+    point_targets,
+    teacher_recall,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +61,10 @@ def test_samkit_train_prompt_head_config_writes_a_loadable_head_and_card(tiny_ck
     teacher = sorted((out / "teacher").glob("*.npz"))
     assert len(teacher) == 4
     assert all(len(np.load(f)["points"]) > 0 for f in teacher)
+    d = np.load(teacher[0])
+    assert d["grid_iou"].shape == d["grid_match"].shape == (16,)  # points_per_side 4
+    # each kept mask's own prompt point decodes that very mask
+    assert (d["grid_iou"] == 1.0).sum() >= min(len(d["points"]), 1)
     head = load_head(out / "prompt_head.safetensors")
     logits = head(torch.randn(1, 256, 16, 16))
     assert logits.shape == (1, 1, 16, 16) and torch.isfinite(logits).all()
@@ -92,3 +103,90 @@ def test_shipped_prompt_head_config_lists_existing_training_folders():
     images = training_images(folders, cfg["teacher"]["per_folder"])
     assert len(images) == len(folders) * cfg["teacher"]["per_folder"]
     assert cfg["fit"]["holdout"] < len(images)
+
+
+def _rle(box: tuple[int, int, int, int], size: tuple[int, int] = (40, 40)) -> dict:
+    from pycocotools import mask as mask_utils
+
+    m = np.zeros(size, dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = 1
+    return mask_utils.encode(np.asfortranarray(m))
+
+
+def _record(box, point, iou) -> dict:
+    x0, y0, x1, y1 = box
+    return {
+        "segmentation": _rle(box),
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "predicted_iou": iou,
+        "point_coords": [point],
+    }
+
+
+def test_point_targets_score_each_grid_point_by_its_best_mask_against_the_kept_ones():
+    grid = np.array([[5.0, 5.0], [15.0, 5.0], [25.0, 5.0], [35.0, 5.0]])
+    records = [
+        _record((0, 0, 20, 20), [5.0, 5.0], 0.99),  # kept (best score)
+        _record((0, 0, 20, 16), [15.0, 5.0], 0.95),  # dropped by NMS: IoU 0.8 with the first
+        _record((30, 30, 40, 40), [15.0, 5.0], 0.90),  # kept: point 1's other mask
+        _record((0, 0, 20, 10), [25.0, 5.0], 0.93),  # dropped (box IoU 0.5 > 0.4): half the first
+    ]
+    kept = kept_by_nms(records, 0.4)
+    assert kept.tolist() == [0, 2]
+    iou, match = point_targets(records, kept, grid)
+    # point 1 has two masks: a near copy of kept 0 and kept 1 itself; the better one (IoU 1.0) counts
+    np.testing.assert_allclose(iou, [1.0, 1.0, 0.5, 0.0])
+    assert match.tolist() == [0, 1, 0, -1]  # point 3: no mask passed the filters
+    # a generator's own NMS keeps exactly kept_by_nms's masks (here no NMS at all at 1.0)
+    assert kept_by_nms(records, 1.0).tolist() == [0, 1, 3, 2]
+
+
+def test_kept_by_nms_reproduces_the_grid_runs_kept_masks(photo):
+    import samkit
+    from samkit.models.build import SamConfig, build_sam
+
+    torch.manual_seed(0)
+    cfg = SamConfig("vit", embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,), image_size=256)
+    model = build_sam(cfg)
+    kw = dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, output_mode="coco_rle")
+    kept_run = samkit.MaskGenerator(model, box_nms_thresh=0.7, **kw).generate(photo)
+    everything = samkit.MaskGenerator(model, box_nms_thresh=1.0, **kw).generate(photo)
+    kept = kept_by_nms(everything, 0.7)
+    assert len(everything) > len(kept_run) > 0
+    assert [everything[k]["segmentation"] for k in kept] == [r["segmentation"] for r in kept_run]
+
+
+def test_grid_target_shares_a_masks_target_among_the_points_that_find_it():
+    iou = np.array([1.0, 0.9, 0.8, 0.6, 1.0, 0.3, 0.0])
+    match = np.array([0, 0, 0, 0, 1, 1, -1])
+    np.testing.assert_allclose(grid_target(iou, match), iou)
+    # mask 0 is found by 4 points (IoU >= 0.5), mask 1 by one (the 0.3 point does not count)
+    np.testing.assert_allclose(
+        grid_target(iou, match, share=2.0), [0.5, 0.45, 0.4, 0.3, 1.0, 0.3, 0.0], rtol=1e-6
+    )
+
+
+def test_teacher_recall_counts_each_kept_mask_once_at_its_best_picked_point():
+    iou = np.array([1.0, 0.9, 0.7, 1.0, 0.0])
+    match = np.array([0, 0, 1, 1, -1])
+    assert teacher_recall(iou, match, 2, np.arange(5)) == 1.0
+    # mask 0 at 0.9: recovered at thresholds 0.5..0.9 (9 of 10); mask 1 at 0.7 (5 of 10)
+    assert teacher_recall(iou, match, 2, np.array([1, 2, 4])) == pytest.approx((0.9 + 0.5) / 2)
+    assert teacher_recall(iou, match, 3, np.array([], dtype=np.int64)) == 0.0
+
+
+def test_grid_point_loss_reads_the_heat_map_at_the_grid_points_cells():
+    # 480 x 640 photo, 768 x 1024 model input, 4 x 4 grid: point (col 1, row 2) is at model pixel (384, 480)
+    _, _, cells = grid_cells((480, 640), (768, 1024), 4, 64)
+    assert cells[2 * 4 + 1] == 30 * 64 + 24
+    target = torch.zeros(1, 16)
+    target[0, 9] = 1.0
+    logits = torch.full((1, 1, 64, 64), -6.0)
+    good = logits.clone()
+    good[0, 0, 30, 24] = 6.0
+    wrong_cell = logits.clone()
+    wrong_cell[0, 0, 31, 24] = 6.0
+    c = torch.from_numpy(cells)[None]
+    assert grid_point_loss(good, c, target) < grid_point_loss(logits, c, target)
+    assert grid_point_loss(wrong_cell, c, target) == grid_point_loss(logits, c, target)

@@ -84,6 +84,35 @@ def _top(prob: torch.Tensor, settings: PeakSettings) -> torch.Tensor:
     return order[: min(max(n_above, settings.min_points), settings.max_points, n_peaks)]
 
 
+def grid_cells(
+    original_size: tuple[int, int], input_size: tuple[int, int], n: int, side: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The grid mode's n x n points over the image and the embedding cell each falls in: xs (n,) and ys (n,)
+    original-image pixels (point k = row k // n, column k % n is at (xs[k % n], ys[k // n])), and
+    cells (n * n,) int64 flat indices row * side + col into a (side, side) heat map."""
+    frac = (np.arange(n) + 0.5) / n
+    xs, ys = frac * original_size[1], frac * original_size[0]
+    scale = (input_size[1] / original_size[1], input_size[0] / original_size[0])
+    cols = np.minimum(np.floor(xs * scale[0] / CELL), side - 1).astype(np.int64)
+    rows = np.minimum(np.floor(ys * scale[1] / CELL), side - 1).astype(np.int64)
+    return xs, ys, (rows[:, None] * side + cols[None, :]).reshape(-1)
+
+
+def pick_grid_indices(
+    logits: torch.Tensor,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+    settings: PeakSettings,
+) -> np.ndarray:
+    """(K,) int64 indices (row * grid + column) of the best points of the `settings.grid`-per-side point
+    grid under a heat-map logit tensor (side, side), best first."""
+    n = settings.grid
+    side = logits.shape[-1]
+    _, _, cells = grid_cells(original_size, input_size, n, side)
+    prob = torch.sigmoid(logits.detach().float().cpu()).flatten()[torch.as_tensor(cells)].reshape(n, n)
+    return _top(prob, settings).numpy()
+
+
 def pick_grid_points(
     logits: torch.Tensor,
     original_size: tuple[int, int],
@@ -93,14 +122,8 @@ def pick_grid_points(
     """The best points of the `settings.grid`-per-side point grid (the grid mode's layout over the image)
     under a heat-map logit tensor (side, side), as (K, 2) float64 (x, y) original-image pixels, best first."""
     n = settings.grid
-    frac = (np.arange(n) + 0.5) / n
-    xs, ys = frac * original_size[1], frac * original_size[0]
-    scale = (input_size[1] / original_size[1], input_size[0] / original_size[0])
-    side = logits.shape[-1]
-    cols = np.minimum(np.floor(xs * scale[0] / CELL), side - 1).astype(np.int64)
-    rows = np.minimum(np.floor(ys * scale[1] / CELL), side - 1).astype(np.int64)
-    prob = torch.sigmoid(logits.detach().float().cpu())[torch.as_tensor(rows)][:, torch.as_tensor(cols)]
-    idx = _top(prob, settings).numpy()
+    xs, ys, _ = grid_cells(original_size, input_size, n, logits.shape[-1])
+    idx = pick_grid_indices(logits, original_size, input_size, settings)
     return np.stack([xs[idx % n], ys[idx // n]], axis=1)
 
 

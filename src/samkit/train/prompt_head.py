@@ -2,11 +2,13 @@
 
 Two steps, each a function and a `python -m samkit.train.prompt_head` subcommand:
 
-* `teacher`: for each training image, the image embedding (1, 256, 64, 64) and the prompt points
-  (x, y original-image pixels) of the masks that the 32 x 32 grid run keeps, one `.npz` per image
-  (rerun skips done images).
-* `fit`: a `PromptHead` trained on those files to put a peak on each kept mask's prompt point (a
-  Gaussian heat map on the 64 x 64 embedding grid, focal loss); saved as safetensors.
+* `teacher`: for each training image, the image embedding (1, 256, 64, 64) and, per point of the 32 x 32
+  grid, what decoding it gives in the grid run: the best IoU between one of its masks that passes the
+  filters and a mask the run keeps, and which kept mask that is; one `.npz` per image (rerun skips done
+  images).
+* `fit`: a `PromptHead` trained on those files to score each grid point's cell by that target (binary
+  cross-entropy, optionally with a kept mask's target shared among the points that find it); saved as
+  safetensors. A held-out report measures how much of the grid's kept masks each prompt choice recovers.
 
 `samkit train configs/prompt_head.yaml` (a config with `task: prompt_head`) runs both (`train_from_config`)
 and writes the head, a JSON log and a model card.
@@ -24,11 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from samkit.everything.learned import PEAK_DEFAULTS, pick_points, points_to_cells
+from samkit.everything.learned import PeakSettings, grid_cells, pick_grid_indices
 from samkit.models.prompt_head import PromptHead
-
-SIGMA_CELLS = 1.0  # Gaussian radius of a target peak, in embedding cells (16 input pixels each)
 
 
 def make_teacher(
@@ -38,22 +39,28 @@ def make_teacher(
     time_budget_s: float = 1e9,
     settings: dict[str, Any] | None = None,
 ) -> None:
-    """One `<set>_<stem>.npz` per image in `out_dir`: features float16 (256, 64, 64), points float32 (N, 2)
-    (x, y original pixels of the kept masks' prompts), original_size, input_size, grid_seconds.
-    `settings`: MaskGenerator keyword arguments of the grid teacher (default: its defaults)."""
+    """One `<set>_<stem>.npz` per image in `out_dir`: features float16 (256, 64, 64); points float32 (N, 2)
+    (x, y original pixels of the kept masks' prompts); grid_iou float32 (n * n,) and grid_match int32
+    (n * n,) per point of the teacher's n x n grid (`point_targets`); original_size, input_size,
+    grid_seconds. `settings`: MaskGenerator keyword arguments of the grid teacher (default: its defaults;
+    one crop layer only). Files made before grid_iou was recorded are made again."""
     import samkit
     from samkit.everything.generator import MaskGenerator
+    from samkit.everything.settings import DEFAULTS
     from samkit.image import load_image
     from samkit.predictor import Predictor
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = samkit.load(model_name, dtype="fp32")
-    generator = MaskGenerator(model, output_mode="coco_rle", **(settings or {}))
+    settings = dict(settings or {})
+    nms_thresh = float(settings.pop("box_nms_thresh", DEFAULTS.box_nms_thresh))
+    # Every mask that passes the filters, with its prompt: the grid run's NMS is applied here afterwards.
+    generator = MaskGenerator(model, output_mode="coco_rle", box_nms_thresh=1.0, **settings)
     pred = Predictor(model)
     start = time.perf_counter()
     for path in images:
         dest = out_dir / f"{_set_name(path)}_{path.stem}.npz"
-        if dest.exists():
+        if dest.exists() and "grid_iou" in np.load(dest).files:
             continue
         if time.perf_counter() - start > time_budget_s:
             break
@@ -61,104 +68,162 @@ def make_teacher(
         t0 = time.perf_counter()
         pred.set_image(arr)
         records = generator.generate(arr, embedded=pred)
+        kept = kept_by_nms(records, nms_thresh)
         seconds = time.perf_counter() - t0
-        points = np.array([r["point_coords"][0] for r in records], dtype=np.float32).reshape(-1, 2)
+        grid = generator.point_grids[0] * np.array([[arr.shape[1], arr.shape[0]]])
+        iou, match = point_targets(records, kept, grid)
+        points = np.array([records[k]["point_coords"][0] for k in kept], dtype=np.float32).reshape(-1, 2)
         tmp = dest.with_suffix(".tmp.npz")
         np.savez_compressed(
             tmp,
             features=pred.embedding[0].cpu().numpy().astype(np.float16),
             points=points,
+            grid_iou=iou,
+            grid_match=match,
             original_size=np.array(pred.original_size),
             input_size=np.array(pred.input_size),
             grid_seconds=np.array(seconds),
         )
         os.replace(tmp, dest)
-        print(f"{dest.name}: {len(points)} masks, {seconds:.1f} s", flush=True)
+        print(
+            f"{dest.name}: {len(points)} masks, {int((iou >= 0.5).sum())} of {len(iou)} points useful, "
+            f"{seconds:.1f} s",
+            flush=True,
+        )
 
 
-def heatmap_target(
-    points: np.ndarray,
-    original_size: tuple[int, int],
-    input_size: tuple[int, int],
-    side: int = 64,
-    sigma: float = SIGMA_CELLS,
-) -> torch.Tensor:
-    """(side, side) float32 target: max over the points of a Gaussian centred on each point's cell
-    position (x, y original pixels -> embedding cells); 1.0 at each point's own cell."""
-    cells = points_to_cells(points, original_size, input_size)
-    centres = torch.arange(side, dtype=torch.float32) + 0.5
-    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    target = torch.zeros(side, side)
-    for cx, cy in cells:
-        g = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
-        target = torch.maximum(target, g)
-        target[int(cy), int(cx)] = 1.0
-    return target
+def teacher_files(teacher_dir: Path) -> list[Path]:
+    """The finished teacher files of `teacher_dir` (with per-point targets; not a file being written)."""
+    files = [f for f in teacher_dir.glob("*.npz") if not f.name.endswith(".tmp.npz")]
+    return [f for f in sorted(files) if "grid_iou" in np.load(f).files]
 
 
-def _valid_area(input_size: tuple[int, int], side: int = 64) -> torch.Tensor:
-    """(side, side) bool: embedding cells that cover image pixels (not padding)."""
-    h, w = (-(-s // 16) for s in input_size)
-    valid = torch.zeros(side, side, dtype=torch.bool)
-    valid[:h, :w] = True
-    return valid
+def kept_by_nms(records: list[dict[str, Any]], nms_thresh: float) -> np.ndarray:
+    """Indices into `records` (every mask that passed the filters, one crop) of the masks the grid run
+    keeps: box NMS at `nms_thresh` by predicted IoU, as MaskGenerator does; best first."""
+    from samkit.masks import batched_nms
+
+    if not records:
+        return np.zeros(0, dtype=np.int64)
+    boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.int64)  # XYWH
+    boxes[:, 2:] += boxes[:, :2]
+    scores = torch.tensor([r["predicted_iou"] for r in records], dtype=torch.float32)
+    return batched_nms(boxes.float(), scores, torch.zeros(len(records)), nms_thresh).numpy()
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """CenterNet's penalty-reduced focal loss on (B, H, W) logits and Gaussian targets, over valid cells,
-    normalised by the number of peaks (cells where target == 1)."""
-    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
-    pos = (target >= 1.0) & valid
-    neg = (~pos) & valid
-    pos_loss = -((1 - p) ** 2 * torch.log(p))[pos].sum()
-    neg_loss = -(((1 - target) ** 4) * p**2 * torch.log(1 - p))[neg].sum()
-    return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+def point_targets(
+    records: list[dict[str, Any]], kept: np.ndarray, grid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """What decoding each grid point gives: per point of `grid` ((P, 2) x, y original pixels, the prompts
+    the records came from), the best mask IoU between one of its masks that passed the filters
+    (`records`, coco_rle, `point_coords` one of the grid's points) and a kept mask (`records[kept]`), and
+    which kept mask (index into `kept`) that is. (P,) float32 IoU (0 where no mask of the point passed)
+    and (P,) int32 (-1 there)."""
+    from pycocotools import mask as mask_utils
+
+    iou = np.zeros(len(grid), dtype=np.float32)
+    match = np.full(len(grid), -1, dtype=np.int32)
+    if not records or not len(kept):
+        return iou, match
+    pts = np.array([r["point_coords"][0] for r in records], dtype=np.float64)
+    owner = np.abs(pts[:, None, :] - grid[None]).sum(-1).argmin(1)  # the grid point each mask came from
+    rles = [r["segmentation"] for r in records]
+    overlap = np.asarray(mask_utils.iou(rles, [rles[k] for k in kept], [0] * len(kept))).reshape(
+        len(rles), -1
+    )
+    best, which = overlap.max(1), overlap.argmax(1)
+    for r in np.argsort(best, kind="stable"):  # the best mask of each point is written last
+        iou[owner[r]] = best[r]
+        match[owner[r]] = which[r]
+    return iou, match
 
 
-def _load(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features (N, 256, 64, 64), heat-map targets (N, 64, 64) and valid cells (N, 64, 64) of the files."""
-    feats, targets, valids = [], [], []
+def teacher_recall(iou: np.ndarray, match: np.ndarray, n_kept: int, picked: np.ndarray) -> float:
+    """How much of the grid run's kept masks the `picked` grid points (indices) recover, if each picked
+    point's best mask is found: per kept mask the best IoU among the picked points matched to it, as
+    recall averaged over IoU 0.5:0.95 (the proposal protocol's thresholds); near 1.0 for all n * n points."""
+    if n_kept == 0:
+        return 1.0
+    best = np.zeros(n_kept)
+    m = match[picked]
+    ok = m >= 0
+    np.maximum.at(best, m[ok], iou[picked][ok])
+    return float(np.mean([(best >= t - 1e-6).mean() for t in np.linspace(0.5, 0.95, 10)]))
+
+
+def grid_target(iou: np.ndarray, match: np.ndarray, share: float | None = None) -> np.ndarray:
+    """(P,) float32 training target per grid point from the teacher's `grid_iou` / `grid_match`: the IoU
+    itself, or with `share`, divided among the points that find the same kept mask (IoU >= 0.5): a mask
+    found by m points gives each iou * min(1, share / m), so a small object's few points rank above a large
+    object's many (one or two of those suffice)."""
+    target = iou.astype(np.float32)
+    if share is None:
+        return target
+    useful = (iou >= 0.5) & (match >= 0)
+    counts = np.bincount(match[useful], minlength=int(match.max(initial=-1)) + 1)
+    m = np.where(match >= 0, counts[np.maximum(match, 0)], 1).clip(min=1)
+    return (target * np.minimum(1.0, share / m)).astype(np.float32)
+
+
+def grid_point_loss(logits: torch.Tensor, cells: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy between the heat map at each grid point's cell and what decoding that point
+    gives: `logits` (B, 1, side, side), `cells` (B, P) flat cell indices (`grid_cells`), `target` (B, P)
+    the teacher's grid_iou (a soft label: 1 where a point's mask is a kept mask, 0 where nothing passes)."""
+    picked = logits.flatten(1).gather(1, cells)
+    return F.binary_cross_entropy_with_logits(picked, target)
+
+
+def _load(files: list[Path], share: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (N, 256, side, side) float16, the grid points' cells (N, P) int64 and their targets
+    (N, P) float32 (`grid_target`) of the teacher files."""
+    feats, cells, targets = [], [], []
     for f in files:
         d = np.load(f)
+        feats.append(torch.from_numpy(d["features"]))
+        side = feats[-1].shape[-1]  # 64 for a 1024 px encoder
+        n = int(round(len(d["grid_iou"]) ** 0.5))
         osz = tuple(int(v) for v in d["original_size"])
         isz = tuple(int(v) for v in d["input_size"])
-        feats.append(torch.from_numpy(d["features"].astype(np.float32)))
-        side = feats[-1].shape[-1]  # 64 for a 1024 px encoder
-        targets.append(heatmap_target(d["points"], osz, isz, side))
-        valids.append(_valid_area(isz, side))
-    return torch.stack(feats), torch.stack(targets), torch.stack(valids)
+        cells.append(torch.from_numpy(grid_cells(osz, isz, n, side)[2]))
+        targets.append(torch.from_numpy(grid_target(d["grid_iou"], d["grid_match"], share)))
+    return torch.stack(feats), torch.stack(cells), torch.stack(targets)
+
+
+# The prompt choices the held-out report compares (the shipped PEAK_DEFAULTS is one of them).
+HELDOUT_CHOICES = tuple(
+    PeakSettings(threshold=t, min_points=lo, max_points=hi, nms_radius=r)
+    for t in (0.3, 0.5)
+    for lo, hi in ((48, 128), (64, 160), (64, 200), (96, 256))
+    for r in (0, 1)
+)
 
 
 @torch.no_grad()
 def heldout_report(
-    head: PromptHead, files: list[Path], thresholds: tuple[float, ...] = (0.1, 0.2, 0.25, 0.3)
+    head: PromptHead, files: list[Path], choices: tuple[PeakSettings, ...] = HELDOUT_CHOICES
 ) -> list:
-    """Per threshold (the other PEAK_DEFAULTS kept): mean prompts per image, and the share of the teacher's
-    kept prompts that are picked themselves or have a picked prompt within one step of the 32 x 32 grid
-    (Chebyshev), over held-out teacher files (training images the head did not see)."""
+    """Per prompt choice: mean prompts per image and `teacher_recall` (how much of the grid run's kept
+    masks the picked points recover) over held-out teacher files (training images the head did not see)."""
     rows = []
-    for t in thresholds:
-        settings = dataclasses.replace(PEAK_DEFAULTS, threshold=t)
-        n_points, exact, near, total = [], 0, 0, 0
-        for f in files:
-            d = np.load(f)
-            osz = tuple(int(v) for v in d["original_size"])
-            isz = tuple(int(v) for v in d["input_size"])
-            logits = head(torch.from_numpy(d["features"].astype(np.float32))[None])[0, 0]
-            picked = pick_points(logits, osz, isz, settings)
+    data = []
+    for f in files:
+        d = np.load(f)
+        osz = tuple(int(v) for v in d["original_size"])
+        isz = tuple(int(v) for v in d["input_size"])
+        logits = head(torch.from_numpy(d["features"].astype(np.float32))[None])[0, 0]
+        data.append((logits, osz, isz, d["grid_iou"], d["grid_match"], len(d["points"])))
+    for settings in choices:
+        n_points, recall = [], []
+        for logits, osz, isz, iou, match, n_kept in data:
+            grid = int(round(len(iou) ** 0.5))  # the teacher's grid
+            picked = pick_grid_indices(logits, osz, isz, dataclasses.replace(settings, grid=grid))
             n_points.append(len(picked))
-            if len(d["points"]) and len(picked):
-                step = np.array([osz[1], osz[0]]) / 32
-                dist = (np.abs(d["points"][:, None, :] - picked[None]) / step).max(-1).min(1)
-                exact += int((dist < 1e-3).sum())
-                near += int((dist <= 1 + 1e-3).sum())
-            total += len(d["points"])
+            recall.append(teacher_recall(iou, match, n_kept, picked))
         rows.append(
             {
-                "threshold": t,
+                **dataclasses.asdict(settings),
                 "prompts_per_image": float(np.mean(n_points)),
-                "teacher_prompts_picked": exact / max(total, 1),
-                "teacher_prompts_within_1_step": near / max(total, 1),
+                "teacher_recall": float(np.mean(recall)),
             }
         )
     return rows
@@ -172,17 +237,19 @@ def fit(
     batch: int = 8,
     seed: int = 0,
     holdout: int = 6,
+    share: float | None = None,
 ) -> dict:
-    """Train a PromptHead on the teacher files but the last `holdout` made (reported on, not trained on);
-    writes `out` (safetensors) and `<out>.json` (settings, loss log, held-out report)."""
+    """Train a PromptHead on the teacher files but the last `holdout` made (reported on, not trained on),
+    targets `grid_target(..., share)`; writes `out` (safetensors) and `<out>.json` (settings, loss log,
+    held-out report)."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    all_files = sorted(teacher_dir.glob("*.npz"), key=lambda f: f.stat().st_mtime)
+    all_files = sorted(teacher_files(teacher_dir), key=lambda f: f.stat().st_mtime)
     if len(all_files) <= holdout:
         raise FileNotFoundError(f"need more than {holdout} teacher files in {teacher_dir}")
     files, held = all_files[: len(all_files) - holdout], all_files[len(all_files) - holdout :]
-    x_all, t_all, v_all = _load(files)
+    x_all, c_all, t_all = _load(files, share)
     head = PromptHead()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -190,8 +257,7 @@ def fit(
     t0 = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(len(files), (batch,))
-        x, t, v = x_all[idx], t_all[idx], v_all[idx]
-        loss = focal_loss(head(x)[:, 0], t, v)
+        loss = grid_point_loss(head(x_all[idx].float()), c_all[idx], t_all[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -213,7 +279,7 @@ def fit(
         "lr": lr,
         "batch": batch,
         "seed": seed,
-        "sigma_cells": SIGMA_CELLS,
+        "share": share,
         "seconds": time.perf_counter() - t0,
         "log": log,
     }
@@ -272,7 +338,7 @@ def training_images(folders: list[str | Path], per_folder: int | None = None) ->
 def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, head_file: Path) -> str:
     sets: dict[str, int] = {}
     masks, seconds = 0, []
-    for f in sorted(teacher_dir.glob("*.npz")):
+    for f in teacher_files(teacher_dir):
         d = np.load(f)
         name = next((s for s in _LICENCES if f.stem.startswith(s + "_")), f.stem.rsplit("_", 1)[0])
         sets[name] = sets.get(name, 0) + 1
@@ -295,13 +361,14 @@ def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, he
             f"{info['seconds']:.0f} s",
         ),
     ]
+    rows.append(("target", f"per grid point, `grid_target` with share {info['share']}"))
     for row in info["heldout"]:
         rows.append(
             (
-                f"held out, threshold {row['threshold']}",
-                f"{row['prompts_per_image']:.0f} prompts per image; of the teacher's kept prompts "
-                f"{100 * row['teacher_prompts_picked']:.0f}% picked, "
-                f"{100 * row['teacher_prompts_within_1_step']:.0f}% within one grid step of a pick",
+                f"held out: threshold {row['threshold']}, {row['min_points']}-{row['max_points']} points, "
+                f"nms_radius {row['nms_radius']}",
+                f"{row['prompts_per_image']:.0f} prompts per image recover "
+                f"{100 * row['teacher_recall']:.1f}% of the grid run's kept masks (recall over IoU 0.5:0.95)",
             )
         )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -326,7 +393,7 @@ def load_prompt_head_config(
         "out": "runs/prompt_head",
         "threads": None,
         "teacher": {"folders": [], "per_folder": None, "budget_s": None, "dir": None, "settings": {}},
-        "fit": {"steps": 400, "lr": 2e-3, "batch": 8, "seed": 0, "holdout": 6},
+        "fit": {"steps": 400, "lr": 2e-3, "batch": 8, "seed": 0, "holdout": 6, "share": None},
     }
     user = read_yaml(config)
     if task_of(user) != "prompt_head":
@@ -382,7 +449,9 @@ def train_from_config(
     f = cfg["fit"]
     head_file = out_dir / "prompt_head.safetensors"
     try:
-        info = fit(teacher_dir, head_file, f["steps"], f["lr"], f["batch"], f["seed"], f["holdout"])
+        info = fit(
+            teacher_dir, head_file, f["steps"], f["lr"], f["batch"], f["seed"], f["holdout"], f["share"]
+        )
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc} (more teacher.folders images, or a larger teacher.budget_s)") from None
     card = out_dir / "MODEL_CARD.md"
@@ -393,7 +462,9 @@ def train_from_config(
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m samkit.train.prompt_head")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("teacher", help="embeddings + kept prompt points of the grid run, per training image")
+    p = sub.add_parser(
+        "teacher", help="embeddings + what each grid point gives in the grid run, per training image"
+    )
     p.add_argument("folders", nargs="+", help="image folders of training splits")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-folder", type=int, default=None, help="first N images of each folder")
@@ -404,11 +475,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--holdout", type=int, default=6, help="last N teacher files: reported on, not trained on")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--share", type=float, default=None, help="split a mask's target among its points")
     args = parser.parse_args()
     if args.cmd == "teacher":
         make_teacher(training_images(args.folders, args.per_folder), args.out, time_budget_s=args.budget_s)
     else:
-        fit(args.teacher, args.out, steps=args.steps, lr=args.lr, holdout=args.holdout)
+        fit(args.teacher, args.out, steps=args.steps, lr=args.lr, holdout=args.holdout, share=args.share)
 
 
 if __name__ == "__main__":
