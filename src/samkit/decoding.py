@@ -18,6 +18,7 @@ import torch
 from samkit.devices import cpu_tuned
 from samkit.errors import CheckpointError
 from samkit.masks.upscale import Upscaler
+from samkit.models.factored import FactoredKeys
 from samkit.models.sam import Sam
 from samkit.models.transformer import ImageSide
 from samkit.transforms import ImagePipeline
@@ -114,13 +115,14 @@ class EmbeddedImage:
             j = min(b, i + step)
             feats = features if features.shape[0] == 1 else features[i:j]
             dense_ij = dense[i:j] if dense.shape[0] > 1 else dense
-            hs, src = dec.attend(feats, image_pe, sparse[i:j], dense_ij, side)
+            hs, src = dec.attend(feats, image_pe, sparse[i:j], dense_ij, side, factored=True)
             iou = dec.iou_from(hs)[:, sel]
             ious.append(iou)
             keep = torch.arange(i, j, device=iou.device)
             if min_iou is not None:
                 ok = (iou > min_iou).any(1)
-                keep, hs, src = keep[ok], hs[ok], src[ok]
+                keep, hs = keep[ok], hs[ok]
+                src = src.select(ok) if isinstance(src, FactoredKeys) else src[ok]
                 if not len(keep):
                     continue
             rows.append(keep)

@@ -11,6 +11,7 @@ from torch import nn
 
 from samkit.devices import cpu_tuned
 from samkit.models.common import MLP, LayerNorm2d
+from samkit.models.factored import FactoredKeys, factor_image, factored_attend, supported_shape
 from samkit.models.transformer import ImageSide, TwoWayTransformer
 
 # Rows of image tokens upscaled at once by `MaskDecoder.masks_from` at inference (16 of 64: ~2 MB of
@@ -86,9 +87,25 @@ class MaskDecoder(nn.Module):
     ) -> ImageSide:
         """The image-only part of the first two-way block for a (1, C, H, W) embedding, to reuse for
         every prompt without a mask input. no_mask: the prompt encoder's no-mask dense embedding
-        (1 or C values broadcast over H x W)."""
+        (1 or C values broadcast over H x W). On a CPU in fp32 it carries the factored form's per-image
+        products too (`attend(factored=True)`)."""
         run, dtype = self._runner()
-        return run.transformer.image_side(*_cast(dtype, image_embeddings + no_mask, image_pe))
+        side = run.transformer.image_side(*_cast(dtype, image_embeddings + no_mask, image_pe))
+        if not run._factors(side.keys):
+            return side
+        conv = run.output_upscaling[0]
+        rows, _ = _conv2x2_rows(conv.weight, conv.bias)
+        return side._replace(factored=factor_image(run.transformer, side.keys, side.key_pe, rows, side.i2t_q))
+
+    def _factors(self, x: torch.Tensor) -> bool:
+        """Whether the factored form runs for image tokens `x`: fp32 inference on a CPU (where fewer
+        multiply-adds pay; a GPU is bound by the number of kernels), SAM's decoder shape."""
+        return (
+            x.dtype == torch.float32
+            and cpu_tuned(x)
+            and not (torch.is_grad_enabled() or torch.jit.is_tracing())
+            and supported_shape(self.transformer)
+        )
 
     def predict_masks(
         self,
@@ -109,18 +126,25 @@ class MaskDecoder(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor | None,
         image_side: ImageSide | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        factored: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | FactoredKeys]:
         """The two-way transformer: the IoU and mask tokens (B, 1 + 4, C) and image tokens (B, H*W, C)
-        (in `inference_dtype` when that is set)."""
+        (in `inference_dtype` when that is set).
+
+        factored: return the image tokens as `FactoredKeys` (for `masks_from`) where the factored form
+        runs (`image_side` from `prepare` with its per-image products, fp32 inference on a CPU): the
+        same numbers up to float rounding, in fewer multiply-adds."""
         run, dtype = self._runner()
         image_embeddings, image_pe, sparse, dense = _cast(dtype, image_embeddings, image_pe, sparse, dense)
         if image_side is not None and image_side.keys.dtype != dtype:  # prepared in another precision
-            image_side = ImageSide(*_cast(dtype, *image_side))
+            image_side = ImageSide(*_cast(dtype, *image_side[:5]))
         b = sparse.shape[0]
         keep = 1 + self.num_mask_tokens
         out_tokens = torch.cat([run.iou_token.weight, run.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         if image_side is not None:
+            if factored and image_side.factored is not None and run._factors(tokens):
+                return factored_attend(run.transformer, image_side.factored, image_side, tokens, keep)
             return run.transformer(None, None, tokens, image_side, keep)
         if image_embeddings.shape[0] == 1 and dense.shape[0] > 1 and dense.stride(0) == 0:
             # One image, B prompts, no mask prompt: the dense embedding is one vector broadcast over the
@@ -136,9 +160,10 @@ class MaskDecoder(nn.Module):
         return self.iou_prediction_head(hs[:, 0].to(self.iou_token.weight.dtype))
 
     def masks_from(
-        self, hs: torch.Tensor, src: torch.Tensor, region: tuple[int, int] | None = None
+        self, hs: torch.Tensor, src: torch.Tensor | FactoredKeys, region: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """Mask logits (B, 4, 4h, 4w) from output tokens hs (B, T, C) and image tokens src (B, h*w, C).
+        """Mask logits (B, 4, 4h, 4w) from output tokens hs (B, T, C) and image tokens src (B, h*w, C)
+        or `attend(factored=True)`'s `FactoredKeys`.
 
         The two stride-2 transposed convolutions of `output_upscaling` run as per-pixel matrix
         products in pixel-major order (no layout changes between them); one permute of the 4 output
@@ -152,20 +177,38 @@ class MaskDecoder(nn.Module):
         image (not its padding) use it to skip the padded tokens.
         """
         run, dtype = self._runner()
-        hs, src = _cast(dtype, hs, src)
-        b, n, c = src.shape
+        if isinstance(src, FactoredKeys):
+            b, n = src.alpha.shape
+        else:
+            hs, src = _cast(dtype, hs, src)
+            b, n, c = src.shape
         h = w = math.isqrt(int(n))
         if region is None or tuple(region) == (h, w):
             return run._masks(hs, src).float()
         rows, cols = region
-        part = src.view(b, h, w, c)[:, :rows, :cols].reshape(b, rows * cols, c)
+        if isinstance(src, FactoredKeys):
+            part = src.crop(h, w, rows, cols)
+        else:
+            part = src.view(b, h, w, c)[:, :rows, :cols].reshape(b, rows * cols, c)
         inner = run._masks(hs, part, cols).float()
         out = torch.full((b, inner.shape[1], 4 * h, 4 * w), OUTSIDE_REGION, device=inner.device)
         out[:, :, : 4 * rows, : 4 * cols] = inner
         return out
 
-    def _masks(self, hs: torch.Tensor, src: torch.Tensor, w: int | None = None) -> torch.Tensor:
-        b, n, c = src.shape
+    def _masks(
+        self, hs: torch.Tensor, src: torch.Tensor | FactoredKeys, w: int | None = None
+    ) -> torch.Tensor:
+        conv1, _, _, conv2, _ = self.output_upscaling
+        rows1, bias1 = _conv2x2_rows(conv1.weight, conv1.bias)
+        if isinstance(src, FactoredKeys):
+            (b, n), device = src.alpha.shape, src.alpha.device
+            first = src.linear_rows(rows1, bias1)
+        else:
+            (b, n, _), device = src.shape, src.device
+
+            def first(i0: int, i1: int) -> torch.Tensor:
+                return F.linear(src[:, i0:i1].reshape(-1, src.shape[-1]), rows1, bias1)
+
         if w is None:
             w = math.isqrt(int(n))  # SAM's embeddings are square
         h = n // w
@@ -173,31 +216,30 @@ class MaskDecoder(nn.Module):
         hyper = torch.stack(
             [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        conv1, _, _, conv2, _ = self.output_upscaling
-        convs = (*_conv2x2_rows(conv1.weight, conv1.bias), *_conv2x2_rows(conv2.weight, conv2.bias))
+        rows2, bias2 = _conv2x2_rows(conv2.weight, conv2.bias)
         inference = not (torch.is_grad_enabled() or torch.jit.is_tracing())
-        band = _BAND_ROWS if inference and cpu_tuned(src) else h
+        band = _BAND_ROWS if inference and cpu_tuned(device) else h
         k = hyper.shape[1]
         if band >= h:
-            return self._mask_band(hyper, src, w, convs).reshape(b, k, 4 * h, 4 * w)
+            return self._mask_band(hyper, first(0, n), b, w, rows2, bias2).reshape(b, k, 4 * h, 4 * w)
         out = torch.empty(b, k, 4 * h, 4 * w, dtype=hyper.dtype, device=hyper.device)
         for y0 in range(0, h, band):
             y1 = min(h, y0 + band)
             rows = out[:, :, 4 * y0 : 4 * y1].view(b, k, y1 - y0, 2, 2, w, 2, 2)
-            rows.copy_(self._mask_band(hyper, src[:, y0 * w : y1 * w], w, convs))
+            rows.copy_(self._mask_band(hyper, first(y0 * w, y1 * w), b, w, rows2, bias2))
         return out
 
     def _mask_band(
-        self, hyper: torch.Tensor, src: torch.Tensor, w: int, convs: tuple[torch.Tensor, ...]
+        self, hyper: torch.Tensor, x: torch.Tensor, b: int, w: int, rows2: torch.Tensor, bias2: torch.Tensor
     ) -> torch.Tensor:
-        """Mask logits (B, K, r, 2, 2, w, 2, 2) of r rows of image tokens src (B, r*w, C): output pixel
-        (4y + 2i + k, 4x + 2j + l) at [:, :, y, i, k, x, j, l]. hyper: (B, K, C/8); convs: both transposed
-        convolutions' `_conv2x2_rows`."""
-        b, n, c = src.shape
+        """Mask logits (B, K, r, 2, 2, w, 2, 2) of r rows of image tokens from the first transposed
+        convolution's output x (B, r*w, 4 C/4) (any shape with those elements): output pixel
+        (4y + 2i + k, 4x + 2j + l) at [:, :, y, i, k, x, j, l]. hyper: (B, K, C/8); rows2, bias2: the second
+        transposed convolution's `_conv2x2_rows`."""
+        n = x.numel() // (b * rows2.shape[1] * 4)
         r = n // w
-        rows1, bias1, rows2, bias2 = convs
         _, norm, act1, _, act2 = self.output_upscaling
-        x = F.linear(src.reshape(b * n, c), rows1, bias1).view(b * n * 4, -1)  # (b*n*4, c/4)
+        x = x.reshape(b * n * 4, -1)  # (b*n*4, c/4)
         dtype = x.dtype
         width = (self.transformer_dim // 4,)  # a Python int, so ONNX tracing sees a constant
         x = F.layer_norm(x.float(), width, norm.weight.float(), norm.bias.float(), norm.eps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samkit.models.common import MLPBlock
+from samkit.models.factored import FactoredImage
 
 
 class ImageSide(NamedTuple):
@@ -16,7 +18,8 @@ class ImageSide(NamedTuple):
 
     keys: image tokens (1, HW, C); key_pe: their positional encoding (1, HW, C); t2i_k, t2i_v: the
     token->image attention's key/value projections; i2t_q: the image->token attention's query projection
-    (each (1, HW, C / downsample_rate)).
+    (each (1, HW, C / downsample_rate)); factored: the per-image products of the factored form
+    (`samkit.models.factored`), where that form runs.
     """
 
     keys: torch.Tensor
@@ -24,6 +27,7 @@ class ImageSide(NamedTuple):
     t2i_k: torch.Tensor
     t2i_v: torch.Tensor
     i2t_q: torch.Tensor
+    factored: FactoredImage | None = None
 
 
 class TwoWayTransformer(nn.Module):
@@ -119,25 +123,50 @@ class TwoWayAttentionBlock(nn.Module):
         image_side: ImageSide | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_side: this block's precomputed image projections (first block only), or None."""
+        if image_side is None:
+            k = keys + key_pe
+            queries = self.token_side(
+                queries, query_pe, lambda q: self.cross_attn_token_to_image.tokens_to_image(q, k, keys)
+            )
+        else:
+            k = None
+            queries = self.token_side(queries, query_pe, self.side_to_image(image_side))
+        q = queries + query_pe
+        qp = image_side.i2t_q if image_side is not None else None
+        keys = self.norm4(self.cross_attn_image_to_token.image_to_tokens(k, q, queries, qp=qp, residual=keys))
+        return queries, keys
+
+    def token_side(
+        self,
+        queries: torch.Tensor,
+        query_pe: torch.Tensor,
+        to_image: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The block's token updates (self-attention, token->image attention, MLP) -> queries (B, T, C).
+
+        to_image: the token->image attention of the queries plus their encoding (B, T, C) -> (B, T, C)."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        q = queries + query_pe
-        if image_side is None:
-            k = keys + key_pe
-            attn = self.cross_attn_token_to_image.tokens_to_image(q, k, keys)
-        else:
-            k = None
-            attn = self.cross_attn_token_to_image(q, None, None, kp=image_side.t2i_k, vp=image_side.t2i_v)
-        queries = self.norm2(queries + attn)
-        queries = self.norm3(queries + self.mlp(queries))
-        q = queries + query_pe
-        qp = image_side.i2t_q if image_side is not None else None
-        keys = self.norm4(self.cross_attn_image_to_token.image_to_tokens(k, q, queries, qp=qp, residual=keys))
-        return queries, keys
+        queries = self.norm2(queries + to_image(queries + query_pe))
+        return self.norm3(queries + self.mlp(queries))
+
+    def side_to_image(self, image_side: ImageSide) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The token->image attention on a cached image side."""
+        attn = self.cross_attn_token_to_image
+        return lambda q: attn(q, None, None, kp=image_side.t2i_k, vp=image_side.t2i_v)
+
+
+def softmax_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the tokens of image->token attention scores (B, N, T, H), written out: ATen's
+    softmax over a middle dimension of 7 is ~30% slower. Laid out (token, head) per image token, the
+    reduction runs over a non-innermost dimension of 8 heads, ~4x faster on a CPU than over an
+    innermost 7."""
+    weights = (scores - scores.amax(2, keepdim=True)).exp()
+    return weights / weights.sum(2, keepdim=True)
 
 
 class Attention(nn.Module):
@@ -228,8 +257,6 @@ class Attention(nn.Module):
         h = self.num_heads
         d = self.q_proj.out_features // h
         kh = self.k_proj(k).view(b, t, h, d) * d**-0.5
-        # Scores are laid out (token, head) per image token: softmax over tokens then runs on a
-        # non-innermost dimension of 8 heads, ~4x faster on a CPU than over an innermost 7.
         if qp is not None:
             n = qp.shape[1]
             scores = torch.einsum("nhd,bthd->bnth", qp[0].view(n, h, d), kh)
@@ -239,10 +266,7 @@ class Attention(nn.Module):
             folded = torch.einsum("bthd,hdc->bthc", kh, wq).reshape(b, t * h, c)
             bias = torch.einsum("bthd,hd->bth", kh, self.q_proj.bias.view(h, d)).reshape(b, 1, t * h)
             scores = torch.baddbmm(bias, q.expand(b, n, c) if q.shape[0] != b else q, folded.transpose(1, 2))
-        # Softmax over tokens written out: ATen's softmax over a middle dimension of 7 is ~30% slower.
-        scores = scores.reshape(b, n, t, h)
-        weights = (scores - scores.amax(2, keepdim=True)).exp()
-        weights = (weights / weights.sum(2, keepdim=True)).reshape(b, n, t * h)
+        weights = softmax_tokens(scores.reshape(b, n, t, h)).reshape(b, n, t * h)
         vh = self.v_proj(v).view(b, t, h, d)
         wo = self.out_proj.weight.view(-1, h, d)  # (C_out, H, d)
         values = torch.einsum("bthd,chd->bthc", vh, wo) + self.out_proj.bias / h
