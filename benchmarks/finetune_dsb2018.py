@@ -7,12 +7,15 @@ logs go to benchmarks/results/finetune_dsb2018/; checkpoints and embedding cache
   python benchmarks/finetune_dsb2018.py train decoder [--name N] [--set KEY=VALUE ...]
         samkit train in a child process (checkpoint in WORK/runs/N): wall time, peak RSS (ru_maxrss)
   python benchmarks/finetune_dsb2018.py eval NAME SPEC [--sets dsb2018 GrabCut Berkeley DAVIS345]
+        [--forget-limit N]
         single-point + box on dsb2018/val (subset below) and the forgetting sets
   python benchmarks/finetune_dsb2018.py proposals NAME SPEC
         segment-everything mask recall (AR@100) on dsb2018/val, subset below
   python benchmarks/finetune_dsb2018.py heldout NAME SPEC
         single-point + box on the held-out *training* images (dsb2018/train[-20:]): model selection
-  python benchmarks/finetune_dsb2018.py baseline-val | ceiling | table
+  python benchmarks/finetune_dsb2018.py baseline-val | ceiling
+  python benchmarks/finetune_dsb2018.py table [--names ...] [--pairs BEFORE:AFTER ...]
+        with --pairs, a section comparing two runs of one variant on the same objects
 
 Evaluation is `samkit.eval.run_eval` (the code behind `samkit eval`) with `embedding_cache`, so models
 sharing vit_t's image encoder (every decoder-only fine-tune) encode each image once. Fixed subsets:
@@ -20,7 +23,8 @@ sharing vit_t's image encoder (every decoder-only fine-tune) encode each image o
   (seeded choice): `--limit N` counts objects and dsb2018 has ~45 per image.
 - dsb2018/val AR@100: the first AR_IMAGES images, every object, MaskGenerator with an AR_GRID x AR_GRID
   point grid (`samkit eval proposals --limit 5 --points-per-side 16`); 32 x 32 costs 4x more here.
-- forgetting: the first FORGET_LIMIT[set] objects of GrabCut, Berkeley, DAVIS345 (None = all).
+- forgetting: the first FORGET_LIMIT[set] objects of GrabCut, Berkeley, DAVIS345 (None = all);
+  `--forget-limit N` uses the first N of each (the 2026-11-26 full/lora runs were measured on 20).
 - held-out training images: dsb2018/train[-20:], up to VAL_PER_IMAGE objects each.
 """
 
@@ -118,14 +122,16 @@ def _run(protocol: str, data, spec: str, out: Path, limit: int | None = None, **
     print(out.name, report["summary"], f"{report['meta']['wall_s']:.0f}s", f"cache {cache}", flush=True)
 
 
-def cmd_eval(name: str, spec: str, sets: list[str]) -> None:
-    """Single-point and box on each set for one model; one JSON report per (set, protocol)."""
+def cmd_eval(name: str, spec: str, sets: list[str], forget_limit: int | None = None) -> None:
+    """Single-point and box on each set for one model; one JSON report per (set, protocol).
+    `forget_limit` replaces FORGET_LIMIT for every forgetting set."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     for set_name in sets:
         if set_name == "dsb2018":
             data, limit = coco_subset("val", 0, VAL_IMAGES, VAL_PER_IMAGE), None
         else:
-            data, limit = DATA / "interactive" / set_name, FORGET_LIMIT[set_name]
+            data = DATA / "interactive" / set_name
+            limit = FORGET_LIMIT[set_name] if forget_limit is None else forget_limit
         for protocol in ("single-point", "box"):
             _run(protocol, data, spec, RESULTS / f"eval_{name}_{set_name}_{protocol}.json", limit)
 
@@ -250,8 +256,50 @@ def _ar(name: str, suffix: str = "") -> str:
     return f"{100 * s['AR@100']:.1f}"
 
 
-def cmd_table(names: list[str]) -> None:
-    """Markdown tables: dsb2018/val quality, held-out selection, forgetting, training cost."""
+def _paired(before: str, after: str, set_name: str, protocol: str, key: str) -> tuple[str, int]:
+    """`before -> after (change ± 95% CI half-width)` in mIoU x 100 over the objects both reports hold."""
+    a, b = _items("eval", before, set_name, protocol), _items("eval", after, set_name, protocol)
+    if a is None or b is None:
+        return "-", 0
+    common = sorted(set(a) & set(b))
+    if not common:
+        return "-", 0
+    old = np.array([a[i][key] for i in common])
+    new = np.array([b[i][key] for i in common])
+    half = 1.96 * np.std(new - old, ddof=1) / np.sqrt(len(common)) if len(common) > 1 else float("nan")
+    cell = f"{100 * old.mean():.1f} -> {100 * new.mean():.1f} ({100 * (new - old).mean():+.1f} ± {100 * half:.1f})"
+    return cell, len(common)
+
+
+def _before_after(pairs: list[str]) -> None:
+    """One row per BEFORE:AFTER pair of runs: paired change on the same objects, per set and protocol."""
+    columns = [("dsb2018", "single-point", "iou_top"), ("dsb2018", "single-point", "iou_oracle")]
+    columns += [("dsb2018", "box", "iou")]
+    for set_name in FORGET_SETS:
+        columns += [(set_name, "single-point", "iou_top"), (set_name, "box", "iou")]
+    label = {"iou_top": "1-point top-1", "iou_oracle": "1-point oracle", "iou": "box"}
+    rows = []
+    for pair in pairs:
+        before, after = pair.split(":")
+        cells = {col: _paired(before, after, *col) for col in columns}
+        rows.append((before, after, cells))
+    shown = [col for col in columns if any(cells[col][0] != "-" for _, _, cells in rows)]
+    if not shown:
+        return
+    print(
+        "\nBefore / after, same variant and config (mIoU x 100 on the same objects: before -> after "
+        "(paired change ± 95% CI half-width, 1.96 x sd / sqrt(n)))"
+    )
+    print("| runs | " + " | ".join(f"{s} {label[k]} (n)" for s, _, k in shown) + " |")
+    print("|---|" + "---|" * len(shown))
+    for before, after, cells in rows:
+        text = [f"{cells[col][0]} ({cells[col][1]})" if cells[col][1] else "-" for col in shown]
+        print(f"| {before} -> {after} | " + " | ".join(text) + " |")
+
+
+def cmd_table(names: list[str], pairs: list[str]) -> None:
+    """Markdown tables: dsb2018/val quality, held-out selection, forgetting, before/after pairs, training
+    cost."""
     print(
         f"dsb2018/val: 1-point and box on the first {VAL_IMAGES} images x up to {VAL_PER_IMAGE} nuclei; "
         f"AR@100 on the first {AR_IMAGES} images, all nuclei, {AR_GRID}x{AR_GRID} grid "
@@ -292,6 +340,8 @@ def cmd_table(names: list[str]) -> None:
             counts.append(str(len(sp)) if sp else "-")
         if any(c != "-" for c in cells):
             print(f"| {name} | {' / '.join(counts)} | " + " | ".join(cells) + " |")
+
+    _before_after(pairs)
 
     print("\nTraining cost on this CPU (samkit train in a subprocess; peak RSS = ru_maxrss of the child)")
     print("| run | steps | wall (s) | median s/step | peak RSS (MB) | held-out 1-point top-1 by step |")
@@ -346,19 +396,39 @@ def main() -> None:
         p.add_argument("spec", help="zoo name or checkpoint path")
         if stage == "eval":
             p.add_argument("--sets", nargs="+", default=["dsb2018", *FORGET_SETS])
+            p.add_argument("--forget-limit", type=int, default=None, help="objects per forgetting set")
         if stage == "proposals":
             p.add_argument("--pred-iou-thresh", type=float, default=None)
     sub.add_parser("baseline-val")
     sub.add_parser("ceiling")
     sub.add_parser("boundary")
     p = sub.add_parser("table")
-    p.add_argument("--names", nargs="+", default=["vit_t", "medsam_lite", "decoder", "lora", "full"])
+    p.add_argument(
+        "--names",
+        nargs="+",
+        default=[
+            "vit_t",
+            "medsam_lite",
+            "decoder",
+            "decoder_box",
+            "lora",
+            "full",
+            "lora_fixedpad",
+            "full_fixedpad",
+        ],
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="*",
+        default=["full:full_fixedpad", "lora:lora_fixedpad"],
+        help="BEFORE:AFTER run names compared on the same objects",
+    )
     args = ap.parse_args()
     WORK = args.work
     if args.stage == "train":
         cmd_train(args.variant, args.name or args.variant, args.set)
     elif args.stage == "eval":
-        cmd_eval(args.name, args.spec, args.sets)
+        cmd_eval(args.name, args.spec, args.sets, args.forget_limit)
     elif args.stage == "proposals":
         cmd_proposals(args.name, args.spec, args.pred_iou_thresh)
     elif args.stage == "heldout":
@@ -370,7 +440,7 @@ def main() -> None:
     elif args.stage == "boundary":
         cmd_boundary()
     else:
-        cmd_table(args.names)
+        cmd_table(args.names, args.pairs)
 
 
 if __name__ == "__main__":
