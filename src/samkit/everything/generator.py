@@ -373,10 +373,11 @@ class MaskGenerator:
         device = self.model.device
         coords = torch.as_tensor(self.pipeline.apply_coords(points, crop_size), device=device)
         labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
-        # Only prompts with a mask above pred_iou_thresh get their masks computed at all.
+        # Only prompts with a mask above pred_iou_thresh get their masks computed at all, and only over
+        # the image: the Upscaler reads no low-res logit of the padding (see `Upscaler`).
         min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
         iou, rows, rows_low_res = embedded_image.decode(
-            coords[:, None, :], labels, multimask_output=True, min_iou=min_iou
+            coords[:, None, :], labels, multimask_output=True, min_iou=min_iou, image_only=True
         )
         n_out = iou.shape[1]
         iou = iou.flatten(0, 1).float()

@@ -15,7 +15,9 @@ computed exactly, as small (T x K) @ (K x K) @ (K x T) products. For the masks s
 produces this touches a few percent of the pixels.
 
 The values computed here equal `interpolate_logits` up to float rounding (~1e-6 relative), so a pixel can
-only come out differently when its logit is within that of a threshold.
+only come out differently when its logit is within that of a threshold. Low-res logits that reach no
+output pixel change nothing, as long as they are finite: they enter no block's range and the exact
+products only with weight zero (a masks-only decode leaves the padding's at a large negative value).
 """
 
 from __future__ import annotations
@@ -133,7 +135,10 @@ class _Axis:
     """The interpolation weights along one axis, cut into blocks of `block` output pixels.
 
     Each block reads a window of K consecutive low-res positions starting at `start` (K is the widest
-    block's support; narrower blocks get a few extra positions, whose weights are zero).
+    block's support; narrower blocks get a few extra positions, whose weights are zero). `support` is
+    the same window with those extra positions replaced by ones of the block's support: the block's
+    range (min, max) reads only logits that reach its pixels, so logits that reach no pixel of the
+    image (the padding's, which a masks-only decode leaves at `OUTSIDE_REGION`) never decide a block.
     """
 
     def __init__(self, weights: torch.Tensor, block: int) -> None:
@@ -150,6 +155,7 @@ class _Axis:
         self.k = int((hi - lo).max()) + 1
         self.start = torch.clamp(lo, max=n_low - self.k)  # (n_blocks,)
         window = self.start[:, None] + torch.arange(self.k)  # (n_blocks, K)
+        self.support = torch.minimum(torch.maximum(window, lo[:, None]), hi[:, None])
         rows = torch.arange(self.n_blocks * block).view(self.n_blocks, block)
         w = weights[rows.clamp(max=n_out - 1)[:, :, None], window[:, None, :]]  # (n_blocks, T, K)
         # Padding pixels beyond the image get NaN weights: NaN compares False with every threshold.
@@ -196,15 +202,16 @@ class Upscaler:
         for axis in (self.rows, self.cols):
             axis.start = axis.start.to(self.device)
             axis.window = axis.window.to(self.device)
+            axis.support = axis.support.to(self.device)
             axis.weights = axis.weights.to(self.device)
             axis.sizes = axis.sizes.to(self.device)
         self.block_pixels = self.rows.sizes[:, None] * self.cols.sizes[None, :]  # (n_rb, n_cb)
 
     def _block_range(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min and max of each block's low-res window: (N, n_rb, n_cb) each."""
-        rows = logits[:, self.rows.window]  # (N, n_rb, K, L)
+        """Min and max of the low-res logits each block's pixels read: (N, n_rb, n_cb) each."""
+        rows = logits[:, self.rows.support]  # (N, n_rb, K, L)
         lo, hi = rows.amin(2), rows.amax(2)
-        cw = self.cols.window
+        cw = self.cols.support
         return lo[:, :, cw].amin(-1), hi[:, :, cw].amax(-1)
 
     def exact_values(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
