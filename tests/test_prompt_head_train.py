@@ -14,10 +14,12 @@ from PIL import Image
 
 from samkit.everything.learned import grid_cells, load_head
 from samkit.train.prompt_head import (
+    containment_targets,
     grid_point_loss,
     grid_target,
     kept_by_nms,
     point_targets,
+    relabel_from_kept,
     teacher_recall,
 )
 
@@ -190,3 +192,47 @@ def test_grid_point_loss_reads_the_heat_map_at_the_grid_points_cells():
     c = torch.from_numpy(cells)[None]
     assert grid_point_loss(good, c, target) < grid_point_loss(logits, c, target)
     assert grid_point_loss(wrong_cell, c, target) == grid_point_loss(logits, c, target)
+
+
+def test_containment_targets_give_each_point_the_smallest_kept_mask_holding_it():
+    kept = [_rle((0, 0, 30, 30)), _rle((0, 0, 10, 10))]  # a large mask with a small one inside
+    grid = np.array([[5.0, 5.0], [20.0, 5.0], [35.0, 35.0], [29.9, 29.9]])
+    iou, match = containment_targets(kept, grid)
+    assert match.tolist() == [1, 0, -1, 0]
+    np.testing.assert_array_equal(iou, [1.0, 1.0, 0.0, 1.0])
+    assert containment_targets([], grid)[1].tolist() == [-1] * 4
+
+
+def test_relabel_from_kept_fills_targets_of_old_teacher_files_and_keeps_their_order(
+    tiny_ckpt, photo, tmp_path
+):
+    import os
+
+    from samkit.train.prompt_head import make_teacher
+
+    folder = tmp_path / "set" / "train" / "images"
+    folder.mkdir(parents=True)
+    Image.fromarray(photo).save(folder / "a.png")
+    settings = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    make_teacher([folder / "a.png"], tmp_path / "teacher", tiny_ckpt, settings=settings)
+    (f,) = (tmp_path / "teacher").glob("*.npz")
+    d = dict(np.load(f))
+    assert str(d.pop("targets")) == "decoded"
+    d.pop("grid_match")
+    d.pop("grid_iou")
+    np.savez(f, **d)  # a file from before the per-point targets
+    os.utime(f, ns=(1, 10**18))
+    relabel_from_kept([f], tiny_ckpt, settings)
+    new = np.load(f)
+    assert str(new["targets"]) == "containment" and f.stat().st_mtime_ns == 10**18
+    assert new["grid_iou"].shape == (16,) and set(np.unique(new["grid_iou"])) <= {0.0, 1.0}
+    # the kept masks come back from their points alone: the labels are those of the grid run's kept masks
+    import samkit
+    from samkit.everything.grids import point_grid
+
+    kept = samkit.MaskGenerator(samkit.load(tiny_ckpt), output_mode="coco_rle", **settings).generate(photo)
+    assert len(kept) == len(d["points"]) > 0
+    grid = point_grid(4) * [photo.shape[1], photo.shape[0]]
+    iou, match = containment_targets([r["segmentation"] for r in kept], grid)
+    np.testing.assert_array_equal(new["grid_match"], match)
+    np.testing.assert_array_equal(new["grid_iou"], iou)
