@@ -126,7 +126,7 @@ class EmbeddedImage:
                 if not len(keep):
                     continue
             rows.append(keep)
-            logits.append(dec.masks_from(hs, src, self.image_region() if image_only else None)[:, sel])
+            logits.append(dec.masks_from(hs, src, self.image_region() if image_only else None, sel))
         iou = check_finite(self.model, torch.cat(ious), "predicted IoU")
         if not rows:
             size = pe.mask_input_size

@@ -34,9 +34,9 @@ class FactoredImage:
     """Per-image products for `attend` (N image tokens, C channels, H heads of width d).
 
     Per-head products are laid out (H, d, N), except the values v2, vf: (H, N, d). q1: the first block's
-    image->token query projection; sq1, sq2: (N,) squared norms of the centred tokens before the first and second image norm; p1,
-    p21, p22: those centred tokens times the image->token output projections' weights (p21 with
-    the first norm's gain); p1b, p21b, p22b, s21, p2c: (N,) their dot products with those biases, the
+    image->token query projection; sq1, sq2: (N,) squared norms of the centred tokens before the first and
+    second image norm; p1 (H, d, 2N): both times the first image->token output projection's weights (the
+    second with the first norm's gain), p22: the second times the second's; p1b, p21b, p22b, s21, p2c: (N,) their dot products with those biases, the
     gain, the first norm's bias; k2, v2, q2: block 2's key / value / query projections of base_2
     (no bias); pe_k2, pe_q2: the positional encoding's; kf, vf, pe_kf: the final attention's of base_3
     and the encoding; conv: (N, 4 C') base_3 times the first transposed convolution's per-pixel rows.
@@ -47,7 +47,6 @@ class FactoredImage:
     p1: torch.Tensor
     p1b: torch.Tensor
     sq2: torch.Tensor
-    p21: torch.Tensor
     p21b: torch.Tensor
     s21: torch.Tensor
     p2c: torch.Tensor
@@ -149,10 +148,9 @@ def factor_image(
     return FactoredImage(
         q1=i2t_q[0].t().reshape(h, -1, k0.shape[0]).contiguous(),
         sq1=(kc1 * kc1).sum(1),
-        p1=heads(kc1, o1.weight.t()),
+        p1=torch.cat([heads(kc1, o1.weight.t()), heads(kc2g, o1.weight.t())], -1),
         p1b=kc1 @ o1.bias,
         sq2=(kc2 * kc2).sum(1),
-        p21=heads(kc2g, o1.weight.t()),
         p21b=kc2g @ o1.bias,
         s21=kc2g.sum(1),
         p2c=kc2 @ c1,
@@ -197,14 +195,20 @@ def factored_attend(
     mv1 = v1.mean(-1)  # (B, H*T)
     v1c = v1 - mv1[..., None]
     a1f = a1.view(b, h * t, n)
-    w1 = vh1.transpose(2, 3) @ a1  # (B, H, d, N): per-head attention output before the projection
-    # Norm 1's statistics on the centred tokens kc1 + A1 V1c.
-    cross = _dot(image.p1, w1) + image.p1b
+    # Norm 1's statistics on the centred tokens kc1 + A1 V1c (and the first's part of norm 2's).
+    cross, on_b1 = _weighted(a1, vh1 @ image.p1).unbind(1)
+    cross = cross + image.p1b
     var = (image.sq1 + 2 * cross + _quad(a1f, v1c)) / c
     norm1 = l1.norm4
     alpha1 = torch.rsqrt(var + norm1.eps)  # (B, N)
-    ones = a1f.new_ones(b, 1, n)
-    z1 = torch.cat([a1f * alpha1[:, None], ones], 1)  # (B, H*T + 1, N)
+    # All coefficients in one buffer, filled block by block: z1 = rows [0, r1), [z1; A2] = [0, r2),
+    # then the final z2 = [alpha2 * [z1; A2]; 1] = all r2 + 1 rows.
+    r1, r2 = h * t + 1, 2 * h * t + 1
+    zbuf = a1f.new_empty(b, r2 + 1, n)
+    z1 = zbuf[:, :r1]
+    torch.mul(a1f, alpha1[:, None], out=zbuf[:, : r1 - 1])
+    zbuf[:, r1 - 1] = 1
+    zbuf[:, r2] = 1
     b1 = torch.cat([v1c * norm1.weight, norm1.bias.expand(b, 1, c)], 1)  # (B, H*T + 1, C)
 
     # Block 2 on X1 = alpha1 * base2 + z1^T @ b1.
@@ -218,25 +222,25 @@ def factored_attend(
     kh = _heads(att.k_proj(queries + qpe), h) * d**-0.5
     bq = (b1 @ att.q_proj.weight.t()).view(b, -1, h, d).permute(0, 2, 3, 1)  # (B, H, d, r)
     scores = (kh @ image.q2).mul_(alpha1[:, None, None])
-    scores += kh @ image.pe_q2
-    scores += ((kh @ bq).view(b, h * t, -1) @ z1).view(b, h, t, n)
+    _add_heads_product(scores, kh, image.pe_q2)
+    scores.view(b, h * t, n).baddbmm_((kh @ bq).view(b, h * t, -1), z1)
     scores += kh @ att.q_proj.bias.view(h, d, 1)
-    a2 = _softmax_tokens(scores)
+    a2 = _softmax_tokens(scores, out=zbuf[:, r1:r2].view(b, h, t, n))
     vh2 = _heads(att.v_proj(queries), h)
     v2 = _values(att, vh2)
     v2c = v2 - v2.mean(-1, keepdim=True)
-    a2f = a2.view(b, h * t, n)
     # Norm 2's statistics on the centred tokens alpha1 * kc2 + [z1; A2]^T @ [b1 centred; V2c].
-    zc = torch.cat([z1, a2f], 1)
+    zc = zbuf[:, :r2]
     bc = torch.cat([b1 - b1.mean(-1, keepdim=True), v2c], 1)
-    on_b1 = _dot(image.p21, w1) + image.p21b - image.s21 * (mv1[:, None] @ a1f)[:, 0]
-    on_v2 = _dot(image.p22, vh2.transpose(2, 3) @ a2) + image.p22b
+    on_b1 = on_b1 + image.p21b - image.s21 * (mv1[:, None] @ a1f)[:, 0]
+    on_v2 = _weighted(a2, vh2 @ image.p22)[:, 0] + image.p22b
     cross = alpha1 * on_b1 + image.p2c + on_v2
     var = (alpha1 * alpha1 * image.sq2 + 2 * alpha1 * cross + _quad(zc, bc)) / c
     norm2 = l2.norm4
     alpha2 = torch.rsqrt(var + norm2.eps)
     alpha3 = alpha1 * alpha2
-    z2 = torch.cat([zc * alpha2[:, None], ones], 1)
+    z2 = zbuf
+    zc.mul_(alpha2[:, None])
     b2 = torch.cat([bc * norm2.weight, norm2.bias.expand(b, 1, c)], 1)
 
     # The final token->image attention for the kept tokens.
@@ -252,11 +256,17 @@ def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     return x.view(b, t, h, p // h).transpose(1, 2)
 
 
-def _softmax_tokens(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the tokens (dim 2) of (B, H, T, N) scores, written out: each step then runs over
-    the contiguous image tokens."""
+def _softmax_tokens(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the tokens (dim 2) of (B, H, T, N) scores (into `out` if given), written out: each
+    step then runs over the contiguous image tokens."""
     weights = (scores - scores.amax(2, keepdim=True)).exp_()
-    return weights.div_(weights.sum(2, keepdim=True))
+    return torch.div(weights, weights.sum(2, keepdim=True), out=out)
+
+
+def _add_heads_product(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """out += x @ y in place, for (B, H, T, N) out, (B, H, T, d) x and per-image (H, d, N) y."""
+    for i in range(out.shape[0]):
+        out[i].baddbmm_(x[i], y)
 
 
 def _values(att: nn.Module, vh: torch.Tensor) -> torch.Tensor:
@@ -267,9 +277,10 @@ def _values(att: nn.Module, vh: torch.Tensor) -> torch.Tensor:
     return (vh @ wo + att.out_proj.bias / h).view(b, h * t, -1)
 
 
-def _dot(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Per-token dot products of per-head (H, d, N) and (B, H, d, N) -> (B, N)."""
-    return (p * w).sum((1, 2))
+def _weighted(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """sum over (head, token) of weights a (B, H, T, N) times k values e (B, H, T, k * N) -> (B, k, N)."""
+    b, h, t, n = a.shape
+    return (a[:, :, :, None] * e.view(b, h, t, -1, n)).sum((1, 2))
 
 
 def _quad(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -296,8 +307,8 @@ def _tokens_to_image(
     qh = _heads(att.q_proj(q), h) * d**-0.5  # (B, H, T, d)
     bk = (basis @ att.k_proj.weight.t()).view(b, -1, h, d).permute(0, 2, 3, 1)  # (B, H, d, r)
     scores = (qh @ k_base).mul_(alpha[:, None, None])
-    scores += qh @ k_pe
-    scores += ((qh @ bk).view(b, h * t, -1) @ z).view(b, h, t, n)
+    _add_heads_product(scores, qh, k_pe)
+    scores.view(b, h * t, n).baddbmm_((qh @ bk).view(b, h * t, -1), z)
     w = scores.softmax(-1)  # (B, H, T, N)
     bv = (basis @ att.v_proj.weight.t()).view(b, -1, h, d).transpose(1, 2)  # (B, H, r, d)
     out = (w * alpha[:, None, None]) @ v_base

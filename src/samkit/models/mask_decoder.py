@@ -160,7 +160,11 @@ class MaskDecoder(nn.Module):
         return self.iou_prediction_head(hs[:, 0].to(self.iou_token.weight.dtype))
 
     def masks_from(
-        self, hs: torch.Tensor, src: torch.Tensor | FactoredKeys, region: tuple[int, int] | None = None
+        self,
+        hs: torch.Tensor,
+        src: torch.Tensor | FactoredKeys,
+        region: tuple[int, int] | None = None,
+        outputs: slice = slice(None),
     ) -> torch.Tensor:
         """Mask logits (B, 4, 4h, 4w) from output tokens hs (B, T, C) and image tokens src (B, h*w, C)
         or `attend(factored=True)`'s `FactoredKeys`.
@@ -175,6 +179,8 @@ class MaskDecoder(nn.Module):
         computed and read OUTSIDE_REGION. Each token's 4 x 4 logits depend on that token alone, so the
         region's logits are the same as in the full map; callers that only need the masks inside the
         image (not its padding) use it to skip the padded tokens.
+        outputs: which of the 4 masks to compute (slice(1, None): the 3 multimask outputs); the result then
+        holds only those.
         """
         run, dtype = self._runner()
         if isinstance(src, FactoredKeys):
@@ -184,19 +190,23 @@ class MaskDecoder(nn.Module):
             b, n, c = src.shape
         h = w = math.isqrt(int(n))
         if region is None or tuple(region) == (h, w):
-            return run._masks(hs, src).float()
+            return run._masks(hs, src, outputs=outputs).float()
         rows, cols = region
         if isinstance(src, FactoredKeys):
             part = src.crop(h, w, rows, cols)
         else:
             part = src.view(b, h, w, c)[:, :rows, :cols].reshape(b, rows * cols, c)
-        inner = run._masks(hs, part, cols).float()
+        inner = run._masks(hs, part, cols, outputs).float()
         out = torch.full((b, inner.shape[1], 4 * h, 4 * w), OUTSIDE_REGION, device=inner.device)
         out[:, :, : 4 * rows, : 4 * cols] = inner
         return out
 
     def _masks(
-        self, hs: torch.Tensor, src: torch.Tensor | FactoredKeys, w: int | None = None
+        self,
+        hs: torch.Tensor,
+        src: torch.Tensor | FactoredKeys,
+        w: int | None = None,
+        outputs: slice = slice(None),
     ) -> torch.Tensor:
         conv1, _, _, conv2, _ = self.output_upscaling
         rows1, bias1 = _conv2x2_rows(conv1.weight, conv1.bias)
@@ -213,9 +223,8 @@ class MaskDecoder(nn.Module):
             w = math.isqrt(int(n))  # SAM's embeddings are square
         h = n // w
         mask_out = hs[:, 1 : 1 + self.num_mask_tokens]
-        hyper = torch.stack(
-            [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
+        mlps = list(enumerate(self.output_hypernetworks_mlps))[outputs]
+        hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in mlps], dim=1)
         rows2, bias2 = _conv2x2_rows(conv2.weight, conv2.bias)
         inference = not (torch.is_grad_enabled() or torch.jit.is_tracing())
         band = _BAND_ROWS if inference and cpu_tuned(device) else h
