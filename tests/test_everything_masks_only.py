@@ -76,9 +76,9 @@ def _spy_regions(monkeypatch) -> list:
     regions: list = []
     original = MaskDecoder.masks_from
 
-    def masks_from(self, hs, src, region=None):
+    def masks_from(self, hs, src, region=None, *args, **kwargs):
         regions.append(region)
-        return original(self, hs, src, region)
+        return original(self, hs, src, region, *args, **kwargs)
 
     monkeypatch.setattr(MaskDecoder, "masks_from", masks_from)
     return regions

@@ -388,26 +388,25 @@ class MaskGenerator:
             keep = keep[iou[keep] > min_iou]
         where = torch.full((len(points),), -1, dtype=torch.int64, device=device)
         where[rows] = torch.arange(len(rows), device=device)
-        low_res = rows_low_res[where[keep // n_out], keep % n_out].float()
-        del rows_low_res  # ~50 MB a batch, and two batches run at once on a CPU
         threshold = self.model.mask_threshold
         offset = self.stability_score_offset
         h, w = image_size
-        chunk = _BLOCK_CHUNK
-        thresholds = (threshold + offset, threshold - offset)
-        counts = torch.zeros(len(low_res), 2, dtype=torch.int64, device=device)
-        for i in range(0, len(low_res), chunk):
-            counts[i : i + chunk] = upscaler.count(low_res[i : i + chunk], thresholds)
-        # Integer counts divided as the reference does (int32 / int32 -> float32).
-        c = counts.to(torch.int32)
-        stability = c[:, 0] / c[:, 1]
-        if self.stability_score_thresh > 0.0:
-            passed = stability >= self.stability_score_thresh
-            keep, low_res, stability = keep[passed], low_res[passed], stability[passed]
-
-        blocks, boxes, kept = [], [], []
-        for i in range(0, len(low_res), chunk):
-            masks = upscaler.masks(low_res[i : i + chunk], threshold)
+        blocks, boxes, kept, stabilities = [], [], [], []
+        for i in range(0, len(keep), _BLOCK_CHUNK):
+            part = keep[i : i + _BLOCK_CHUNK]
+            low_res = rows_low_res[where[part // n_out], part % n_out].float()
+            # Stability counts and masks from one pass over the blocks (the masks of the candidates
+            # that fail stability are dropped right away).
+            counts, masks = upscaler.count_and_mask(
+                low_res, (threshold + offset, threshold - offset), threshold
+            )
+            # Integer counts divided as the reference does (int32 / int32 -> float32).
+            c = counts.to(torch.int32)
+            stability = c[:, 0] / c[:, 1]
+            stable = torch.arange(len(part), device=device)
+            if self.stability_score_thresh > 0.0:
+                stable = (stability >= self.stability_score_thresh).nonzero().flatten()
+                masks = masks.select(stable)
             b = upscaler.boxes(masks).cpu()
             ok = (~is_box_near_crop_edge(b, crop.box, [0, 0, w, h])).nonzero().flatten()
             if not len(ok):
@@ -415,7 +414,9 @@ class MaskGenerator:
             # Kept as blocks (packed): only the masks that survive NMS are ever made full size.
             blocks.append(masks.select(ok.to(device)).packed())
             boxes.append(b[ok])
-            kept.append(ok + i)
+            chosen = stable.cpu()[ok]
+            kept.append(chosen + i)
+            stabilities.append(stability.cpu()[chosen])
         sel = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
         idx = keep.cpu()[sel]
         groups = [_Group(upscaler, BlockMasks.cat(blocks), crop.box[0], crop.box[1])] if blocks else []
@@ -425,7 +426,7 @@ class MaskGenerator:
             torch.arange(len(sel)),
             torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.int64),
             iou.cpu()[idx],
-            stability.cpu()[sel],
+            torch.cat(stabilities) if stabilities else torch.zeros(0),
             pts[idx],
             torch.tensor(crop.box, dtype=torch.int64).expand(len(sel), 4),
         )

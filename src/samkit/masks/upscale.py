@@ -23,7 +23,7 @@ products only with weight zero (a masks-only decode leaves the padding's at a la
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,10 +209,13 @@ class Upscaler:
 
     def _block_range(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of the low-res logits each block's pixels read: (N, n_rb, n_cb) each."""
-        rows = logits[:, self.rows.support]  # (N, n_rb, K, L)
-        lo, hi = rows.amin(2), rows.amax(2)
-        cw = self.cols.support
-        return lo[:, :, cw].amin(-1), hi[:, :, cw].amax(-1)
+        # One whole low-res row (then column) per block and window position, folded in by elementwise
+        # min / max: ~3x faster on a CPU than reducing a gathered (N, n_rb, K, L) over its K axis.
+        rows, cols = self.rows.support, self.cols.support
+        lo = _fold(logits, rows, torch.minimum).transpose(1, 2).contiguous()  # (N, L, n_rb)
+        hi = _fold(logits, rows, torch.maximum).transpose(1, 2).contiguous()
+        lo, hi = _fold(lo, cols, torch.minimum), _fold(hi, cols, torch.maximum)  # (N, n_cb, n_rb)
+        return lo.transpose(1, 2), hi.transpose(1, 2)
 
     def exact_values(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Full-size logits of the blocks `index` (M, 3) = (mask, row block, column block): (M, T, T).
@@ -224,40 +227,45 @@ class Upscaler:
         patches = logits[n[:, None, None], rw[rb][:, :, None], cw[cb][:, None, :]]  # (M, K, K)
         return torch.bmm(torch.bmm(self.rows.weights[rb], patches), self.cols.weights[cb].transpose(1, 2))
 
-    def _classify(
-        self, logits: torch.Tensor, thresholds: Sequence[float]
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per threshold, the blocks surely above it (N, n_rb, n_cb); and the blocks that straddle any."""
-        bmin, bmax = self._block_range(logits)
-        tol = _REL_TOL * torch.maximum(torch.maximum(bmin.abs(), bmax.abs()), torch.ones_like(bmin))
-        lo, hi = bmin - tol, bmax + tol
-        above = [lo > t for t in thresholds]
-        exact = torch.zeros_like(above[0])
-        for t, a in zip(thresholds, above, strict=True):
-            exact |= ~a & (hi >= t)
-        return above, exact
-
     def count(self, logits: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
         """int64 (N, n_thresholds): pixels of each full-size mask above each threshold.
 
         logits: (N, L, L). Equals `(interpolate_logits(logits) > t).sum()` up to pixels within float
         rounding of a threshold.
         """
-        above, exact = self._classify(logits, thresholds)
-        counts = torch.stack([((a & ~exact) * self.block_pixels).sum((1, 2)) for a in above], 1)
-        index = exact.nonzero()
-        if index.shape[0]:
-            values = self.exact_values(logits, index)
-            per_block = torch.stack([_count_true(values > t) for t in thresholds], 1)
-            counts.index_add_(0, index[:, 0], per_block)
-        return counts
+        # The masks at one of the thresholds (and the counts with the masks) cost next to nothing more:
+        # their blocks are among the others'.
+        return self.count_and_mask(logits, thresholds, thresholds[0])[0]
 
     def masks(self, logits: torch.Tensor, threshold: float) -> BlockMasks:
         """The full-size masks `> threshold` of logits (S, L, L), as blocks."""
-        (above,), exact = self._classify(logits, [threshold])
-        index = exact.nonzero()
-        bits = self.exact_values(logits, index) > threshold
-        return BlockMasks(above & ~exact, index, bits)
+        return self.count_and_mask(logits, (threshold,), threshold)[1]
+
+    def count_and_mask(
+        self, logits: torch.Tensor, thresholds: Sequence[float], threshold: float
+    ) -> tuple[torch.Tensor, BlockMasks]:
+        """`count(logits, thresholds)` and `masks(logits, threshold)` in one pass: each block's range is
+        read once, and a block that straddles several thresholds is computed once."""
+        bmin, bmax = self._block_range(logits)
+        tol = _REL_TOL * torch.maximum(torch.maximum(bmin.abs(), bmax.abs()), torch.ones_like(bmin))
+        lo, hi = bmin - tol, bmax + tol
+        above = [lo > t for t in thresholds]
+        counted = torch.zeros_like(lo, dtype=torch.bool)  # blocks whose counts are computed pixel by pixel
+        for t, a in zip(thresholds, above, strict=True):
+            counted |= ~a & (hi >= t)
+        mask_above = lo > threshold
+        straddle = ~mask_above & (hi >= threshold)
+        index = (counted | straddle).nonzero()
+        values = self.exact_values(logits, index)
+        n, rb, cb = index.unbind(1)
+        counts = torch.stack([((a & ~counted) * self.block_pixels).sum((1, 2)) for a in above], 1)
+        if index.shape[0]:
+            per_block = torch.stack([_count_true(values > t) for t in thresholds], 1)
+            counts.index_add_(0, n, per_block * counted[n, rb, cb][:, None])
+        own = straddle[n, rb, cb]
+        if not bool(own.all()):
+            index, values = index[own], values[own]
+        return counts, BlockMasks(mask_above & ~straddle, index, values > threshold)
 
     def boxes(self, masks: BlockMasks) -> torch.Tensor:
         """int64 (S, 4) XYXY inclusive boxes of the masks; [0, 0, 0, 0] for an empty mask."""
@@ -314,6 +322,15 @@ class Upscaler:
             blocks[chosen.full] = 1
             blocks[m, rb, cb] = bits
             dest[:, y0 : y0 + h, x0 : x0 + w] = local[:, :h, :w]
+
+
+def _fold(x: torch.Tensor, windows: torch.Tensor, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """`op` (torch.minimum or torch.maximum) of x (N, L, M) over each window of positions along its
+    second axis: windows (n, K) int64 -> (N, n, M)."""
+    out = x.index_select(1, windows[:, 0])
+    for k in range(1, windows.shape[1]):
+        op(out, x.index_select(1, windows[:, k]), out=out)
+    return out
 
 
 def _rows(arr: np.ndarray) -> np.ndarray:
