@@ -4,10 +4,11 @@ Stages (each resumable: a report that exists is not recomputed). Reports, traini
 logs go to benchmarks/results/finetune_dsb2018/; checkpoints and embedding caches to --work
 (default runs/finetune_dsb2018, kept out of git).
 
-  python benchmarks/finetune_dsb2018.py train decoder [--name N] [--set KEY=VALUE ...]
-        samkit train in a child process (checkpoint in WORK/runs/N): wall time, peak RSS (ru_maxrss)
+  python benchmarks/finetune_dsb2018.py train decoder [--name N] [--set KEY=VALUE ...] [--old-padding]
+        samkit train in a child process (checkpoint in WORK/runs/N): wall time, peak RSS (ru_maxrss);
+        --old-padding feeds the encoders as training did until 2026-12-04 (pad, then normalise)
   python benchmarks/finetune_dsb2018.py eval NAME SPEC [--sets dsb2018 GrabCut Berkeley DAVIS345]
-        [--forget-limit N]
+        [--forget-limit N] [--protocols single-point box]
         single-point + box on dsb2018/val (subset below) and the forgetting sets
   python benchmarks/finetune_dsb2018.py proposals NAME SPEC
         segment-everything mask recall (AR@100) on dsb2018/val, subset below
@@ -56,11 +57,27 @@ FORGET_LIMIT = {"GrabCut": None, "Berkeley": 50, "DAVIS345": 50}
 CONFIGS = {v: ROOT / "configs" / f"dsb2018_{v}.yaml" for v in ("decoder", "lora", "full")}
 
 
-def cmd_train(variant: str, name: str, overrides: list[str]) -> None:
-    """Run `samkit train` for one variant in a child process; record wall time and its peak RSS."""
+# The training feed as it was until 2026-12-04 (zero padding, then normalisation), for before/after runs.
+OLD_PADDING = """
+import sys
+sys.path.insert(0, {bench!r})
+from padding_nano_distill import old_encoder_input
+from samkit.train import distill, embeddings
+embeddings.encoder_input = distill.encoder_input = old_encoder_input
+from samkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cmd_train(variant: str, name: str, overrides: list[str], old_padding: bool = False) -> None:
+    """Run `samkit train` for one variant in a child process; record wall time and its peak RSS.
+    `old_padding`: the encoders get the former training feed (padding reaches them as -mean/std)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = WORK / "runs" / name
-    cmd = [str(Path(sys.executable).with_name("samkit")), "train", str(CONFIGS[variant]), "--out", str(out)]
+    cmd = [str(Path(sys.executable).with_name("samkit"))]
+    if old_padding:
+        cmd = [sys.executable, "-c", OLD_PADDING.format(bench=str(ROOT / "benchmarks"))]
+    cmd += ["train", str(CONFIGS[variant]), "--out", str(out)]
     for o in overrides:
         cmd += ["--set", o]
     t0 = time.perf_counter()
@@ -71,6 +88,7 @@ def cmd_train(variant: str, name: str, overrides: list[str]) -> None:
         "variant": variant,
         "name": name,
         "overrides": overrides,
+        "old_padding": old_padding,
         "rc": rc,
         "wall_s": wall,
         "peak_rss_mb": rss_mb,
@@ -122,7 +140,13 @@ def _run(protocol: str, data, spec: str, out: Path, limit: int | None = None, **
     print(out.name, report["summary"], f"{report['meta']['wall_s']:.0f}s", f"cache {cache}", flush=True)
 
 
-def cmd_eval(name: str, spec: str, sets: list[str], forget_limit: int | None = None) -> None:
+def cmd_eval(
+    name: str,
+    spec: str,
+    sets: list[str],
+    forget_limit: int | None = None,
+    protocols: tuple[str, ...] = ("single-point", "box"),
+) -> None:
     """Single-point and box on each set for one model; one JSON report per (set, protocol).
     `forget_limit` replaces FORGET_LIMIT for every forgetting set."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -132,7 +156,7 @@ def cmd_eval(name: str, spec: str, sets: list[str], forget_limit: int | None = N
         else:
             data = DATA / "interactive" / set_name
             limit = FORGET_LIMIT[set_name] if forget_limit is None else forget_limit
-        for protocol in ("single-point", "box"):
+        for protocol in protocols:
             _run(protocol, data, spec, RESULTS / f"eval_{name}_{set_name}_{protocol}.json", limit)
 
 
@@ -282,7 +306,8 @@ def _before_after(pairs: list[str]) -> None:
     for pair in pairs:
         before, after = pair.split(":")
         cells = {col: _paired(before, after, *col) for col in columns}
-        rows.append((before, after, cells))
+        if any(n for _, n in cells.values()):
+            rows.append((before, after, cells))
     shown = [col for col in columns if any(cells[col][0] != "-" for _, _, cells in rows)]
     if not shown:
         return
@@ -390,6 +415,7 @@ def main() -> None:
     p.add_argument("variant", choices=list(CONFIGS))
     p.add_argument("--name", default=None, help="run name (default: the variant)")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--old-padding", action="store_true", help="the former training feed: pad, then normalise")
     for stage in ("eval", "proposals", "heldout"):
         p = sub.add_parser(stage)
         p.add_argument("name", help="row name, e.g. vit_t or decoder")
@@ -397,6 +423,9 @@ def main() -> None:
         if stage == "eval":
             p.add_argument("--sets", nargs="+", default=["dsb2018", *FORGET_SETS])
             p.add_argument("--forget-limit", type=int, default=None, help="objects per forgetting set")
+            p.add_argument(
+                "--protocols", nargs="+", default=["single-point", "box"], choices=["single-point", "box"]
+            )
         if stage == "proposals":
             p.add_argument("--pred-iou-thresh", type=float, default=None)
     sub.add_parser("baseline-val")
@@ -420,15 +449,22 @@ def main() -> None:
     p.add_argument(
         "--pairs",
         nargs="*",
-        default=["full:full_fixedpad", "lora:lora_fixedpad"],
-        help="BEFORE:AFTER run names compared on the same objects",
+        default=[
+            "full:full_fixedpad",
+            "lora:lora_fixedpad",
+            "full_oldpad:full_fixedpad",
+            "lora_oldpad:lora_fixedpad",
+            "vit_t:vit_t_recheck",
+        ],
+        help="BEFORE:AFTER run names compared on the same objects (vit_t_recheck: vit_t's box reports "
+        "re-run with today's eval code, a control)",
     )
     args = ap.parse_args()
     WORK = args.work
     if args.stage == "train":
-        cmd_train(args.variant, args.name or args.variant, args.set)
+        cmd_train(args.variant, args.name or args.variant, args.set, args.old_padding)
     elif args.stage == "eval":
-        cmd_eval(args.name, args.spec, args.sets, args.forget_limit)
+        cmd_eval(args.name, args.spec, args.sets, args.forget_limit, tuple(args.protocols))
     elif args.stage == "proposals":
         cmd_proposals(args.name, args.spec, args.pred_iou_thresh)
     elif args.stage == "heldout":
