@@ -262,10 +262,11 @@ class Upscaler:
         if index.shape[0]:
             per_block = torch.stack([_count_true(values > t) for t in thresholds], 1)
             counts.index_add_(0, n, per_block * counted[n, rb, cb][:, None])
+        bits = values > threshold
         own = straddle[n, rb, cb]
         if not bool(own.all()):
-            index, values = index[own], values[own]
-        return counts, BlockMasks(mask_above & ~straddle, index, values > threshold)
+            index, bits = index[own], bits[own]
+        return counts, BlockMasks(mask_above & ~straddle, index, bits)
 
     def boxes(self, masks: BlockMasks) -> torch.Tensor:
         """int64 (S, 4) XYXY inclusive boxes of the masks; [0, 0, 0, 0] for an empty mask."""
