@@ -454,6 +454,8 @@ def main() -> None:
             "lora:lora_fixedpad",
             "full_oldpad:full_fixedpad",
             "lora_oldpad:lora_fixedpad",
+            "full:full_oldpad",
+            "lora:lora_oldpad",
             "vit_t:vit_t_recheck",
         ],
         help="BEFORE:AFTER run names compared on the same objects (vit_t_recheck: vit_t's box reports "
