@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import DECODER_DEPTH, assert_close_at_scale
 
 import samkit
 from samkit.decoding import EmbeddedImage
@@ -86,7 +87,9 @@ def test_predictor_decodes_through_one_embedded_image(tiny_model, photo, tmp_pat
 
 def test_threads_share_one_embedded_image(tiny_model, photo, monkeypatch):
     """Worker threads decoding batches of one image make its first-block work once, and decode what one
-    thread alone decodes."""
+    thread alone decodes: the same numbers up to fp32 rounding (a reduction may be split differently when
+    several threads run ops at once; on AVX2 kernels that moves the last bit), so a race on the shared
+    caches, which changes values far more, still fails."""
     image = EmbeddedImage.encode(tiny_model, photo)
     coords = torch.tensor([[[30.0, 40.0]], [[200.0, 100.0]], [[120.0, 160.0]]])
     labels = torch.ones(3, 1, dtype=torch.int64)
@@ -114,9 +117,9 @@ def test_threads_share_one_embedded_image(tiny_model, photo, monkeypatch):
         t.join()
     assert sum(prepared) == 1 and len(results) == 4
     for iou, rows, logits in results:
-        torch.testing.assert_close(iou, expect[0], atol=0, rtol=0)
+        assert_close_at_scale(iou, expect[0], DECODER_DEPTH, "predicted IoU")
         assert rows.tolist() == [0, 1, 2]
-        torch.testing.assert_close(logits, expect[2], atol=0, rtol=0)
+        assert_close_at_scale(logits, expect[2], DECODER_DEPTH)
 
 
 def test_features_assigned_directly_decode_with_their_own_first_block(tiny_model, photo):
