@@ -18,6 +18,16 @@ def version_key(t: torch.Tensor) -> tuple | None:
     return (t._version, t.data_ptr(), t.device, t.dtype)
 
 
+def softmax_tokens(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over dim 2 (the prompt tokens) of attention scores (B, ., T, .), into `out` if given.
+
+    Written out because ATen's softmax over a middle dimension of a few tokens is ~30% slower on a CPU;
+    each step here runs over the contiguous inner dimension. Used for image->token attention, laid out
+    (B, N, T, H) in the plain decoder and (B, H, T, N) in the factored one."""
+    weights = (scores - scores.amax(2, keepdim=True)).exp_()
+    return torch.div(weights, weights.sum(2, keepdim=True), out=out)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel dimension of a (B, C, H, W) tensor."""
 

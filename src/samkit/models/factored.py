@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from samkit.models.common import softmax_tokens
+
 if TYPE_CHECKING:
     from samkit.models.transformer import ImageSide
 
@@ -195,7 +197,7 @@ def factored_attend(
     h = att.num_heads
     d = att.q_proj.out_features // h
     kh = _heads(att.k_proj(queries + qpe), h) * d**-0.5
-    a1 = _softmax_tokens(kh @ image.q1)  # (B, H, T, N)
+    a1 = softmax_tokens(kh @ image.q1)  # (B, H, T, N)
     vh1 = _heads(att.v_proj(queries), h)
     v1 = _values(att, vh1)  # (B, H*T, C)
     mv1 = v1.mean(-1)  # (B, H*T)
@@ -231,7 +233,7 @@ def factored_attend(
     _add_heads_product(scores, kh, image.pe_q2)
     scores.view(b, h * t, n).baddbmm_((kh @ bq).view(b, h * t, -1), z1)
     scores += kh @ att.q_proj.bias.view(h, d, 1)
-    a2 = _softmax_tokens(scores, out=zbuf[:, r1:r2].view(b, h, t, n))
+    a2 = softmax_tokens(scores, out=zbuf[:, r1:r2].view(b, h, t, n))
     vh2 = _heads(att.v_proj(queries), h)
     v2 = _values(att, vh2)
     v2c = v2 - v2.mean(-1, keepdim=True)
@@ -260,13 +262,6 @@ def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
     """(B, T, H*d) -> (B, H, T, d)."""
     b, t, p = x.shape
     return x.view(b, t, h, p // h).transpose(1, 2)
-
-
-def _softmax_tokens(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over the tokens (dim 2) of (B, H, T, N) scores (into `out` if given), written out: each
-    step then runs over the contiguous image tokens."""
-    weights = (scores - scores.amax(2, keepdim=True)).exp_()
-    return torch.div(weights, weights.sum(2, keepdim=True), out=out)
 
 
 def _add_heads_product(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
