@@ -108,6 +108,21 @@ def test_upscaler_matches_interpolation(low_res, model_size, input_size, origina
     np.testing.assert_array_equal(again.numpy(), rows.numpy())
     np.testing.assert_array_equal(up.boxes(regrouped).numpy(), up.boxes(masks)[[4, 2, 0]].numpy())
 
+    # Areas and pixel lookups straight from the blocks (packed or not), as the full-size masks give them.
+    areas = up.areas(masks)
+    assert (areas - ref_masks.sum((1, 2))).abs().max() <= 2
+    np.testing.assert_array_equal(up.areas(regrouped).numpy(), areas[[4, 2, 0]].numpy())
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(400, 2, generator=g) * torch.tensor([w, h]) - 0.25  # a few just off the image
+    col = points[:, 0].floor().long().clamp(0, w - 1)
+    row = points[:, 1].floor().long().clamp(0, h - 1)
+    expected_inside = ref_masks[:, row, col]
+    inside = up.contains(masks, points)
+    assert inside.shape == (len(low), len(points))
+    assert (inside != expected_inside).sum() <= 2
+    assert inside.any() and not inside.all()
+    np.testing.assert_array_equal(up.contains(regrouped, points).numpy(), inside[[4, 2, 0]].numpy())
+
 
 def _blobs(h: int, w: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)

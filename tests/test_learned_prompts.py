@@ -18,11 +18,13 @@ from samkit.everything.learned import (
     HEAD_FILE,
     PeakSettings,
     cells_to_points,
+    learned_candidates,
     learned_points,
     load_head,
     pick_grid_points,
     pick_peaks,
     points_to_cells,
+    take_round,
 )
 from samkit.models.build import SamConfig, build_sam
 from samkit.models.prompt_head import PromptHead
@@ -97,7 +99,7 @@ def tiny_model():
 def test_learned_mode_decodes_the_heads_peaks_through_the_same_filters(tiny_model, photo):
     torch.manual_seed(1)
     head = PromptHead()
-    peaks = PeakSettings(threshold=1.0, min_points=6, max_points=6)
+    peaks = PeakSettings(threshold=1.0, min_points=6, max_points=6, cover=False)
     kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
     learned = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=peaks, **kw)
     records = learned.generate(photo)
@@ -115,6 +117,86 @@ def test_learned_mode_decodes_the_heads_peaks_through_the_same_filters(tiny_mode
     for r in records:
         ((x, y),) = r["point_coords"]
         assert np.abs(points - [x, y]).sum(1).min() < 1e-6
+
+
+def test_rounds_take_the_best_available_candidates_within_the_budget():
+    probs = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1, 0.05, 0.01])
+    everything = np.ones(8, dtype=bool)
+    s = PeakSettings(threshold=0.25, min_points=0, max_points=100, round_points=16)
+    np.testing.assert_array_equal(take_round(probs, everything, 0, s), [0, 1, 2, 3])  # those above 0.25
+    # Skipped (covered or decoded) candidates make room for the next ones, still best first.
+    available = everything.copy()
+    available[[0, 2]] = False
+    np.testing.assert_array_equal(take_round(probs, available, 2, s), [1, 3])
+    # min_points: the best ones even below the threshold, until that many were decoded in all.
+    s = dataclasses.replace(s, min_points=6)
+    np.testing.assert_array_equal(take_round(probs, everything, 0, s), [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(take_round(probs, available, 4, s), [1, 3])
+    # round_points per round, max_points in all.
+    s = dataclasses.replace(s, round_points=3, max_points=5)
+    np.testing.assert_array_equal(take_round(probs, everything, 0, s), [0, 1, 2])
+    np.testing.assert_array_equal(take_round(probs, available, 4, s), [1])
+    assert len(take_round(probs, available, 5, s)) == 0
+    assert len(take_round(probs, np.zeros(8, dtype=bool), 0, s)) == 0
+
+
+def test_cover_skips_candidates_inside_a_found_mask(tiny_model, photo):
+    """Decoding best first, a candidate inside the smallest mask an earlier point kept is never decoded;
+    the masks are those of the grid path on exactly the points decoded."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    budget = 10
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, output_mode="binary_mask")
+    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=budget, round_points=1)
+    h, w = photo.shape[:2]
+    learned = samkit.MaskGenerator(
+        tiny_model, prompts="learned", prompt_head=head, peaks=peaks, box_nms_thresh=0.9, **kw
+    )
+    records = learned.generate(photo)
+
+    # The same walk by hand, one point at a time, with full-size masks.
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    candidates, probs = learned_candidates(head, pred.embedding, pred.original_size, pred.input_size, peaks)
+    assert np.all(np.diff(probs) <= 0) and len(candidates) == 32 * 32
+    decoded, covering, skipped = [], [], 0
+    for x, y in candidates:
+        if len(decoded) == budget:
+            break
+        col, row = min(int(x), w - 1), min(int(y), h - 1)
+        if any(m[row, col] for m in covering):
+            skipped += 1
+            continue
+        decoded.append((x, y))
+        one = samkit.MaskGenerator(
+            tiny_model,
+            points_per_side=None,
+            point_grids=[np.array([[x / w, y / h]])],
+            box_nms_thresh=1.0,
+            **kw,
+        ).generate(photo)
+        if one:
+            covering.append(min(one, key=lambda r: r["area"])["segmentation"])
+    assert skipped > 0 and len(decoded) == budget  # the walk did skip covered candidates
+    grid = samkit.MaskGenerator(
+        tiny_model, points_per_side=None, point_grids=[np.array(decoded) / [w, h]], box_nms_thresh=0.9, **kw
+    ).generate(photo)
+    assert len(records) == len(grid) > 0
+    for a, b in zip(records, grid, strict=True):
+        np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
+        assert a["point_coords"] == b["point_coords"]
+    # Without cover, the best `budget` candidates are decoded, covered or not.
+    plain = samkit.MaskGenerator(
+        tiny_model,
+        prompts="learned",
+        prompt_head=head,
+        peaks=dataclasses.replace(peaks, cover=False),
+        box_nms_thresh=0.9,
+        **kw,
+    ).generate(photo)
+    used = {tuple(r["point_coords"][0]) for r in plain}
+    assert used <= {tuple(p) for p in candidates[:budget].tolist()}
+    assert used != {tuple(r["point_coords"][0]) for r in records}
 
 
 def test_learned_mode_rejects_unknown_prompt_source(tiny_model):

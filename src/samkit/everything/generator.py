@@ -24,7 +24,7 @@ from samkit.devices import can_limit_threads, cpu_tuned, limit_this_thread
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
-from samkit.everything.learned import PEAK_DEFAULTS, PeakSettings, learned_points, load_head
+from samkit.everything.learned import PEAK_DEFAULTS, PeakSettings, learned_candidates, load_head, take_round
 from samkit.everything.settings import DEFAULTS
 from samkit.image import ImageLike, load_image
 from samkit.masks import (
@@ -331,19 +331,6 @@ class MaskGenerator:
         else:
             embedded_image = EmbeddedImage.encode(self.model, cropped, self.pipeline)
         upscaler = embedded_image.upscaler()
-        if self.head is None:
-            points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
-        else:
-            points = learned_points(
-                self.head,
-                embedded_image.features,
-                embedded_image.original_size,
-                embedded_image.input_size,
-                self.peaks,
-            )
-        batches = [
-            points[i : i + self.points_per_batch] for i in range(0, len(points), self.points_per_batch)
-        ]
 
         def one_batch(batch: np.ndarray) -> _Masks:
             masks = self._process_batch(embedded_image, batch, crop, crop_size, image_size, upscaler)
@@ -351,7 +338,11 @@ class MaskGenerator:
                 bar.update(1)  # tqdm's update is thread-safe
             return masks
 
-        parts = _map_batches(one_batch, batches, self.model.device, self.threads)
+        if self.head is None:
+            points = self.point_grids[crop.layer] * np.array([[crop_size[1], crop_size[0]]])
+            parts = _map_batches(one_batch, self._batches(points), self.model.device, self.threads)
+        else:
+            parts = self._learned_parts(embedded_image, upscaler, one_batch)
         masks = _Masks.cat(parts) if parts else _Masks.empty()
         keep = batched_nms(masks.boxes.float(), masks.iou_preds, torch.zeros(len(masks)), self.box_nms_thresh)
         masks = masks.select(keep).compact()
@@ -359,6 +350,46 @@ class MaskGenerator:
         masks.boxes = masks.boxes + torch.tensor([x0, y0, x0, y0])
         masks.points = masks.points + torch.tensor([x0, y0], dtype=torch.float64)
         return masks
+
+    def _batches(self, points: np.ndarray, parts: int = 1) -> list[np.ndarray]:
+        """`points` cut into batches of at most points_per_batch, and into at least `parts` batches."""
+        size = min(self.points_per_batch, -(-len(points) // max(parts, 1)))
+        return [points[i : i + size] for i in range(0, len(points), max(size, 1))]
+
+    def _learned_parts(
+        self,
+        embedded_image: EmbeddedImage,
+        upscaler: Upscaler,
+        one_batch: Callable[[np.ndarray], _Masks],
+    ) -> list[_Masks]:
+        """The masks of the prompt head's candidates, decoded best first in rounds (`PeakSettings`): with
+        `cover`, a candidate inside the smallest kept mask of a point decoded in an earlier round is skipped."""
+        assert self.head is not None
+        peaks = self.peaks
+        points, probs = learned_candidates(
+            self.head,
+            embedded_image.features,
+            embedded_image.original_size,
+            embedded_image.input_size,
+            peaks,
+        )
+        available = np.ones(len(points), dtype=bool)
+        threads = torch.get_num_threads() if self.threads is None else self.threads
+        parts: list[_Masks] = []
+        decoded = 0
+        while True:
+            take = take_round(probs, available, decoded, peaks)
+            if not len(take):
+                return parts
+            available[take] = False
+            decoded += len(take)
+            found = _map_batches(
+                one_batch, self._batches(points[take], threads), self.model.device, self.threads
+            )
+            parts += found
+            if peaks.cover and available.any():
+                for part in found:
+                    available &= ~_covered(part, points, upscaler)
 
     def _process_batch(
         self,
@@ -482,6 +513,22 @@ class MaskGenerator:
         if self.output_mode == "binary_mask":
             return mask
         return mask_to_rle(mask[None])[0]
+
+
+def _covered(part: _Masks, points: np.ndarray, upscaler: Upscaler) -> np.ndarray:
+    """bool (K,): which of `points` (K, 2) (x, y) lie in the smallest mask each source point of `part` (one
+    decoded batch, masks in `upscaler`'s frame) kept."""
+    if not len(part):
+        return np.zeros(len(points), dtype=bool)
+    (group,) = part.groups  # one decoded batch: one group, members in order
+    blocks = group.blocks.select(part.member)
+    areas = upscaler.areas(blocks)
+    _, source = torch.unique(part.points, dim=0, return_inverse=True)
+    smallest = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
+    for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
+        smallest[source[i]] = i
+    inside = upscaler.contains(blocks.select(smallest), torch.from_numpy(points))
+    return inside.any(0).cpu().numpy()
 
 
 def _map_batches(

@@ -27,7 +27,8 @@ class PeakSettings:
     their (2 * nms_radius + 1)^2 neighbourhood, best first, at least `min_points` (the best peaks even
     when below the threshold) and at most `max_points`. The candidates are the embedding's cells
     (`grid` 0; a prompt at a cell's centre) or the points of the grid mode's `grid` x `grid` point grid,
-    each scored by the cell it falls in (`nms_radius` then counts grid steps)."""
+    each scored by the cell it falls in (`nms_radius` then counts grid steps). With `cover`, candidates
+    inside a mask already found are skipped as they come up (see `take_round`)."""
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
     # next to another's); at most 150 points: under a fifth of the grid's time. The threshold was chosen on
@@ -37,6 +38,11 @@ class PeakSettings:
     min_points: int = 64
     max_points: int = 150
     grid: int = 32
+    # MaskGenerator decodes the candidates best first, `round_points` at a time, and with `cover` skips a
+    # candidate that lies inside the smallest kept mask of a point decoded before it (it would mostly find
+    # that mask again); `max_points` then bounds the points decoded, not the candidates.
+    cover: bool = True
+    round_points: int = 16
 
 
 PEAK_DEFAULTS = PeakSettings()
@@ -74,15 +80,33 @@ def cells_to_points(
     return np.clip(pts, 0.0, upper)
 
 
-def _top(prob: torch.Tensor, settings: PeakSettings) -> torch.Tensor:
-    """Flat indices into (rows, cols) `prob` of its local maxima, best first, as many as `settings` say."""
-    k = 2 * settings.nms_radius + 1
-    local_max = F.max_pool2d(prob[None, None], k, stride=1, padding=settings.nms_radius)[0, 0]
+def _ranked(prob: torch.Tensor, nms_radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into (rows, cols) `prob` of all its local maxima, best first, and their probabilities."""
+    k = 2 * nms_radius + 1
+    local_max = F.max_pool2d(prob[None, None], k, stride=1, padding=nms_radius)[0, 0]
     scores = torch.where(prob >= local_max, prob, torch.full_like(prob, -1.0)).flatten()
     order = torch.argsort(scores, descending=True, stable=True)
-    n_above = int(((scores >= settings.threshold) & (scores >= 0)).sum())
-    n_peaks = int((scores >= 0).sum())
-    return order[: min(max(n_above, settings.min_points), settings.max_points, n_peaks)]
+    order = order[: int((scores >= 0).sum())]
+    return order, scores[order]
+
+
+def _top(prob: torch.Tensor, settings: PeakSettings) -> torch.Tensor:
+    """Flat indices into (rows, cols) `prob` of its local maxima, best first, as many as `settings` say."""
+    order, scores = _ranked(prob, settings.nms_radius)
+    n_above = int((scores >= settings.threshold).sum())
+    return order[: min(max(n_above, settings.min_points), settings.max_points)]
+
+
+def take_round(probs: np.ndarray, available: np.ndarray, decoded: int, settings: PeakSettings) -> np.ndarray:
+    """The candidates to decode next (indices, best first): of the candidates still available (`available`, bool, not
+    decoded nor covered; `probs` sorted best first), those at or above the threshold, or any while fewer
+    than `min_points` have been `decoded`; at most `round_points` and never past `max_points` in all."""
+    room = min(settings.round_points, settings.max_points - decoded)
+    if room <= 0:
+        return np.zeros(0, dtype=np.int64)
+    free = np.flatnonzero(available)
+    n_above = int((probs[free] >= settings.threshold).sum())
+    return free[: min(room, max(n_above, settings.min_points - decoded))]
 
 
 def grid_cells(
@@ -114,6 +138,44 @@ def pick_grid_indices(
     return _top(prob, settings).numpy()
 
 
+def grid_candidates(
+    logits: torch.Tensor,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+    settings: PeakSettings,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every candidate prompt `settings` allow, best first: (K, 2) float64 (x, y) original-image pixels and
+    (K,) float64 probabilities (grid points when `settings.grid`, else cell centres over the image)."""
+    prob = torch.sigmoid(logits.detach().float().cpu())
+    n = settings.grid
+    if n:
+        xs, ys, cells = grid_cells(original_size, input_size, n, prob.shape[-1])
+        order, scores = _ranked(prob.flatten()[torch.as_tensor(cells)].reshape(n, n), settings.nms_radius)
+        idx = order.numpy()
+        points = np.stack([xs[idx % n], ys[idx // n]], axis=1)
+    else:
+        rows, cols = (-(-s // CELL) for s in input_size)
+        order, scores = _ranked(prob[:rows, :cols], settings.nms_radius)
+        cells_ = torch.stack([order % cols, order // cols], dim=1).numpy()
+        points = cells_to_points(cells_, original_size, input_size)
+    return points.reshape(-1, 2), scores.double().numpy()
+
+
+@torch.inference_mode()
+def learned_candidates(
+    head: PromptHead,
+    embedding: torch.Tensor,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+    settings: PeakSettings = PEAK_DEFAULTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`grid_candidates` of the head's heat map for one image (`embedding`: (1, 256, 64, 64) from the model
+    the head was trained on)."""
+    param = next(head.parameters())
+    logits = head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
+    return grid_candidates(logits, original_size, input_size, settings)
+
+
 def pick_grid_points(
     logits: torch.Tensor,
     original_size: tuple[int, int],
@@ -123,8 +185,9 @@ def pick_grid_points(
     """The best points of the `settings.grid`-per-side point grid (the grid mode's layout over the image)
     under a heat-map logit tensor (side, side), as (K, 2) float64 (x, y) original-image pixels, best first."""
     n = settings.grid
-    xs, ys, _ = grid_cells(original_size, input_size, n, logits.shape[-1])
-    idx = pick_grid_indices(logits, original_size, input_size, settings)
+    xs, ys, cells = grid_cells(original_size, input_size, n, logits.shape[-1])
+    prob = torch.sigmoid(logits.detach().float().cpu()).flatten()[torch.as_tensor(cells)].reshape(n, n)
+    idx = _top(prob, settings).numpy()
     return np.stack([xs[idx % n], ys[idx // n]], axis=1)
 
 

@@ -290,6 +290,35 @@ class Upscaler:
         boxes = torch.stack([x0, y0, x1, y1], 1).to(torch.int64)
         return boxes * rows_any.any(1, keepdim=True)
 
+    def areas(self, masks: BlockMasks) -> torch.Tensor:
+        """int64 (S,): pixels in each mask."""
+        full = (masks.full * self.block_pixels).sum((1, 2)).to(torch.int64)
+        if masks.exact_index.shape[0]:
+            full.index_add_(0, masks.exact_index[:, 0], masks.bits().flatten(1).sum(1).to(torch.int64))
+        return full
+
+    def contains(self, masks: BlockMasks, points: torch.Tensor) -> torch.Tensor:
+        """bool (S, P): whether each mask holds the pixel under each of `points` (P, 2) (x, y) pixels of
+        this frame (clipped into it)."""
+        t = self.block
+        h, w = self.original_size
+        pts = torch.as_tensor(points, device=masks.full.device).reshape(-1, 2)
+        col = pts[:, 0].floor().long().clamp(0, w - 1)
+        row = pts[:, 1].floor().long().clamp(0, h - 1)
+        rb, cb = row // t, col // t
+        inside = masks.full[:, rb, cb].clone()  # (S, P)
+        if masks.exact_index.shape[0]:
+            lookup = torch.full(masks.full.shape, -1, dtype=torch.int64, device=masks.full.device)
+            m, r, c = masks.exact_index.unbind(1)
+            lookup[m, r, c] = torch.arange(len(m), device=m.device)
+            which = lookup[:, rb, cb]  # (S, P) exact block row or -1
+            has = which >= 0
+            if bool(has.any()):
+                bits = masks.bits()
+                s_idx, p_idx = has.nonzero().unbind(1)
+                inside[s_idx, p_idx] = bits[which[s_idx, p_idx], row[p_idx] % t, col[p_idx] % t]
+        return inside
+
     def paste(
         self,
         masks: BlockMasks,
