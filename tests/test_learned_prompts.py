@@ -140,44 +140,64 @@ def test_rounds_take_the_best_available_candidates_within_the_budget():
     assert len(take_round(probs, np.zeros(8, dtype=bool), 0, s)) == 0
 
 
-def test_cover_skips_candidates_inside_a_found_mask(tiny_model, photo):
-    """Decoding best first, a candidate inside the smallest mask an earlier point kept is never decoded;
-    the masks are those of the grid path on exactly the points decoded."""
+def _walk_by_hand(model, head, photo, peaks, kw) -> tuple[list, int]:
+    """The points the cover rule decodes, found one at a time with full-size masks: (points, skipped)."""
+    h, w = photo.shape[:2]
+    pred = samkit.Predictor(model)
+    pred.set_image(photo)
+    candidates, probs = learned_candidates(head, pred.embedding, pred.original_size, pred.input_size, peaks)
+    assert np.all(np.diff(probs) <= 0) and len(candidates) == 32 * 32
+    margin = peaks.cover_margin * np.array([w, h]) / peaks.grid
+    shifts = [(0, 0)] + ([(-1, 0), (1, 0), (0, -1), (0, 1)] if margin.any() else [])
+
+    def inside(mask, x, y):
+        for dx, dy in shifts:
+            px, py = x + dx * margin[0], y + dy * margin[1]
+            if not mask[min(max(int(np.floor(py)), 0), h - 1), min(max(int(np.floor(px)), 0), w - 1)]:
+                return False
+        return True
+
+    decoded, covering, skipped = [], [], 0
+    for x, y in candidates:
+        if len(decoded) == peaks.max_points:
+            break
+        if any(inside(m, x, y) for m in covering):
+            skipped += 1
+            continue
+        decoded.append((x, y))
+        one = samkit.MaskGenerator(
+            model, points_per_side=None, point_grids=[np.array([[x / w, y / h]])], box_nms_thresh=1.0, **kw
+        ).generate(photo)
+        if one:
+            smallest = min(one, key=lambda r: r["area"])
+            if smallest["area"] <= peaks.cover_max_area * h * w:
+                covering.append(smallest["segmentation"])
+    return decoded, skipped
+
+
+@pytest.mark.parametrize("max_area, margin", [(1.0, 0.0), (0.5, 0.0), (1.0, 0.25)])
+def test_cover_skips_candidates_inside_a_found_mask(tiny_model, photo, max_area, margin):
+    """Decoding best first, a candidate inside the smallest mask an earlier point kept (if that mask is
+    not too large, and with the margin around the candidate inside it too) is never decoded; the masks are
+    those of the grid path on exactly the points decoded."""
     torch.manual_seed(3)
     head = PromptHead()
-    budget = 10
     kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, output_mode="binary_mask")
-    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=budget, round_points=1)
+    peaks = PeakSettings(
+        threshold=0.0,
+        min_points=0,
+        max_points=10,
+        round_points=1,
+        cover_max_area=max_area,
+        cover_margin=margin,
+    )
     h, w = photo.shape[:2]
     learned = samkit.MaskGenerator(
         tiny_model, prompts="learned", prompt_head=head, peaks=peaks, box_nms_thresh=0.9, **kw
     )
     records = learned.generate(photo)
-
-    # The same walk by hand, one point at a time, with full-size masks.
-    pred = samkit.Predictor(tiny_model)
-    pred.set_image(photo)
-    candidates, probs = learned_candidates(head, pred.embedding, pred.original_size, pred.input_size, peaks)
-    assert np.all(np.diff(probs) <= 0) and len(candidates) == 32 * 32
-    decoded, covering, skipped = [], [], 0
-    for x, y in candidates:
-        if len(decoded) == budget:
-            break
-        col, row = min(int(x), w - 1), min(int(y), h - 1)
-        if any(m[row, col] for m in covering):
-            skipped += 1
-            continue
-        decoded.append((x, y))
-        one = samkit.MaskGenerator(
-            tiny_model,
-            points_per_side=None,
-            point_grids=[np.array([[x / w, y / h]])],
-            box_nms_thresh=1.0,
-            **kw,
-        ).generate(photo)
-        if one:
-            covering.append(min(one, key=lambda r: r["area"])["segmentation"])
-    assert skipped > 0 and len(decoded) == budget  # the walk did skip covered candidates
+    decoded, skipped = _walk_by_hand(tiny_model, head, photo, peaks, kw)
+    assert skipped > 0 and len(decoded) == peaks.max_points  # the walk did skip covered candidates
     grid = samkit.MaskGenerator(
         tiny_model, points_per_side=None, point_grids=[np.array(decoded) / [w, h]], box_nms_thresh=0.9, **kw
     ).generate(photo)
@@ -185,18 +205,29 @@ def test_cover_skips_candidates_inside_a_found_mask(tiny_model, photo):
     for a, b in zip(records, grid, strict=True):
         np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
         assert a["point_coords"] == b["point_coords"]
-    # Without cover, the best `budget` candidates are decoded, covered or not.
-    plain = samkit.MaskGenerator(
-        tiny_model,
-        prompts="learned",
-        prompt_head=head,
-        peaks=dataclasses.replace(peaks, cover=False),
-        box_nms_thresh=0.9,
-        **kw,
-    ).generate(photo)
+
+
+def test_without_cover_the_best_candidates_are_decoded(tiny_model, photo):
+    torch.manual_seed(3)
+    head = PromptHead()
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
+    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=10, round_points=4)
+
+    def run(p: PeakSettings) -> list:
+        gen = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw)
+        return gen.generate(photo)
+
+    plain = run(dataclasses.replace(peaks, cover=False))
+    # No mask small enough to cover (cover_max_area 0) decodes the same best 10 candidates.
+    assert [r["segmentation"] for r in run(dataclasses.replace(peaks, cover_max_area=0.0))] == [
+        r["segmentation"] for r in plain
+    ]
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    candidates, _ = learned_candidates(head, pred.embedding, pred.original_size, pred.input_size, peaks)
     used = {tuple(r["point_coords"][0]) for r in plain}
-    assert used <= {tuple(p) for p in candidates[:budget].tolist()}
-    assert used != {tuple(r["point_coords"][0]) for r in records}
+    assert used <= {tuple(p) for p in candidates[:10].tolist()}
+    assert used != {tuple(r["point_coords"][0]) for r in run(peaks)}  # cover decodes other points
 
 
 def test_learned_mode_rejects_unknown_prompt_source(tiny_model):

@@ -167,6 +167,11 @@ def test_grid_target_shares_a_masks_target_among_the_points_that_find_it():
     np.testing.assert_allclose(
         grid_target(iou, match, share=2.0), [0.5, 0.45, 0.4, 0.3, 1.0, 0.3, 0.0], rtol=1e-6
     )
+    # power 0.5: divided by sqrt(4) = 2 points' worth, not 4 (large objects' points keep more weight)
+    np.testing.assert_allclose(
+        grid_target(iou, match, share=1.0, power=0.5), [0.5, 0.45, 0.4, 0.3, 1.0, 0.3, 0.0], rtol=1e-6
+    )
+    np.testing.assert_allclose(grid_target(iou, match, share=4.0, power=0.5), iou, rtol=1e-6)
 
 
 def test_teacher_recall_counts_each_kept_mask_once_at_its_best_picked_point():

@@ -388,8 +388,12 @@ class MaskGenerator:
             )
             parts += found
             if peaks.cover and available.any():
+                h, w = upscaler.original_size
+                step = np.array([w, h]) / peaks.grid if peaks.grid else np.array([w, h]) / 64
                 for part in found:
-                    available &= ~_covered(part, points, upscaler)
+                    available &= ~_covered(
+                        part, points, upscaler, peaks.cover_max_area * h * w, peaks.cover_margin * step
+                    )
 
     def _process_batch(
         self,
@@ -515,9 +519,12 @@ class MaskGenerator:
         return mask_to_rle(mask[None])[0]
 
 
-def _covered(part: _Masks, points: np.ndarray, upscaler: Upscaler) -> np.ndarray:
+def _covered(
+    part: _Masks, points: np.ndarray, upscaler: Upscaler, max_area: float, margin: np.ndarray
+) -> np.ndarray:
     """bool (K,): which of `points` (K, 2) (x, y) lie in the smallest mask each source point of `part` (one
-    decoded batch, masks in `upscaler`'s frame) kept."""
+    decoded batch, masks in `upscaler`'s frame) kept, where that mask has at most `max_area` pixels, and
+    so do the points `margin` (x, y) pixels left, right, above and below them."""
     if not len(part):
         return np.zeros(len(points), dtype=bool)
     (group,) = part.groups  # one decoded batch: one group, members in order
@@ -527,7 +534,15 @@ def _covered(part: _Masks, points: np.ndarray, upscaler: Upscaler) -> np.ndarray
     smallest = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
     for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
         smallest[source[i]] = i
-    inside = upscaler.contains(blocks.select(smallest), torch.from_numpy(points))
+    smallest = smallest[areas[smallest] <= max_area]
+    if not len(smallest):
+        return np.zeros(len(points), dtype=bool)
+    chosen = blocks.select(smallest)
+    inside = upscaler.contains(chosen, torch.from_numpy(points))
+    if np.any(margin > 0):
+        for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            shifted = points + np.array([dx, dy]) * margin
+            inside &= upscaler.contains(chosen, torch.from_numpy(shifted))
     return inside.any(0).cpu().numpy()
 
 

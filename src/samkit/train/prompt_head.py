@@ -224,18 +224,21 @@ def teacher_recall(iou: np.ndarray, match: np.ndarray, n_kept: int, picked: np.n
     return float(np.mean([(best >= t - 1e-6).mean() for t in np.linspace(0.5, 0.95, 10)]))
 
 
-def grid_target(iou: np.ndarray, match: np.ndarray, share: float | None = None) -> np.ndarray:
+def grid_target(
+    iou: np.ndarray, match: np.ndarray, share: float | None = None, power: float = 1.0
+) -> np.ndarray:
     """(P,) float32 training target per grid point from the teacher's `grid_iou` / `grid_match`: the IoU
     itself, or with `share`, divided among the points that find the same kept mask (IoU >= 0.5): a mask
-    found by m points gives each iou * min(1, share / m), so a small object's few points rank above a large
-    object's many (one or two of those suffice)."""
+    found by m points gives each iou * min(1, share / m ** power), so a small object's few points rank
+    above a large object's many (one or two of those suffice); `power` < 1 divides less, which keeps large
+    objects' points within reach of a fixed prompt budget."""
     target = iou.astype(np.float32)
     if share is None:
         return target
     useful = (iou >= 0.5) & (match >= 0)
     counts = np.bincount(match[useful], minlength=int(match.max(initial=-1)) + 1)
     m = np.where(match >= 0, counts[np.maximum(match, 0)], 1).clip(min=1)
-    return (target * np.minimum(1.0, share / m)).astype(np.float32)
+    return (target * np.minimum(1.0, share / m.astype(np.float64) ** power)).astype(np.float32)
 
 
 def grid_point_loss(logits: torch.Tensor, cells: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -246,7 +249,9 @@ def grid_point_loss(logits: torch.Tensor, cells: torch.Tensor, target: torch.Ten
     return F.binary_cross_entropy_with_logits(picked, target)
 
 
-def _load(files: list[Path], share: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _load(
+    files: list[Path], share: float | None, power: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features (N, 256, side, side) float16, the grid points' cells (N, P) int64 and their targets
     (N, P) float32 (`grid_target`) of the teacher files."""
     feats, cells, targets = [], [], []
@@ -258,7 +263,7 @@ def _load(files: list[Path], share: float | None) -> tuple[torch.Tensor, torch.T
         osz = tuple(int(v) for v in d["original_size"])
         isz = tuple(int(v) for v in d["input_size"])
         cells.append(torch.from_numpy(grid_cells(osz, isz, n, side)[2]))
-        targets.append(torch.from_numpy(grid_target(d["grid_iou"], d["grid_match"], share)))
+        targets.append(torch.from_numpy(grid_target(d["grid_iou"], d["grid_match"], share, power)))
     return torch.stack(feats), torch.stack(cells), torch.stack(targets)
 
 
@@ -310,9 +315,10 @@ def fit(
     seed: int = 0,
     holdout: int = 6,
     share: float | None = None,
+    power: float = 1.0,
 ) -> dict:
     """Train a PromptHead on the teacher files but the last `holdout` made (reported on, not trained on),
-    targets `grid_target(..., share)`; writes `out` (safetensors) and `<out>.json` (settings, loss log,
+    targets `grid_target(..., share, power)`; writes `out` (safetensors) and `<out>.json` (settings, loss log,
     held-out report)."""
     from safetensors.torch import save_file
 
@@ -321,7 +327,7 @@ def fit(
     if len(all_files) <= holdout:
         raise FileNotFoundError(f"need more than {holdout} teacher files in {teacher_dir}")
     files, held = all_files[: len(all_files) - holdout], all_files[len(all_files) - holdout :]
-    x_all, c_all, t_all = _load(files, share)
+    x_all, c_all, t_all = _load(files, share, power)
     head = PromptHead()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -352,6 +358,7 @@ def fit(
         "batch": batch,
         "seed": seed,
         "share": share,
+        "power": power,
         "seconds": time.perf_counter() - t0,
         "log": log,
     }
@@ -433,7 +440,12 @@ def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, he
             f"{info['seconds']:.0f} s",
         ),
     ]
-    rows.append(("target", f"per grid point, `grid_target` with share {info['share']}"))
+    rows.append(
+        (
+            "target",
+            f"per grid point, `grid_target` with share {info['share']}, power {info.get('power', 1.0)}",
+        )
+    )
     for row in info["heldout"]:
         rows.append(
             (
@@ -465,7 +477,7 @@ def load_prompt_head_config(
         "out": "runs/prompt_head",
         "threads": None,
         "teacher": {"folders": [], "per_folder": None, "budget_s": None, "dir": None, "settings": {}},
-        "fit": {"steps": 400, "lr": 2e-3, "batch": 8, "seed": 0, "holdout": 6, "share": None},
+        "fit": {"steps": 400, "lr": 2e-3, "batch": 8, "seed": 0, "holdout": 6, "share": None, "power": 1.0},
     }
     user = read_yaml(config)
     if task_of(user) != "prompt_head":
@@ -523,7 +535,15 @@ def train_from_config(
     head_file = out_dir / "prompt_head.safetensors"
     try:
         info = fit(
-            teacher_dir, head_file, f["steps"], f["lr"], f["batch"], f["seed"], f["holdout"], f["share"]
+            teacher_dir,
+            head_file,
+            f["steps"],
+            f["lr"],
+            f["batch"],
+            f["seed"],
+            f["holdout"],
+            f["share"],
+            float(f["power"]),
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc} (more teacher.folders images, or a larger teacher.budget_s)") from None
@@ -550,6 +570,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--share", type=float, default=None, help="split a mask's target among its points")
+    p.add_argument("--power", type=float, default=1.0, help="split by share / m ** power (m: its points)")
     p = sub.add_parser("relabel", help="per-point targets for teacher files that hold only kept points")
     p.add_argument("teacher", type=Path)
     args = parser.parse_args()
@@ -566,6 +587,7 @@ def main() -> None:
             batch=args.batch,
             holdout=args.holdout,
             share=args.share,
+            power=args.power,
         )
 
 
