@@ -46,6 +46,12 @@ def main() -> None:
     parser.add_argument(
         "--grid", type=int, default=PEAK_DEFAULTS.grid, help="candidates: n x n grid (0: cells)"
     )
+    parser.add_argument(
+        "--cover",
+        action=argparse.BooleanOptionalAction,
+        default=PEAK_DEFAULTS.cover,
+        help="skip candidates inside a mask already found",
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()
@@ -62,6 +68,7 @@ def main() -> None:
         max_points=args.max_points,
         nms_radius=args.nms_radius,
         grid=args.grid,
+        cover=args.cover,
     )
     print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")

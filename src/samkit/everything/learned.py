@@ -218,8 +218,9 @@ def learned_points(
     input_size: tuple[int, int],
     settings: PeakSettings = PEAK_DEFAULTS,
 ) -> np.ndarray:
-    """(K, 2) float64 (x, y) original-image pixels: the prompts the head picks for one image
-    (`embedding`: (1, 256, 64, 64) from the same model the head was trained on)."""
+    """(K, 2) float64 (x, y) original-image pixels: the prompts the head ranks best for one image, as many
+    as `settings` allow before any is skipped as covered (what MaskGenerator decodes with `cover=False`;
+    `embedding`: (1, 256, 64, 64) from the same model the head was trained on)."""
     param = next(head.parameters())
     logits = head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
     return pick_points(logits, original_size, input_size, settings)

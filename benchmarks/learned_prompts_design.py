@@ -1,0 +1,153 @@
+"""Choosing the learned prompts' settings on held-out TRAINING images (never an evaluation split).
+
+Runs the 32 x 32 grid once per image (cached under --cache) and then each prompt variant on the same stored
+embedding, scoring all of them as `samkit eval proposals` does against the training split's own human masks
+(AR over IoU 0.5:0.95, and AR@1000 by object size). Time is the decoding only (the image encoding, the same
+for every variant, is left out), with one torch thread.
+
+The images are those the shipped head never saw: coco_mini/train from the 65th image on (the teacher used
+the first 46) and dsb2018/train from the 541st (the teacher used the first 46).
+
+    OMP_NUM_THREADS=1 python benchmarks/learned_prompts_design.py \\
+        --data ../shared/datasets/instances/coco_mini/train --skip 64 --limit 16 \\
+        --variant top150 cover=False --variant cover150 --variant no_area_cap cover_max_area=1.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pickle
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _variants(specs: list[list[str]]) -> dict[str, object]:
+    """`--variant NAME key=value ...` -> {NAME: PeakSettings}; values parsed as bool, int or float."""
+    from samkit.everything.learned import PEAK_DEFAULTS
+
+    out = {}
+    for name, *pairs in specs:
+        kw = {}
+        for pair in pairs:
+            key, value = pair.split("=", 1)
+            kw[key] = (
+                value == "True"
+                if value in ("True", "False")
+                else (int(value) if value.lstrip("-").isdigit() else float(value))
+            )
+        out[name] = dataclasses.replace(PEAK_DEFAULTS, **kw)
+    return out
+
+
+def main() -> None:
+    from pycocotools import mask as mask_utils
+
+    import samkit
+    from samkit.eval import protocols as P
+    from samkit.eval.datasets import open_dataset
+    from samkit.everything.generator import MaskGenerator
+    from samkit.everything.learned import load_head
+    from samkit.hardware import run_header
+    from samkit.image import load_image
+    from samkit.predictor import Predictor
+
+    class CountingGenerator(MaskGenerator):
+        """A MaskGenerator that counts the prompts it decodes."""
+
+        decoded = 0
+
+        def _process_batch(self, embedded_image, points, *args):  # type: ignore[override]
+            self.decoded += len(points)
+            return super()._process_batch(embedded_image, points, *args)
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a TRAINING split with annotations.json")
+    parser.add_argument("--skip", type=int, default=64, help="images the head was trained on come first")
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
+    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE]")
+    args = parser.parse_args()
+    parts = Path(args.data).resolve().parts
+    if "val" in parts or "test" in parts or "interactive" in parts:
+        sys.exit(f"{args.data} is an evaluation split: settings are chosen on training splits only")
+    torch.set_num_threads(1)
+    variants = _variants(args.variant)
+
+    print(run_header("fp32"))
+    print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    print(f"command: {shlex.join(['python', *sys.argv])}")
+    model = samkit.load("vit_t", dtype="fp32")
+    head = load_head(args.head)
+    grid_gen = CountingGenerator(model, output_mode="coco_rle", threads=1)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    names = ["grid", *variants]
+    results: dict[str, list] = {n: [] for n in names}
+    stats: dict[str, list] = {n: [] for n in names}
+    items = [it for n, it in enumerate(open_dataset(args.data).images()) if n >= args.skip][: args.limit]
+    for it in items:
+        image = load_image(it.image)
+        size = (image.shape[0], image.shape[1])
+        cached = args.cache / f"{Path(args.data).resolve().parent.name}_{it.id}.pkl"
+        pred = Predictor(model)
+        if cached.exists():
+            grid = pickle.loads(cached.read_bytes())
+            pred.set_embedding(grid["features"], size)
+        else:
+            pred.set_image(image)
+            t0 = time.perf_counter()
+            records = grid_gen.generate(image, embedded=pred)
+            grid = {
+                "features": pred.embedding.cpu().numpy(),
+                "rles": [r["segmentation"] for r in records],
+                "scores": np.array([r["predicted_iou"] for r in records]),
+                "seconds": time.perf_counter() - t0,
+            }
+            cached.write_bytes(pickle.dumps(grid))
+
+        def score(rles: list, scores: np.ndarray, item=it) -> dict:
+            masks = [mask_utils.decode(r).astype(bool) for r in rles]
+            return P.proposals(lambda _: (masks, scores), item)
+
+        results["grid"].append(score(grid["rles"], grid["scores"]))
+        stats["grid"].append((1024, grid["seconds"], len(grid["rles"])))
+        for name, peaks in variants.items():
+            gen = CountingGenerator(
+                model, output_mode="coco_rle", prompts="learned", prompt_head=head, peaks=peaks, threads=1
+            )
+            t0 = time.perf_counter()
+            records = gen.generate(image, embedded=pred)
+            seconds = time.perf_counter() - t0
+            scores = np.array([r["predicted_iou"] for r in records])
+            results[name].append(score([r["segmentation"] for r in records], scores))
+            stats[name].append((gen.decoded, seconds, len(records)))
+        print(
+            f"{it.id}: " + " | ".join(f"{n} {s[-1][0]}p {s[-1][1]:.1f}s" for n, s in stats.items()),
+            flush=True,
+        )
+
+    print(f"\nimages {len(items)} of {args.data} from #{args.skip}; decode time only, one thread")
+    print(
+        f"{'variant':14} {'AR@100':>7} {'AR@1000':>8} {'prompts':>8} {'s/img':>6} {'masks':>6}  AR@1000 S/M/L"
+    )
+    for name in names:
+        s = P.summarize_proposals(results[name])
+        n, t, m = np.array(stats[name], dtype=float).mean(0)
+        sml = " / ".join(f"{100 * s[f'AR_{k}@1000']:.1f}" for k in ("small", "medium", "large"))
+        print(
+            f"{name:14} {100 * s['AR@100']:7.1f} {100 * s['AR@1000']:8.1f} {n:8.1f} {t:6.2f} {m:6.1f}  {sml}"
+        )
+    for name, peaks in variants.items():
+        print(f"{name}: {peaks}")
+
+
+if __name__ == "__main__":
+    main()
