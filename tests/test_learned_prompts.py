@@ -207,6 +207,24 @@ def test_cover_skips_candidates_inside_a_found_mask(tiny_model, photo, max_area,
         assert a["point_coords"] == b["point_coords"]
 
 
+def test_cover_with_cell_candidates(tiny_model, photo):
+    """Candidates at embedding cells (grid 0): covering and its margin (one cell) work in that frame too."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
+    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=12, round_points=3, grid=0, cover_margin=1.0)
+    records = samkit.MaskGenerator(
+        tiny_model, prompts="learned", prompt_head=head, peaks=peaks, **kw
+    ).generate(photo)
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    candidates, _ = learned_candidates(head, pred.embedding, pred.original_size, pred.input_size, peaks)
+    rows, cols = (-(-s // 16) for s in pred.input_size)
+    assert len(candidates) == rows * cols  # every cell over the image
+    used = {tuple(r["point_coords"][0]) for r in records}
+    assert 0 < len(used) <= 12 and used <= {tuple(p) for p in candidates.tolist()}
+
+
 def test_without_cover_the_best_candidates_are_decoded(tiny_model, photo):
     torch.manual_seed(3)
     head = PromptHead()

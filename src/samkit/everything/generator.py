@@ -24,7 +24,14 @@ from samkit.devices import can_limit_threads, cpu_tuned, limit_this_thread
 from samkit.errors import InputError
 from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
-from samkit.everything.learned import PEAK_DEFAULTS, PeakSettings, learned_candidates, load_head, take_round
+from samkit.everything.learned import (
+    CELL,
+    PEAK_DEFAULTS,
+    PeakSettings,
+    learned_candidates,
+    load_head,
+    take_round,
+)
 from samkit.everything.settings import DEFAULTS
 from samkit.image import ImageLike, load_image
 from samkit.masks import (
@@ -389,7 +396,9 @@ class MaskGenerator:
             parts += found
             if peaks.cover and available.any():
                 h, w = upscaler.original_size
-                step = np.array([w, h]) / peaks.grid if peaks.grid else np.array([w, h]) / 64
+                in_h, in_w = embedded_image.input_size
+                # A grid step, or (candidates at cells) one embedding cell, in the image's pixels.
+                step = np.array([w, h]) / peaks.grid if peaks.grid else CELL * np.array([w / in_w, h / in_h])
                 for part in found:
                     available &= ~_covered(
                         part, points, upscaler, peaks.cover_max_area * h * w, peaks.cover_margin * step
@@ -528,8 +537,9 @@ def _covered(
     if not len(part):
         return np.zeros(len(points), dtype=bool)
     (group,) = part.groups  # one decoded batch: one group, members in order
-    blocks = group.blocks.select(part.member)
-    areas = upscaler.areas(blocks)
+    device = group.blocks.full.device
+    blocks = group.blocks.select(part.member.to(device))
+    areas = upscaler.areas(blocks).cpu()
     _, source = torch.unique(part.points, dim=0, return_inverse=True)
     smallest = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
     for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
@@ -537,7 +547,7 @@ def _covered(
     smallest = smallest[areas[smallest] <= max_area]
     if not len(smallest):
         return np.zeros(len(points), dtype=bool)
-    chosen = blocks.select(smallest)
+    chosen = blocks.select(smallest.to(device))
     inside = upscaler.contains(chosen, torch.from_numpy(points))
     if np.any(margin > 0):
         for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):
