@@ -382,6 +382,11 @@ class MaskGenerator:
         )
         available = np.ones(len(points), dtype=bool)
         threads = torch.get_num_threads() if self.threads is None else self.threads
+        h, w = upscaler.original_size
+        in_h, in_w = embedded_image.input_size
+        # The margin's unit: a grid step, or (candidates at cells) one embedding cell, in the image's pixels.
+        step = np.array([w, h]) / peaks.grid if peaks.grid else CELL * np.array([w / in_w, h / in_h])
+        max_area = peaks.cover_max_area * h * w
         parts: list[_Masks] = []
         decoded = 0
         while True:
@@ -395,14 +400,8 @@ class MaskGenerator:
             )
             parts += found
             if peaks.cover and available.any():
-                h, w = upscaler.original_size
-                in_h, in_w = embedded_image.input_size
-                # A grid step, or (candidates at cells) one embedding cell, in the image's pixels.
-                step = np.array([w, h]) / peaks.grid if peaks.grid else CELL * np.array([w / in_w, h / in_h])
                 for part in found:
-                    available &= ~_covered(
-                        part, points, upscaler, peaks.cover_max_area * h * w, peaks.cover_margin * step
-                    )
+                    available &= ~_covered(part, points, upscaler, max_area, peaks.cover_margin * step)
 
     def _process_batch(
         self,
@@ -547,13 +546,11 @@ def _covered(
     smallest = smallest[areas[smallest] <= max_area]
     if not len(smallest):
         return np.zeros(len(points), dtype=bool)
-    chosen = blocks.select(smallest.to(device))
-    inside = upscaler.contains(chosen, torch.from_numpy(points))
-    if np.any(margin > 0):
-        for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-            shifted = points + np.array([dx, dy]) * margin
-            inside &= upscaler.contains(chosen, torch.from_numpy(shifted))
-    return inside.any(0).cpu().numpy()
+    # Each point and, with a margin, the four points around it: one lookup, all of them must be inside.
+    shifts = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)] if np.any(margin > 0) else [(0, 0)]
+    probes = np.concatenate([points + np.array(d) * margin for d in shifts])
+    inside = upscaler.contains(blocks.select(smallest.to(device)), torch.from_numpy(probes))
+    return inside.view(len(smallest), len(shifts), len(points)).all(1).any(0).cpu().numpy()
 
 
 def _map_batches(

@@ -138,11 +138,17 @@ def pick_grid_indices(
 ) -> np.ndarray:
     """(K,) int64 indices (row * grid + column) of the best points of the `settings.grid`-per-side point
     grid under a heat-map logit tensor (side, side), best first."""
-    n = settings.grid
-    side = logits.shape[-1]
-    _, _, cells = grid_cells(original_size, input_size, n, side)
-    prob = torch.sigmoid(logits.detach().float().cpu()).flatten()[torch.as_tensor(cells)].reshape(n, n)
+    _, _, prob = _grid_prob(logits, original_size, input_size, settings.grid)
     return _top(prob, settings).numpy()
+
+
+def _grid_prob(
+    logits: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int], n: int
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """The n x n grid points' xs and ys (`grid_cells`) and the heat map's probability at each, (n, n)."""
+    xs, ys, cells = grid_cells(original_size, input_size, n, logits.shape[-1])
+    prob = torch.sigmoid(logits.detach().float().cpu()).flatten()[torch.as_tensor(cells)].reshape(n, n)
+    return xs, ys, prob
 
 
 def grid_candidates(
@@ -153,15 +159,15 @@ def grid_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every candidate prompt `settings` allow, best first: (K, 2) float64 (x, y) original-image pixels and
     (K,) float64 probabilities (grid points when `settings.grid`, else cell centres over the image)."""
-    prob = torch.sigmoid(logits.detach().float().cpu())
     n = settings.grid
     if n:
-        xs, ys, cells = grid_cells(original_size, input_size, n, prob.shape[-1])
-        order, scores = _ranked(prob.flatten()[torch.as_tensor(cells)].reshape(n, n), settings.nms_radius)
+        xs, ys, prob = _grid_prob(logits, original_size, input_size, n)
+        order, scores = _ranked(prob, settings.nms_radius)
         idx = order.numpy()
         points = np.stack([xs[idx % n], ys[idx // n]], axis=1)
     else:
         rows, cols = (-(-s // CELL) for s in input_size)
+        prob = torch.sigmoid(logits.detach().float().cpu())
         order, scores = _ranked(prob[:rows, :cols], settings.nms_radius)
         cells_ = torch.stack([order % cols, order // cols], dim=1).numpy()
         points = cells_to_points(cells_, original_size, input_size)
@@ -178,9 +184,14 @@ def learned_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`grid_candidates` of the head's heat map for one image (`embedding`: (1, 256, 64, 64) from the model
     the head was trained on)."""
+    return grid_candidates(head_logits(head, embedding), original_size, input_size, settings)
+
+
+def head_logits(head: PromptHead, embedding: torch.Tensor) -> torch.Tensor:
+    """The head's (side, side) heat-map logits for one image's (1, 256, side, side) embedding, run on the
+    head's own device and dtype."""
     param = next(head.parameters())
-    logits = head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
-    return grid_candidates(logits, original_size, input_size, settings)
+    return head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
 
 
 def pick_grid_points(
@@ -192,8 +203,7 @@ def pick_grid_points(
     """The best points of the `settings.grid`-per-side point grid (the grid mode's layout over the image)
     under a heat-map logit tensor (side, side), as (K, 2) float64 (x, y) original-image pixels, best first."""
     n = settings.grid
-    xs, ys, cells = grid_cells(original_size, input_size, n, logits.shape[-1])
-    prob = torch.sigmoid(logits.detach().float().cpu()).flatten()[torch.as_tensor(cells)].reshape(n, n)
+    xs, ys, prob = _grid_prob(logits, original_size, input_size, n)
     idx = _top(prob, settings).numpy()
     return np.stack([xs[idx % n], ys[idx // n]], axis=1)
 
@@ -221,9 +231,7 @@ def learned_points(
     """(K, 2) float64 (x, y) original-image pixels: the prompts the head ranks best for one image, as many
     as `settings` allow before any is skipped as covered (what MaskGenerator decodes with `cover=False`;
     `embedding`: (1, 256, 64, 64) from the same model the head was trained on)."""
-    param = next(head.parameters())
-    logits = head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
-    return pick_points(logits, original_size, input_size, settings)
+    return pick_points(head_logits(head, embedding), original_size, input_size, settings)
 
 
 def pick_points(
