@@ -99,7 +99,7 @@ def tiny_model():
 def test_learned_mode_decodes_the_heads_peaks_through_the_same_filters(tiny_model, photo):
     torch.manual_seed(1)
     head = PromptHead()
-    peaks = PeakSettings(threshold=1.0, min_points=6, max_points=6, cover=False)
+    peaks = PeakSettings(threshold=1.0, min_points=6, max_points=6, cover=False, boxes=0)
     kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
     learned = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=peaks, **kw)
     records = learned.generate(photo)
@@ -190,6 +190,7 @@ def test_cover_skips_candidates_inside_a_found_mask(tiny_model, photo, max_area,
         round_points=1,
         cover_max_area=max_area,
         cover_margin=margin,
+        boxes=0,
     )
     h, w = photo.shape[:2]
     learned = samkit.MaskGenerator(
@@ -246,6 +247,81 @@ def test_without_cover_the_best_candidates_are_decoded(tiny_model, photo):
     used = {tuple(r["point_coords"][0]) for r in plain}
     assert used <= {tuple(p) for p in candidates[:10].tolist()}
     assert used != {tuple(r["point_coords"][0]) for r in run(peaks)}  # cover decodes other points
+
+
+def test_box_prompts_come_from_the_points_masks(tiny_model, photo):
+    """After the points, the best boxes of their masks (by predicted IoU) are decoded as box prompts: found
+    here by hand with the predictor's own point and box prompts, on a square image (no padding)."""
+    torch.manual_seed(1)
+    head = PromptHead()
+    square = np.ascontiguousarray(photo[:400, :400])
+    peaks = PeakSettings(
+        threshold=1.0, min_points=6, max_points=6, cover=False, boxes=4, box_min_area=0.0, box_match=1.01
+    )
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+
+    def run(p: PeakSettings) -> list:
+        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
+            square
+        )
+
+    with_boxes, points_only = run(peaks), run(dataclasses.replace(peaks, boxes=0))
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(square)
+    points = learned_points(head, pred.embedding, pred.original_size, pred.input_size, peaks)
+    scale = pred.input_size[0] / 400  # model-input pixels per image pixel
+    candidates = []  # (predicted IoU, box in image pixels, source point) of every mask of every point
+    for x, y in points:
+        _, scores, low_res = pred.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+        up = tiny_model.image_size / low_res.shape[-1]
+        for score, logits in zip(scores, low_res, strict=True):
+            ys, xs = np.nonzero(logits > 0)
+            if len(xs):
+                box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) * up / scale
+                candidates.append((float(score), box, (x, y)))
+    candidates.sort(key=lambda c: -c[0])
+    assert len(candidates) > 4
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        return (a & b).sum() >= 0.98 * (a | b).sum()
+
+    extra = [
+        r for r in with_boxes if not any(same(r["segmentation"], q["segmentation"]) for q in points_only)
+    ]
+    assert len(with_boxes) == len(points_only) + 4 and len(extra) == 4
+    assert sorted(r["point_coords"][0] for r in extra) == sorted([x, y] for _, _, (x, y) in candidates[:4])
+    for _, box, (x, y) in candidates[:4]:
+        masks, _, _ = pred.predict(box=box, multimask_output=False)
+        assert any(r["point_coords"] == [[x, y]] and same(r["segmentation"], masks[0]) for r in extra)
+
+
+def test_box_prompt_choice_skips_found_small_and_overlapping_boxes(tiny_model):
+    """`_box_prompts`: boxes under box_min_area, boxes a found mask already has, and boxes overlapping a
+    better one are not decoded; at most `boxes` are, best predicted IoU first, with their source points."""
+    from types import SimpleNamespace
+
+    peaks = PeakSettings(boxes=2, box_min_area=0.01, box_match=0.8)
+    gen = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=PromptHead(), peaks=peaks)
+    boxes = torch.tensor(
+        [
+            [0, 0, 100, 100],  # best
+            [0, 0, 100, 95],  # overlaps the best: NMS at box_nms_thresh
+            [0, 0, 5, 5],  # 25 px, under 1% of 512 x 512
+            [200, 200, 400, 400],  # a found mask has this box
+            [300, 0, 500, 150],  # kept
+            [0, 300, 150, 500],  # kept but over the budget
+        ],
+        dtype=torch.float32,
+    )
+    scores = torch.tensor([0.99, 0.98, 0.97, 0.96, 0.95, 0.94])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    source = torch.arange(12, dtype=torch.float64).reshape(6, 2)
+    # The image is 256 x 256 pixels, its model input 512 x 512: a found mask's box is in image pixels.
+    embedded = SimpleNamespace(input_size=(512, 512), original_size=(256, 256))
+    found = SimpleNamespace(boxes=torch.tensor([[100, 100, 200, 200]]))
+    prompts = gen._box_prompts([(boxes, scores, areas, source)], [found], embedded)
+    np.testing.assert_array_equal(prompts[:, :2], source[[0, 4]].numpy())
+    np.testing.assert_array_equal(prompts[:, 2:], boxes[[0, 4]].numpy())
 
 
 def test_learned_mode_rejects_unknown_prompt_source(tiny_model):

@@ -36,6 +36,7 @@ from samkit.everything.settings import DEFAULTS
 from samkit.image import ImageLike, load_image
 from samkit.masks import (
     batched_nms,
+    box_iou,
     box_xyxy_to_xywh,
     coco_rle_areas,
     is_box_near_crop_edge,
@@ -338,9 +339,17 @@ class MaskGenerator:
         else:
             embedded_image = EmbeddedImage.encode(self.model, cropped, self.pipeline)
         upscaler = embedded_image.upscaler()
+        # Learned prompts with boxes: each point batch adds the boxes of its masks (see `_box_prompts`).
+        candidates: list[tuple[torch.Tensor, ...]] | None = (
+            [] if self.head is not None and self.peaks.boxes > 0 else None
+        )
 
         def one_batch(batch: np.ndarray) -> _Masks:
-            masks = self._process_batch(embedded_image, batch, crop, crop_size, image_size, upscaler)
+            """Points (P, 2); or (P, 6): each a source point and a box prompt (model-input frame)."""
+            points, boxes = (batch, None) if batch.shape[1] == 2 else (batch[:, :2], batch[:, 2:])
+            masks = self._process_batch(
+                embedded_image, points, crop, crop_size, image_size, upscaler, boxes, candidates
+            )
             if bar is not None:
                 bar.update(1)  # tqdm's update is thread-safe
             return masks
@@ -350,6 +359,13 @@ class MaskGenerator:
             parts = _map_batches(one_batch, self._batches(points), self.model.device, self.threads)
         else:
             parts = self._learned_parts(embedded_image, upscaler, one_batch)
+            if candidates:
+                prompts = self._box_prompts(candidates, parts, embedded_image)
+                candidates = None  # the box prompts' own masks give no further boxes
+                threads = torch.get_num_threads() if self.threads is None else self.threads
+                parts += _map_batches(
+                    one_batch, self._batches(prompts, threads), self.model.device, self.threads
+                )
         masks = _Masks.cat(parts) if parts else _Masks.empty()
         keep = batched_nms(masks.boxes.float(), masks.iou_preds, torch.zeros(len(masks)), self.box_nms_thresh)
         masks = masks.select(keep).compact()
@@ -403,6 +419,27 @@ class MaskGenerator:
                 for part in found:
                     available &= ~_covered(part, points, upscaler, max_area, peaks.cover_margin * step)
 
+    def _box_prompts(
+        self, candidates: list[tuple[torch.Tensor, ...]], parts: list[_Masks], embedded_image: EmbeddedImage
+    ) -> np.ndarray:
+        """(B, 6): the box prompts after the learned points (`PeakSettings.boxes`), each with the point it
+        came from (x, y crop pixels) and the box (XYXY model-input frame): the points' mask boxes over
+        `box_min_area` of the image that no mask passing the filters has (IoU < `box_match`), box-NMS'd at
+        box_nms_thresh by predicted IoU, best first."""
+        peaks = self.peaks
+        boxes, scores, areas, source = (torch.cat(c) for c in zip(*candidates, strict=True))
+        in_h, in_w = embedded_image.input_size
+        h, w = embedded_image.original_size
+        ok = areas >= peaks.box_min_area * in_h * in_w
+        found = torch.cat([p.boxes for p in parts]).float() if parts else torch.zeros(0, 4)
+        if len(found):
+            found = found * torch.tensor([in_w / w, in_h / h] * 2)
+            ok &= box_iou(boxes, found).amax(1) < peaks.box_match
+        idx = ok.nonzero().flatten()
+        idx = idx[batched_nms(boxes[idx], scores[idx], torch.zeros(len(idx)), self.box_nms_thresh)]
+        idx = idx[: peaks.boxes]
+        return np.concatenate([source[idx].numpy(), boxes[idx].double().numpy()], axis=1).reshape(-1, 6)
+
     def _process_batch(
         self,
         embedded_image: EmbeddedImage,
@@ -411,17 +448,38 @@ class MaskGenerator:
         crop_size: tuple[int, int],
         image_size: tuple[int, int],
         upscaler: Upscaler,
+        boxes: np.ndarray | None = None,
+        candidates: list[tuple[torch.Tensor, ...]] | None = None,
     ) -> _Masks:
-        """Masks for one batch of points (P, 2) (x, y) in the crop's pixels; boxes in the crop's frame."""
+        """Masks for one batch of points (P, 2) (x, y) in the crop's pixels; boxes in the crop's frame.
+        With `boxes` (P, 4) XYXY in the model-input frame, each is decoded as a box prompt (one mask) and its
+        point is only reported as where it came from. `candidates`: the boxes of all the points' masks are
+        appended to it (`_mask_boxes`)."""
         device = self.model.device
-        coords = torch.as_tensor(self.pipeline.apply_coords(points, crop_size), device=device)
-        labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
         # Only prompts with a mask above pred_iou_thresh get their masks computed at all, and only over
         # the image: the Upscaler reads no low-res logit of the padding (see `Upscaler`).
         min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
-        iou, rows, rows_low_res = embedded_image.decode(
-            coords[:, None, :], labels, multimask_output=True, min_iou=min_iou, image_only=True
-        )
+        if boxes is None:
+            coords = torch.as_tensor(self.pipeline.apply_coords(points, crop_size), device=device)
+            labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
+            iou, rows, rows_low_res = embedded_image.decode(
+                coords[:, None, :], labels, multimask_output=True, min_iou=min_iou, image_only=True
+            )
+        else:
+            box_t = torch.as_tensor(boxes, dtype=torch.float32, device=device)
+            iou, rows, rows_low_res = embedded_image.decode(
+                None, None, box_t, multimask_output=False, min_iou=min_iou, image_only=True
+            )
+        if candidates is not None and len(rows):
+            candidates.append(
+                _mask_boxes(
+                    rows_low_res,
+                    iou[rows],
+                    self.model.mask_threshold,
+                    points[rows.cpu().numpy()],
+                    self.model.image_size,
+                )
+            )
         n_out = iou.shape[1]
         iou = iou.flatten(0, 1).float()
         pts = torch.as_tensor(points, dtype=torch.float64).repeat_interleave(n_out, 0)
@@ -525,6 +583,24 @@ class MaskGenerator:
         if self.output_mode == "binary_mask":
             return mask
         return mask_to_rle(mask[None])[0]
+
+
+def _mask_boxes(
+    low_res: torch.Tensor, iou: torch.Tensor, threshold: float, points: np.ndarray, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The boxes of K prompts' C masks each: `low_res` (K, C, h, w) logits (the padding far below
+    `threshold`), `iou` (K, C) their predicted IoU, `points` (K, 2) the prompts (x, y crop pixels). Returns
+    float32 (K * C, 4) XYXY boxes in the model-input frame (`image_size` square; 0 for an empty mask),
+    (K * C,) predicted IoU, (K * C,) areas in input pixels, float64 (K * C, 2) source points."""
+    masks = (low_res > threshold).flatten(0, 1).cpu()
+    scale = image_size / low_res.shape[-1]
+    area = masks.flatten(1).sum(1).float() * scale * scale
+    box = masks_to_boxes(masks).float()
+    box[:, 2:] += 1  # inclusive last pixel -> exclusive edge
+    box *= (area > 0)[:, None]
+    n_out = low_res.shape[1]
+    source = torch.from_numpy(np.repeat(np.asarray(points, dtype=np.float64), n_out, axis=0))
+    return box * scale, iou.flatten().float().cpu(), area, source
 
 
 def _covered(

@@ -50,6 +50,14 @@ class PeakSettings:
     # A candidate is covered only if the mask also holds the points this share of a grid step (image side /
     # `grid`, or a cell) away from it on all four sides: points near a mask's edge often find a neighbour.
     cover_margin: float = 0.0
+    # After the points, up to `boxes` box prompts: the boxes of the decoded points' masks (any of the three,
+    # kept or not) that cover at least `box_min_area` of the image and that no mask passing the filters
+    # already has (box IoU below `box_match`), best predicted IoU first and box-NMS'd, each decoded as a
+    # box (one mask). A large object's whole mask seldom passes the filters from a point; from its box it
+    # often does.
+    boxes: int = 16
+    box_min_area: float = 0.01
+    box_match: float = 0.8
 
 
 PEAK_DEFAULTS = PeakSettings()

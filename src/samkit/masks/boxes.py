@@ -40,6 +40,22 @@ def _occupied_rows_cols(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return as_u8.amax(dim=-1), as_u8.amax(dim=-2)
 
 
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) IoU of XYXY boxes `a` (N, 4) and `b` (M, 4), areas (x1 - x0) * (y1 - y0); 0 where both are empty."""
+    a, b = a.float(), b.float()
+    w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(
+        min=0
+    )
+    h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(
+        min=0
+    )
+    inter = w * h
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
 def box_xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
     """XYXY (..., 4) -> XYWH (..., 4) with w = x1 - x0, h = y1 - y0 (a new tensor; the input is unchanged)."""
     xy = boxes[..., :2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from samkit.masks.boxes import box_iou
+
 # Rows of the IoU matrix computed at once: bounds the temporary memory to about 4M floats per tensor.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -53,20 +55,11 @@ def _overlap_edges(boxes: torch.Tensor, iou_threshold: float) -> tuple[torch.Ten
     Only the upper triangle is computed, in row chunks, so memory stays O(chunk * N).
     """
     n = boxes.shape[0]
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     chunk = max(1, _CHUNK_ELEMENTS // n)
     srcs, dsts = [], []
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        a, b = boxes[start:stop], boxes[start:]
-        w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(
-            min=0
-        )
-        h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(
-            min=0
-        )
-        inter = w * h
-        iou = inter / (area[start:stop, None] + area[None, start:] - inter)
+        iou = box_iou(boxes[start:stop], boxes[start:])
         # Column c of this block is box start + c; keep only pairs strictly above the diagonal.
         over = (iou > iou_threshold).triu_(diagonal=1)
         i, j = over.nonzero(as_tuple=True)
