@@ -52,6 +52,9 @@ def main() -> None:
         default=PEAK_DEFAULTS.cover,
         help="skip candidates inside a mask already found",
     )
+    parser.add_argument(
+        "--boxes", type=int, default=PEAK_DEFAULTS.boxes, help="box prompts after the points (0: none)"
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()
@@ -69,6 +72,7 @@ def main() -> None:
         nms_radius=args.nms_radius,
         grid=args.grid,
         cover=args.cover,
+        boxes=args.boxes,
     )
     print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")

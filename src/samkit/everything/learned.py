@@ -31,32 +31,33 @@ class PeakSettings:
     inside a mask already found are skipped as they come up (see `take_round`)."""
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
-    # next to another's); at most 150 points decoded: under a fifth of the grid's time. The threshold was
+    # next to another's); at most 170 points decoded, then at most 32 boxes (below): under a fifth of the
+    # grid's time. These settings and the threshold were
     # chosen on held-out training-split images (never an evaluation split): it stops early on images the
     # head finds little in, at no loss of recall there.
     threshold: float = 0.03
     nms_radius: int = 0
     min_points: int = 64
-    max_points: int = 150
+    max_points: int = 170
     grid: int = 32
     # MaskGenerator decodes the candidates best first, `round_points` at a time, and with `cover` skips a
     # candidate that lies inside the smallest kept mask of a point decoded before it (it would mostly find
     # that mask again); `max_points` then bounds the points decoded, not the candidates.
     cover: bool = True
-    round_points: int = 16
+    round_points: int = 8
     # A smallest kept mask over more than this share of the image covers nothing: a point whose only kept
     # mask is (nearly) the whole image says nothing about the objects in it.
     cover_max_area: float = 0.5
     # A candidate is covered only if the mask also holds the points this share of a grid step (image side /
     # `grid`, or a cell) away from it on all four sides: points near a mask's edge often find a neighbour.
     cover_margin: float = 0.0
-    # After the points, up to `boxes` box prompts: the boxes of the decoded points' masks (any of the three,
-    # kept or not) that cover at least `box_min_area` of the image and that no mask passing the filters
+    # After the points, up to `boxes` box prompts: the boxes of the decoded points' masks (all three of each
+    # point with a mask above pred_iou_thresh, whether they pass the filters or not) that cover at least `box_min_area` of the image and that no mask passing the filters
     # already has (box IoU below `box_match`), best predicted IoU first and box-NMS'd, each decoded as a
     # box (one mask). A large object's whole mask seldom passes the filters from a point; from its box it
     # often does.
-    boxes: int = 16
-    box_min_area: float = 0.01
+    boxes: int = 32
+    box_min_area: float = 0.002
     box_match: float = 0.8
 
 
