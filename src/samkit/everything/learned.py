@@ -31,20 +31,20 @@ class PeakSettings:
     inside a mask already found are skipped as they come up (see `take_round`)."""
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
-    # next to another's); at most 170 points decoded, then at most 32 boxes (below): under a fifth of the
+    # next to another's); at most 160 points decoded, then at most 32 boxes (below): under a fifth of the
     # grid's time. These settings and the threshold were
     # chosen on held-out training-split images (never an evaluation split): it stops early on images the
     # head finds little in, at no loss of recall there.
     threshold: float = 0.03
     nms_radius: int = 0
     min_points: int = 64
-    max_points: int = 170
+    max_points: int = 160
     grid: int = 32
     # MaskGenerator decodes the candidates best first, `round_points` at a time, and with `cover` skips a
     # candidate that lies inside the smallest kept mask of a point decoded before it (it would mostly find
     # that mask again); `max_points` then bounds the points decoded, not the candidates.
     cover: bool = True
-    round_points: int = 8
+    round_points: int = 4
     # A smallest kept mask over more than this share of the image covers nothing: a point whose only kept
     # mask is (nearly) the whole image says nothing about the objects in it.
     cover_max_area: float = 0.5
