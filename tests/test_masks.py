@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 from samkit.errors import InputError
 from samkit.masks import (
     batched_nms,
+    box_iou,
     box_xyxy_to_xywh,
     coco_encode_rle,
     is_box_near_crop_edge,
@@ -91,6 +92,16 @@ def test_masks_to_boxes_matches_reference(masks):
     assert masks_to_boxes(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0, 4)
     transposed = masks.transpose(1, 2)  # a non-contiguous view
     assert torch.equal(masks_to_boxes(transposed), amg.batched_mask_to_box(transposed.contiguous()))
+
+
+def test_box_iou_by_hand():
+    a = torch.tensor([[0, 0, 10, 10], [0, 0, 0, 0]])
+    b = torch.tensor([[5, 0, 15, 10], [0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 0, 0]])
+    iou = box_iou(a, b)
+    assert iou.shape == (2, 4)
+    # 50 shared of 150; itself; disjoint; two empty boxes have no union and count as 0, not NaN.
+    np.testing.assert_allclose(iou[0].numpy(), [50 / 150, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(iou[1].numpy(), [0.0, 0.0, 0.0, 0.0])
 
 
 def test_box_xyxy_to_xywh():
