@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,7 +187,8 @@ class MaskGenerator:
     than this many pixels are removed and duplicates re-suppressed. output_mode: "binary_mask" (bool
     (H, W) arrays), "uncompressed_rle" or "coco_rle" (pycocotools, JSON-ready).
     prompts: "grid" (the point grids above) or "learned": the points a `PromptHead` scores highest on each
-    crop's embedding (by default 64-150 of the grid's own points instead of all n * n; see `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
+    crop's embedding (by default 64-160 of the grid's own points instead of all n * n, then up to 32 box
+    prompts from their masks; see `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
     safetensors path; None loads the one shipped with samkit (trained on vit_t embeddings). peaks: how
     the heat map's peaks become prompts (`PeakSettings`).
     threads: on a CPU, batches of prompts decoded at once, each in its own Python thread whose torch ops
@@ -339,13 +341,10 @@ class MaskGenerator:
         else:
             embedded_image = EmbeddedImage.encode(self.model, cropped, self.pipeline)
         upscaler = embedded_image.upscaler()
-        # Learned prompts with boxes: each point batch adds the boxes of its masks (see `_box_prompts`).
-        candidates: list[tuple[torch.Tensor, ...]] | None = (
-            [] if self.head is not None and self.peaks.boxes > 0 else None
-        )
 
-        def one_batch(batch: np.ndarray) -> _Masks:
-            """Points (P, 2); or (P, 6): each a source point and a box prompt (model-input frame)."""
+        def one_batch(batch: np.ndarray, candidates: list[tuple[torch.Tensor, ...]] | None = None) -> _Masks:
+            """Points (P, 2); or (P, 6): each a source point and a box prompt (model-input frame).
+            `candidates`: collects the boxes of the points' masks (see `_process_batch`)."""
             points, boxes = (batch, None) if batch.shape[1] == 2 else (batch[:, :2], batch[:, 2:])
             masks = self._process_batch(
                 embedded_image, points, crop, crop_size, image_size, upscaler, boxes, candidates
@@ -359,13 +358,6 @@ class MaskGenerator:
             parts = _map_batches(one_batch, self._batches(points), self.model.device, self.threads)
         else:
             parts = self._learned_parts(embedded_image, upscaler, one_batch)
-            if candidates:
-                prompts = self._box_prompts(candidates, parts, embedded_image)
-                candidates = None  # the box prompts' own masks give no further boxes
-                threads = torch.get_num_threads() if self.threads is None else self.threads
-                parts += _map_batches(
-                    one_batch, self._batches(prompts, threads), self.model.device, self.threads
-                )
         masks = _Masks.cat(parts) if parts else _Masks.empty()
         keep = batched_nms(masks.boxes.float(), masks.iou_preds, torch.zeros(len(masks)), self.box_nms_thresh)
         masks = masks.select(keep).compact()
@@ -383,10 +375,11 @@ class MaskGenerator:
         self,
         embedded_image: EmbeddedImage,
         upscaler: Upscaler,
-        one_batch: Callable[[np.ndarray], _Masks],
+        one_batch: Callable[..., _Masks],
     ) -> list[_Masks]:
         """The masks of the prompt head's candidates, decoded best first in rounds (`PeakSettings`): with
-        `cover`, a candidate inside the smallest kept mask of a point decoded in an earlier round is skipped."""
+        `cover`, a candidate inside the smallest kept mask of a point decoded in an earlier round is skipped;
+        then those of the box prompts taken from the points' masks (`_box_prompts`)."""
         assert self.head is not None
         peaks = self.peaks
         points, probs = learned_candidates(
@@ -403,21 +396,30 @@ class MaskGenerator:
         # The margin's unit: a grid step, or (candidates at cells) one embedding cell, in the image's pixels.
         step = np.array([w, h]) / peaks.grid if peaks.grid else CELL * np.array([w / in_w, h / in_h])
         max_area = peaks.cover_max_area * h * w
+        # Each point batch adds the boxes of its masks; the box prompts' own masks add none.
+        candidates: list[tuple[torch.Tensor, ...]] | None = [] if peaks.boxes > 0 else None
         parts: list[_Masks] = []
         decoded = 0
         while True:
             take = take_round(probs, available, decoded, peaks)
             if not len(take):
-                return parts
+                break
             available[take] = False
             decoded += len(take)
             found = _map_batches(
-                one_batch, self._batches(points[take], threads), self.model.device, self.threads
+                partial(one_batch, candidates=candidates),
+                self._batches(points[take], threads),
+                self.model.device,
+                self.threads,
             )
             parts += found
             if peaks.cover and available.any():
                 for part in found:
                     available &= ~_covered(part, points, upscaler, max_area, peaks.cover_margin * step)
+        if candidates:
+            boxes = self._box_prompts(candidates, parts, embedded_image)
+            parts += _map_batches(one_batch, self._batches(boxes, threads), self.model.device, self.threads)
+        return parts
 
     def _box_prompts(
         self, candidates: list[tuple[torch.Tensor, ...]], parts: list[_Masks], embedded_image: EmbeddedImage

@@ -32,9 +32,9 @@ class PeakSettings:
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
     # next to another's); at most 160 points decoded, then at most 32 boxes (below): under a fifth of the
-    # grid's time. These settings and the threshold were
-    # chosen on held-out training-split images (never an evaluation split): it stops early on images the
-    # head finds little in, at no loss of recall there.
+    # grid's time. These settings and the threshold were chosen on held-out training-split images (never an
+    # evaluation split); the threshold stops early on images the head finds little in, at no loss of
+    # recall there.
     threshold: float = 0.03
     nms_radius: int = 0
     min_points: int = 64
@@ -52,10 +52,10 @@ class PeakSettings:
     # `grid`, or a cell) away from it on all four sides: points near a mask's edge often find a neighbour.
     cover_margin: float = 0.0
     # After the points, up to `boxes` box prompts: the boxes of the decoded points' masks (all three of each
-    # point with a mask above pred_iou_thresh, whether they pass the filters or not) that cover at least `box_min_area` of the image and that no mask passing the filters
-    # already has (box IoU below `box_match`), best predicted IoU first and box-NMS'd, each decoded as a
-    # box (one mask). A large object's whole mask seldom passes the filters from a point; from its box it
-    # often does.
+    # point with a mask above pred_iou_thresh, whether they pass the filters or not) that cover at least
+    # `box_min_area` of the image and that no mask passing the filters already has (box IoU below
+    # `box_match`), best predicted IoU first and box-NMS'd, each decoded as a box (one mask). A large
+    # object's whole mask seldom passes the filters from a point; from its box it often does.
     boxes: int = 32
     box_min_area: float = 0.002
     box_match: float = 0.8

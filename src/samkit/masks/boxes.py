@@ -41,7 +41,8 @@ def _occupied_rows_cols(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, M) IoU of XYXY boxes `a` (N, 4) and `b` (M, 4), areas (x1 - x0) * (y1 - y0); 0 where both are empty."""
+    """(N, M) IoU of XYXY boxes `a` (N, 4) and `b` (M, 4), areas (x1 - x0) * (y1 - y0); 0 where both are
+    empty."""
     a, b = a.float(), b.float()
     w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(
         min=0
