@@ -5,11 +5,11 @@ embedding, scoring all of them as `samkit eval proposals` does against the train
 (AR over IoU 0.5:0.95, and AR@1000 by object size). Time is the decoding only (the image encoding, the same
 for every variant, is left out), with one torch thread.
 
-The images are those the shipped head never saw: coco_mini/train from the 65th image on (the teacher used
-the first 46) and dsb2018/train from the 541st (the teacher used the first 46).
+The images are those the shipped head never saw: the split's images less the first --seen (46) in name
+order, which the teacher ran on (`configs/prompt_head.yaml`, teacher.per_folder); --every takes every Nth.
 
     OMP_NUM_THREADS=1 python benchmarks/learned_prompts_design.py \\
-        --data ../shared/datasets/instances/coco_mini/train --skip 64 --limit 16 \\
+        --data ../shared/datasets/instances/coco_mini/train --limit 34 \\
         --variant top150 cover=False --variant cover150 --variant no_area_cap cover_max_area=1.01
 """
 
@@ -58,6 +58,7 @@ def main() -> None:
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.predictor import Predictor
+    from samkit.train.prompt_head import training_images
 
     class CountingGenerator(MaskGenerator):
         """A MaskGenerator that counts the prompts it decodes."""
@@ -70,7 +71,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a TRAINING split with annotations.json")
-    parser.add_argument("--skip", type=int, default=64, help="images the head was trained on come first")
+    parser.add_argument("--seen", type=int, default=46, help="the head's teacher ran on the first N in name order")
+    parser.add_argument("--every", type=int, default=1, help="every Nth of the unseen images")
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
@@ -92,7 +94,9 @@ def main() -> None:
     names = ["grid", *variants]
     results: dict[str, list] = {n: [] for n in names}
     stats: dict[str, list] = {n: [] for n in names}
-    items = [it for n, it in enumerate(open_dataset(args.data).images()) if n >= args.skip][: args.limit]
+    seen = {p.name for p in training_images([Path(args.data) / "images"], args.seen)}
+    unseen = [it for it in open_dataset(args.data).images() if Path(it.image).name not in seen]
+    items = sorted(unseen, key=lambda it: Path(it.image).name)[:: args.every][: args.limit]
     for it in items:
         image = load_image(it.image)
         size = (image.shape[0], image.shape[1])
@@ -134,7 +138,10 @@ def main() -> None:
             flush=True,
         )
 
-    print(f"\nimages {len(items)} of {args.data} from #{args.skip}; decode time only, one thread")
+    print(
+        f"\nimages {len(items)} of {args.data} (every {args.every} of the {len(unseen)} the head never saw);"
+        " decode time only, one thread"
+    )
     print(
         f"{'variant':14} {'AR@100':>7} {'AR@1000':>8} {'prompts':>8} {'s/img':>6} {'masks':>6}  AR@1000 S/M/L"
     )

@@ -24,6 +24,7 @@ from samkit.everything.learned import (
     pick_grid_points,
     pick_peaks,
     points_to_cells,
+    recent_yield,
     take_round,
 )
 from samkit.models.build import SamConfig, build_sam
@@ -138,6 +139,98 @@ def test_rounds_take_the_best_available_candidates_within_the_budget():
     np.testing.assert_array_equal(take_round(probs, available, 4, s), [1])
     assert len(take_round(probs, available, 5, s)) == 0
     assert len(take_round(probs, np.zeros(8, dtype=bool), 0, s)) == 0
+
+
+def test_rounds_stop_when_the_last_points_found_few_new_masks():
+    rounds = [(4, 3), (4, 0), (4, 1), (2, 2)]  # (points, new masks) per round
+    assert recent_yield(rounds, 4) == pytest.approx(3 / 6)  # the last two rounds: 6 points, 3 new masks
+    assert recent_yield(rounds, 100) == pytest.approx(6 / 14)  # all of them
+    assert recent_yield([], 8) == 0.0
+    probs = np.linspace(0.9, 0.5, 40)
+    everything = np.ones(40, dtype=bool)
+    s = PeakSettings(threshold=0.1, min_points=0, max_points=30, round_points=4, yield_window=4, min_yield=0.5)
+    assert len(take_round(probs, everything, 14, s, rounds)) == 4  # yield_after 0: no yield stop
+    s = dataclasses.replace(s, yield_after=14)
+    assert len(take_round(probs, everything, 12, s, rounds)) == 4  # before yield_after
+    assert len(take_round(probs, everything, 14, s, rounds)) == 4  # 3 new in the last 6 points: 0.5
+    assert len(take_round(probs, everything, 14, s, rounds[:-1])) == 0  # 1 new in the last 4: 0.25
+    assert len(take_round(probs, everything, 28, s, rounds)) == 2  # max_points still bounds the rounds
+
+
+def test_new_boxes_are_those_unlike_any_found_before():
+    from samkit.everything.generator import _new_boxes
+
+    seen = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    boxes = [
+        torch.tensor([[0, 0, 10, 9], [20, 20, 30, 30]]),  # IoU 0.9 with the seen box; new
+        torch.tensor([[20, 20, 30, 31], [0, 0, 5, 10]]),  # like the new one of this call; IoU 0.5: new
+    ]
+    n, after = _new_boxes(boxes, seen, 0.7)
+    assert n == 2
+    np.testing.assert_array_equal(after, [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 5, 10]])
+    assert _new_boxes([], seen, 0.7)[0] == 0
+
+
+def test_yield_stop_decodes_the_points_a_hand_walk_does(photo):
+    """With `yield_after`, the rounds end where the last `yield_window` points found under `min_yield` new
+    masks per point, counted here by hand from each point's own masks (one point per round, no cover);
+    the real vit_t and head, whose masks differ from point to point."""
+    model, head = samkit.load("vit_t", dtype="fp32", progress=False), load_head()
+    kw = dict(output_mode="coco_rle")
+    base = PeakSettings(threshold=0.0, min_points=0, max_points=24, round_points=1, cover=False, boxes=0)
+    h, w = photo.shape[:2]
+    pred = samkit.Predictor(model)
+    pred.set_image(photo)
+    candidates, _ = learned_candidates(head, pred.embedding, pred.original_size, pred.input_size, base)
+    seen: list[np.ndarray] = []  # XYXY boxes found so far
+    new_per_point = []
+    for x, y in candidates[: base.max_points]:
+        one = samkit.MaskGenerator(
+            model, points_per_side=None, point_grids=[np.array([[x / w, y / h]])], box_nms_thresh=1.0, **kw
+        ).generate(photo, embedded=pred)
+        new = 0
+        for r in one:
+            bx, by, bw, bh = r["bbox"]
+            box = np.array([bx, by, bx + bw, by + bh], dtype=float)
+            ious = [_iou(box, b) for b in seen]
+            if not ious or max(ious) < 0.7:
+                seen.append(box)
+                new += 1
+        new_per_point.append(new)
+
+    def by_hand(after: int, window: int, min_yield: float) -> int:
+        for n in range(after, base.max_points):
+            last = new_per_point[n - window : n]
+            if sum(last) / len(last) < min_yield:
+                return n
+        return base.max_points
+
+    stopped_early = 0
+    for min_yield in (0.3, 0.6, 1.0, 1.4):
+        peaks = dataclasses.replace(base, yield_after=6, yield_window=3, min_yield=min_yield)
+        gen = _Counting(model, prompts="learned", prompt_head=head, peaks=peaks, box_nms_thresh=0.7, **kw)
+        gen.generate(photo, embedded=pred)
+        assert gen.decoded == by_hand(6, 3, min_yield)
+        stopped_early += 6 < gen.decoded < base.max_points
+    assert stopped_early  # the rule did end the rounds between yield_after and max_points
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class _Counting(samkit.MaskGenerator):
+    """A MaskGenerator that counts the prompts it decodes."""
+
+    decoded = 0
+
+    def _process_batch(self, embedded_image, points, *args, **kwargs):  # type: ignore[override]
+        self.decoded += len(points)
+        return super()._process_batch(embedded_image, points, *args, **kwargs)
 
 
 def _walk_by_hand(model, head, photo, peaks, kw) -> tuple[list, int]:

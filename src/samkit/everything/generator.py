@@ -400,8 +400,10 @@ class MaskGenerator:
         candidates: list[tuple[torch.Tensor, ...]] | None = [] if peaks.boxes > 0 else None
         parts: list[_Masks] = []
         decoded = 0
+        rounds: list[tuple[int, int]] = []  # (points, new masks) per round, for `take_round`
+        seen = torch.zeros(0, 4)  # the boxes of the masks found so far
         while True:
-            take = take_round(probs, available, decoded, peaks)
+            take = take_round(probs, available, decoded, peaks, rounds)
             if not len(take):
                 break
             available[take] = False
@@ -413,6 +415,9 @@ class MaskGenerator:
                 self.threads,
             )
             parts += found
+            if peaks.yield_after:
+                new, seen = _new_boxes([p.boxes for p in found], seen, self.box_nms_thresh)
+                rounds.append((len(take), new))
             if peaks.cover and available.any():
                 for part in found:
                     available &= ~_covered(part, points, upscaler, max_area, peaks.cover_margin * step)
@@ -603,6 +608,16 @@ def _mask_boxes(
     n_out = low_res.shape[1]
     source = torch.from_numpy(np.repeat(np.asarray(points, dtype=np.float64), n_out, axis=0))
     return box * scale, iou.flatten().float().cpu(), area, source
+
+
+def _new_boxes(boxes: list[torch.Tensor], seen: torch.Tensor, threshold: float) -> tuple[int, torch.Tensor]:
+    """How many of `boxes` (XYXY, in order) have box IoU under `threshold` with every box of `seen` and
+    every new box before them, and `seen` with those new boxes added."""
+    before = len(seen)
+    for box in torch.cat(boxes).float() if boxes else ():
+        if not len(seen) or float(box_iou(box[None], seen).max()) < threshold:
+            seen = torch.cat([seen, box[None]])
+    return len(seen) - before, seen
 
 
 def _covered(

@@ -7,6 +7,7 @@ Points are returned as (x, y) in original-image pixels, the frame MaskGenerator'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,13 @@ class PeakSettings:
     boxes: int = 32
     box_min_area: float = 0.002
     box_match: float = 0.8
+    # Past `yield_after` points decoded (0: never), a round is decoded only while the last `yield_window`
+    # points decoded found at least `min_yield` new masks per point (masks passing the filters whose box
+    # overlaps no box found before by box_nms_thresh or more): dense images go on, the rest stop.
+    # `max_points` stays the limit.
+    yield_after: int = 0
+    yield_window: int = 16
+    min_yield: float = 0.0
 
 
 PEAK_DEFAULTS = PeakSettings()
@@ -113,16 +121,38 @@ def _top(prob: torch.Tensor, settings: PeakSettings) -> torch.Tensor:
     return order[: min(max(n_above, settings.min_points), settings.max_points)]
 
 
-def take_round(probs: np.ndarray, available: np.ndarray, decoded: int, settings: PeakSettings) -> np.ndarray:
+def take_round(
+    probs: np.ndarray,
+    available: np.ndarray,
+    decoded: int,
+    settings: PeakSettings,
+    rounds: Sequence[tuple[int, int]] = (),
+) -> np.ndarray:
     """The candidates to decode next (indices, best first): of the candidates still available (`available`, bool, not
     decoded nor covered; `probs` sorted best first), those at or above the threshold, or any while fewer
-    than `min_points` have been `decoded`; at most `round_points` and never past `max_points` in all."""
+    than `min_points` have been `decoded`; at most `round_points` and never past `max_points` in all; none
+    once `recent_yield(rounds)` is under `min_yield` past `yield_after` points (`rounds`: (points, new
+    masks) of each round decoded, in order)."""
     room = min(settings.round_points, settings.max_points - decoded)
+    if settings.yield_after and decoded >= settings.yield_after:
+        if recent_yield(rounds, settings.yield_window) < settings.min_yield:
+            room = 0
     if room <= 0:
         return np.zeros(0, dtype=np.int64)
     free = np.flatnonzero(available)
     n_above = int((probs[free] >= settings.threshold).sum())
     return free[: min(room, max(n_above, settings.min_points - decoded))]
+
+
+def recent_yield(rounds: Sequence[tuple[int, int]], window: int) -> float:
+    """New masks per point over the last rounds that together decoded at least `window` points (all of
+    them if fewer); `rounds` holds (points, new masks) per round, in order. 0 with no rounds."""
+    points = found = 0
+    for n, new in reversed(rounds):
+        points, found = points + n, found + new
+        if points >= window:
+            break
+    return found / points if points else 0.0
 
 
 def grid_cells(
