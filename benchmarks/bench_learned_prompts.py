@@ -55,6 +55,13 @@ def main() -> None:
     parser.add_argument(
         "--boxes", type=int, default=PEAK_DEFAULTS.boxes, help="box prompts after the points (0: none)"
     )
+    parser.add_argument(
+        "--yield-after",
+        type=int,
+        default=PEAK_DEFAULTS.yield_after,
+        help="points decoded before the yield rule may end the rounds (0: no yield rule)",
+    )
+    parser.add_argument("--min-yield", type=float, default=PEAK_DEFAULTS.min_yield, help="new masks per point")
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()
@@ -73,6 +80,8 @@ def main() -> None:
         grid=args.grid,
         cover=args.cover,
         boxes=args.boxes,
+        yield_after=args.yield_after,
+        min_yield=args.min_yield,
     )
     print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")

@@ -242,8 +242,8 @@ def pick_grid_points(
     """The best points of the `settings.grid`-per-side point grid (the grid mode's layout over the image)
     under a heat-map logit tensor (side, side), as (K, 2) float64 (x, y) original-image pixels, best first."""
     n = settings.grid
-    xs, ys, prob = _grid_prob(logits, original_size, input_size, n)
-    idx = _top(prob, settings).numpy()
+    xs, ys, _ = grid_cells(original_size, input_size, n, logits.shape[-1])
+    idx = pick_grid_indices(logits, original_size, input_size, settings)
     return np.stack([xs[idx % n], ys[idx // n]], axis=1)
 
 
@@ -268,7 +268,8 @@ def learned_points(
     settings: PeakSettings = PEAK_DEFAULTS,
 ) -> np.ndarray:
     """(K, 2) float64 (x, y) original-image pixels: the prompts the head ranks best for one image, as many
-    as `settings` allow before any is skipped as covered (what MaskGenerator decodes with `cover=False`;
+    as `settings` allow before any is skipped as covered or the yield rule ends the rounds (what
+    MaskGenerator decodes with `cover=False` and `yield_after=0`;
     `embedding`: (1, 256, 64, 64) from the same model the head was trained on)."""
     return pick_points(head_logits(head, embedding), original_size, input_size, settings)
 
