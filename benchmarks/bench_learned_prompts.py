@@ -61,7 +61,9 @@ def main() -> None:
         default=PEAK_DEFAULTS.yield_after,
         help="points decoded before the yield rule may end the rounds (0: no yield rule)",
     )
-    parser.add_argument("--min-yield", type=float, default=PEAK_DEFAULTS.min_yield, help="new masks per point")
+    parser.add_argument(
+        "--min-yield", type=float, default=PEAK_DEFAULTS.min_yield, help="new masks per point"
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()

@@ -71,7 +71,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a TRAINING split with annotations.json")
-    parser.add_argument("--seen", type=int, default=46, help="the head's teacher ran on the first N in name order")
+    parser.add_argument(
+        "--seen", type=int, default=46, help="the head's teacher ran on the first N in name order"
+    )
     parser.add_argument("--every", type=int, default=1, help="every Nth of the unseen images")
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")

@@ -149,7 +149,13 @@ def test_rounds_stop_when_the_last_points_found_few_new_masks():
     probs = np.linspace(0.9, 0.5, 40)
     everything = np.ones(40, dtype=bool)
     s = PeakSettings(
-        threshold=0.1, min_points=0, max_points=30, round_points=4, yield_after=0, yield_window=4, min_yield=0.5
+        threshold=0.1,
+        min_points=0,
+        max_points=30,
+        round_points=4,
+        yield_after=0,
+        yield_window=4,
+        min_yield=0.5,
     )
     assert len(take_round(probs, everything, 14, s, rounds)) == 4  # yield_after 0: no yield stop
     s = dataclasses.replace(s, yield_after=14)
