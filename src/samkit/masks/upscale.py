@@ -227,25 +227,13 @@ class Upscaler:
         patches = logits[n[:, None, None], rw[rb][:, :, None], cw[cb][:, None, :]]  # (M, K, K)
         return torch.bmm(torch.bmm(self.rows.weights[rb], patches), self.cols.weights[cb].transpose(1, 2))
 
-    def count(self, logits: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
-        """int64 (N, n_thresholds): pixels of each full-size mask above each threshold.
-
-        logits: (N, L, L). Equals `(interpolate_logits(logits) > t).sum()` up to pixels within float
-        rounding of a threshold.
-        """
-        # The masks at one of the thresholds (and the counts with the masks) cost next to nothing more:
-        # their blocks are among the others'.
-        return self.count_and_mask(logits, thresholds, thresholds[0])[0]
-
-    def masks(self, logits: torch.Tensor, threshold: float) -> BlockMasks:
-        """The full-size masks `> threshold` of logits (S, L, L), as blocks."""
-        return self.count_and_mask(logits, (threshold,), threshold)[1]
-
     def count_and_mask(
         self, logits: torch.Tensor, thresholds: Sequence[float], threshold: float
     ) -> tuple[torch.Tensor, BlockMasks]:
-        """`count(logits, thresholds)` and `masks(logits, threshold)` in one pass: each block's range is
-        read once, and a block that straddles several thresholds is computed once."""
+        """For logits (N, L, L): int64 (N, n_thresholds) pixels of each full-size mask above each of
+        `thresholds`, and the full-size masks `> threshold` as blocks, in one pass (each block's range is
+        read once, and a block that straddles several thresholds is computed once). The counts equal
+        `(interpolate_logits(logits) > t).sum()` up to pixels within float rounding of a threshold."""
         bmin, bmax = self._block_range(logits)
         tol = _REL_TOL * torch.maximum(torch.maximum(bmin.abs(), bmax.abs()), torch.ones_like(bmin))
         lo, hi = bmin - tol, bmax + tol
