@@ -76,6 +76,9 @@ def main() -> None:
     )
     parser.add_argument("--every", type=int, default=1, help="every Nth of the unseen images")
     parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument(
+        "--densest", action="store_true", help="take the unseen images with the most objects (before --every)"
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE]")
@@ -98,7 +101,10 @@ def main() -> None:
     stats: dict[str, list] = {n: [] for n in names}
     seen = {p.name for p in training_images([Path(args.data) / "images"], args.seen)}
     unseen = [it for it in open_dataset(args.data).images() if Path(it.image).name not in seen]
-    items = sorted(unseen, key=lambda it: Path(it.image).name)[:: args.every][: args.limit]
+    items = sorted(unseen, key=lambda it: Path(it.image).name)
+    if args.densest:  # most annotated objects first (a stable sort keeps name order among equals)
+        items = sorted(items, key=lambda it: -len(it.masks))
+    items = items[:: args.every][: args.limit]
     for it in items:
         image = load_image(it.image)
         size = (image.shape[0], image.shape[1])
@@ -136,12 +142,14 @@ def main() -> None:
             results[name].append(score([r["segmentation"] for r in records], scores))
             stats[name].append((gen.decoded, seconds, len(records)))
         print(
-            f"{it.id}: " + " | ".join(f"{n} {s[-1][0]}p {s[-1][1]:.1f}s" for n, s in stats.items()),
+            f"{it.id}: "
+            + " | ".join(f"{n} {s[-1][0]}p {s[-1][2]}m {s[-1][1]:.1f}s" for n, s in stats.items()),
             flush=True,
         )
 
     print(
-        f"\nimages {len(items)} of {args.data} (every {args.every} of the {len(unseen)} the head never saw);"
+        f"\nimages {len(items)} of {args.data} (every {args.every} of the {len(unseen)} the head never saw"
+        f"{', the densest first' if args.densest else ''});"
         " decode time only, one thread"
     )
     print(

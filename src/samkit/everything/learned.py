@@ -66,7 +66,7 @@ class PeakSettings:
     # `max_points` stays the limit.
     yield_after: int = 160
     yield_window: int = 16
-    min_yield: float = 0.25
+    min_yield: float = 0.125
 
 
 PEAK_DEFAULTS = PeakSettings()
