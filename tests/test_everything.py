@@ -74,13 +74,12 @@ def test_upscaler_matches_interpolation(low_res, model_size, input_size, origina
     full = _reference_logits(low, model_size, input_size, original_size)
     up = Upscaler(model_size, low_res, input_size, original_size, block=block)
     thresholds = (1.0, -1.0, 0.0)
-    counts = up.count_and_mask(low, thresholds, 0.0)[0]
+    counts, masks = up.count_and_mask(low, thresholds, 0.0)
     expected = torch.stack([(full > t).sum((1, 2)) for t in thresholds], 1)
     # Equal up to pixels within float rounding of a threshold (none or a handful).
     assert (counts - expected).abs().max() <= 2
     assert (counts == expected).float().mean() > 0.8
 
-    masks = up.count_and_mask(low, (0.0,), 0.0)[1]
     ref_masks = full > 0
     np.testing.assert_array_equal(up.boxes(masks).numpy(), masks_to_boxes(ref_masks).numpy())
     which = torch.tensor([4, 0, 2])
