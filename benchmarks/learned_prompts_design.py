@@ -29,8 +29,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _value(text: str) -> bool | int | float | str:
+    """A `--variant` value: True/False, an int, a float, else the text itself."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _variants(specs: list[list[str]]) -> dict[str, object]:
-    """`--variant NAME key=value ...` -> {NAME: PeakSettings}; values parsed as bool, int or float."""
+    """`--variant NAME key=value ...` -> {NAME: PeakSettings}; values parsed as bool, int, float or text."""
     from samkit.everything.learned import PEAK_DEFAULTS
 
     out = {}
@@ -38,11 +50,7 @@ def _variants(specs: list[list[str]]) -> dict[str, object]:
         kw = {}
         for pair in pairs:
             key, value = pair.split("=", 1)
-            kw[key] = (
-                value == "True"
-                if value in ("True", "False")
-                else (int(value) if value.lstrip("-").isdigit() else float(value))
-            )
+            kw[key] = _value(value)
         out[name] = dataclasses.replace(PEAK_DEFAULTS, **kw)
     return out
 

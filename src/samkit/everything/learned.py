@@ -33,7 +33,7 @@ class PeakSettings:
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
     # next to another's); 160 points decoded, more only while they keep finding new masks (`yield_after`,
-    # below) up to 320, then at most 32 boxes: under a fifth of the grid's time. These settings and the
+    # below) up to 320, then at most 48 boxes: under a fifth of the grid's time. These settings and the
     # threshold were chosen on held-out training-split images (never an evaluation split); the threshold
     # stops early on images the head finds little in, at no loss of recall there.
     threshold: float = 0.03
@@ -57,7 +57,7 @@ class PeakSettings:
     # `box_min_area` of the image and that no mask passing the filters already has (box IoU below
     # `box_match`), best predicted IoU first and box-NMS'd, each decoded as a box (one mask). A large
     # object's whole mask seldom passes the filters from a point; from its box it often does.
-    boxes: int = 32
+    boxes: int = 48
     box_min_area: float = 0.002
     box_match: float = 0.8
     # Past `yield_after` points decoded (0: never), a round is decoded only while the last `yield_window`
