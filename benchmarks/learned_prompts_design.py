@@ -29,28 +29,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _value(text: str) -> bool | int | float | str:
-    """A `--variant` value: True/False, an int, a float, else the text itself."""
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _variants(specs: list[list[str]]) -> dict[str, object]:
-    """`--variant NAME key=value ...` -> {NAME: PeakSettings}; values parsed as bool, int, float or text."""
+    """`--variant NAME key=value ...` -> {NAME: PeakSettings}; values parsed as `samkit train --set` parses
+    them (YAML: bool, int, float or text)."""
     from samkit.everything.learned import PEAK_DEFAULTS
+    from samkit.train.config import parse_override
 
     out = {}
     for name, *pairs in specs:
         kw = {}
         for pair in pairs:
-            key, value = pair.split("=", 1)
-            kw[key] = _value(value)
+            (key, *_), value = parse_override(pair)
+            kw[key] = value
         out[name] = dataclasses.replace(PEAK_DEFAULTS, **kw)
     return out
 
