@@ -64,6 +64,12 @@ def main() -> None:
     parser.add_argument(
         "--min-yield", type=float, default=PEAK_DEFAULTS.min_yield, help="new masks per point"
     )
+    parser.add_argument(
+        "--refill",
+        type=int,
+        default=PEAK_DEFAULTS.refill,
+        help="points between the grid's on crowded images (0: none)",
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()
@@ -84,6 +90,7 @@ def main() -> None:
         boxes=args.boxes,
         yield_after=args.yield_after,
         min_yield=args.min_yield,
+        refill=args.refill,
     )
     print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")

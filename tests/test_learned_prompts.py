@@ -17,7 +17,9 @@ from samkit.errors import InputError
 from samkit.everything.learned import (
     HEAD_FILE,
     PeakSettings,
+    between_candidates,
     cells_to_points,
+    grid_candidates,
     learned_candidates,
     learned_points,
     load_head,
@@ -88,6 +90,21 @@ def test_grid_candidates_are_the_grid_modes_points_scored_by_their_cells():
     with torch.no_grad():
         expected = pick_grid_points(head(emb)[0, 0], original, inp, settings)
     np.testing.assert_allclose(learned_points(head, emb, original, inp, settings), expected)
+
+
+def test_between_candidates_are_the_grids_midpoints_scored_by_their_cells():
+    # 480 x 640 -> 768 x 1024: the midpoint right of and below the 32 x 32 grid's point (i, j) is at model
+    # pixel ((i + 1) * 32, (j + 1) * 24), in cell (2i + 2, floor(1.5 (j + 1))).
+    original, inp = (480, 640), (768, 1024)
+    logits = _logits({(8, 7): 0.9, (2, 1): 0.8})  # midpoints (3, 4) and (0, 0)
+    pts, probs = between_candidates(logits, original, inp, 32)
+    assert pts.shape == (31 * 31, 2) and np.all(np.diff(probs) <= 0)  # best first
+    np.testing.assert_allclose(pts[:2], [[4 * 20, 5 * 15], [20, 15]])  # image pixels: 20 x 15 per step
+    np.testing.assert_allclose(probs[:2], [0.9, 0.8], rtol=1e-5)
+    assert probs[2] < 1e-3
+    # every midpoint lies halfway between four grid points
+    grid, _ = grid_candidates(logits, original, inp, PeakSettings(grid=32))
+    assert not {tuple(p) for p in pts.tolist()} & {tuple(p) for p in grid.tolist()}
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +365,40 @@ def test_without_cover_the_best_candidates_are_decoded(tiny_model, photo):
     used = {tuple(r["point_coords"][0]) for r in plain}
     assert used <= {tuple(p) for p in candidates[:10].tolist()}
     assert used != {tuple(r["point_coords"][0]) for r in run(peaks)}  # cover decodes other points
+
+
+def test_refill_decodes_points_in_no_kept_mask_once_enough_masks_are_found(tiny_model, photo):
+    """Past `refill_after` masks, up to `refill` more points (midpoints between the grid's points or grid
+    points not reached) are decoded, none inside a mask the earlier points kept."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3)
+
+    def run(p: PeakSettings) -> list:
+        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
+            photo
+        )
+
+    plain = run(peaks)
+    too_few = run(dataclasses.replace(peaks, refill=6, refill_after=1000))  # too few masks: no refill
+    assert len(plain) > 0 and [r["point_coords"] for r in too_few] == [r["point_coords"] for r in plain]
+    refilled = run(dataclasses.replace(peaks, refill=6, refill_after=1))
+    before = {tuple(r["point_coords"][0]) for r in plain}
+    added = {tuple(r["point_coords"][0]) for r in refilled} - before
+    assert 0 < len(added) <= 6
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    with torch.no_grad():
+        logits = head(pred.embedding.clone())[0, 0]
+    grid, _ = grid_candidates(logits, pred.original_size, pred.input_size, peaks)
+    between, _ = between_candidates(logits, pred.original_size, pred.input_size, peaks.grid)
+    allowed = {tuple(p) for p in grid.tolist()} | {tuple(p) for p in between.tolist()}
+    assert added <= allowed and added & {tuple(p) for p in between.tolist()}
+    h, w = photo.shape[:2]
+    small = [r["segmentation"] for r in plain if r["area"] <= 0.3 * h * w]
+    for x, y in added:  # the earlier points' kept masks that survived NMS are among those it avoided
+        assert not any(m[int(y), int(x)] for m in small)
 
 
 def test_box_prompts_come_from_the_points_masks(tiny_model, photo):

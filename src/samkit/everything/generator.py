@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,9 @@ from samkit.everything.learned import (
     CELL,
     PEAK_DEFAULTS,
     PeakSettings,
-    learned_candidates,
+    between_candidates,
+    grid_candidates,
+    head_logits,
     load_head,
     take_round,
 )
@@ -379,17 +381,13 @@ class MaskGenerator:
     ) -> list[_Masks]:
         """The masks of the prompt head's candidates, decoded best first in rounds (`PeakSettings`): with
         `cover`, a candidate inside the smallest kept mask of a point decoded in an earlier round is skipped;
+        on dense images then the refill points (between the grid's points, or not reached, in no kept mask);
         then those of the box prompts taken from the points' masks (`_box_prompts`)."""
         assert self.head is not None
         peaks = self.peaks
-        points, probs = learned_candidates(
-            self.head,
-            embedded_image.features,
-            embedded_image.original_size,
-            embedded_image.input_size,
-            peaks,
-        )
-        available = np.ones(len(points), dtype=bool)
+        logits = head_logits(self.head, embedded_image.features)
+        sizes = (embedded_image.original_size, embedded_image.input_size)
+        points, probs = grid_candidates(logits, *sizes, peaks)
         threads = torch.get_num_threads() if self.threads is None else self.threads
         h, w = upscaler.original_size
         in_h, in_w = embedded_image.input_size
@@ -399,28 +397,51 @@ class MaskGenerator:
         # Each point batch adds the boxes of its masks; the box prompts' own masks add none.
         candidates: list[tuple[torch.Tensor, ...]] | None = [] if peaks.boxes > 0 else None
         parts: list[_Masks] = []
-        decoded = 0
-        rounds: list[tuple[int, int]] = []  # (points, new masks) per round, for `take_round`
         seen = torch.zeros(0, 4)  # the boxes of the masks found so far
-        while True:
-            take = take_round(probs, available, decoded, peaks, rounds)
-            if not len(take):
-                break
-            available[take] = False
-            decoded += len(take)
-            found = _map_batches(
-                partial(one_batch, candidates=candidates),
-                self._batches(points[take], threads),
-                self.model.device,
-                self.threads,
-            )
-            parts += found
-            if peaks.yield_after:
-                new, seen = _new_boxes([p.boxes for p in found], seen, self.box_nms_thresh)
-                rounds.append((len(take), new))
-            if peaks.cover and available.any():
-                for part in found:
-                    available &= ~_covered(part, points, upscaler, max_area, peaks.cover_margin * step)
+
+        def decode_rounds(
+            points: np.ndarray, probs: np.ndarray, available: np.ndarray, rule: PeakSettings, any_mask: bool
+        ) -> None:
+            """Decode `points` (best first) in rounds as `take_round` says under `rule`, adding their masks
+            to `parts`; with `rule.cover`, a candidate inside a kept mask of an earlier round (the smallest
+            of each point, or with `any_mask` any) is then skipped. `available` is updated in place."""
+            nonlocal seen
+            decoded = 0
+            rounds: list[tuple[int, int]] = []  # (points, new masks) per round, for `take_round`
+            while True:
+                take = take_round(probs, available, decoded, rule, rounds)
+                if not len(take):
+                    break
+                available[take] = False
+                decoded += len(take)
+                found = _map_batches(
+                    partial(one_batch, candidates=candidates),
+                    self._batches(points[take], threads),
+                    self.model.device,
+                    self.threads,
+                )
+                parts.extend(found)
+                if rule.yield_after or peaks.refill:
+                    new, seen = _new_boxes([p.boxes for p in found], seen, self.box_nms_thresh)
+                    rounds.append((len(take), new))
+                if rule.cover and available.any():
+                    margin = rule.cover_margin * step
+                    for part in found:
+                        available &= ~_covered(part, points, upscaler, max_area, margin, any_mask)
+
+        available = np.ones(len(points), dtype=bool)
+        decode_rounds(points, probs, available, peaks, any_mask=False)
+        if peaks.refill and peaks.grid and len(seen) >= peaks.refill_after:
+            more, more_probs = between_candidates(logits, *sizes, peaks.grid)
+            refill = np.concatenate([points[available], more])
+            refill_probs = np.concatenate([probs[available], more_probs])
+            order = np.argsort(-refill_probs, kind="stable")
+            refill, refill_probs = refill[order], refill_probs[order]
+            free = np.ones(len(refill), dtype=bool)
+            for part in parts:
+                free &= ~_covered(part, refill, upscaler, max_area, np.zeros(2), any_mask=True)
+            rule = replace(peaks, min_points=0, max_points=peaks.refill, yield_after=peaks.yield_window)
+            decode_rounds(refill, refill_probs, free, rule, any_mask=True)
         if candidates:
             boxes = self._box_prompts(candidates, parts, embedded_image)
             parts += _map_batches(one_batch, self._batches(boxes, threads), self.model.device, self.threads)
@@ -621,21 +642,30 @@ def _new_boxes(boxes: list[torch.Tensor], seen: torch.Tensor, threshold: float) 
 
 
 def _covered(
-    part: _Masks, points: np.ndarray, upscaler: Upscaler, max_area: float, margin: np.ndarray
+    part: _Masks,
+    points: np.ndarray,
+    upscaler: Upscaler,
+    max_area: float,
+    margin: np.ndarray,
+    any_mask: bool = False,
 ) -> np.ndarray:
     """bool (K,): which of `points` (K, 2) (x, y) lie in the smallest mask each source point of `part` (one
-    decoded batch, masks in `upscaler`'s frame) kept, where that mask has at most `max_area` pixels, and
-    so do the points `margin` (x, y) pixels left, right, above and below them."""
-    if not len(part):
+    decoded batch, masks in `upscaler`'s frame) kept (`any_mask`: in any mask of `part`), where that mask
+    has at most `max_area` pixels, and so do the points `margin` (x, y) pixels left, right, above and
+    below them."""
+    if not len(part) or not len(points):
         return np.zeros(len(points), dtype=bool)
     (group,) = part.groups  # one decoded batch: one group, members in order
     device = group.blocks.full.device
     blocks = group.blocks.select(part.member.to(device))
     areas = upscaler.areas(blocks).cpu()
-    _, source = torch.unique(part.points, dim=0, return_inverse=True)
-    smallest = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
-    for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
-        smallest[source[i]] = i
+    if any_mask:
+        smallest = torch.arange(len(areas))  # every mask, not only the smallest of each point
+    else:
+        _, source = torch.unique(part.points, dim=0, return_inverse=True)
+        smallest = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
+        for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
+            smallest[source[i]] = i
     smallest = smallest[areas[smallest] <= max_area]
     if not len(smallest):
         return np.zeros(len(points), dtype=bool)

@@ -67,6 +67,13 @@ class PeakSettings:
     yield_after: int = 160
     yield_window: int = 16
     min_yield: float = 0.125
+    # Dense images (at least `refill_after` new masks once the rounds end): up to `refill` more points (0:
+    # none), decoded in rounds under the yield rule (from its first window on) before the boxes: the
+    # midpoints between the grid's points and the grid points not yet decoded, best first, that are
+    # above the threshold and in no kept mask of at most `cover_max_area` (small objects between grid
+    # points, or not reached before the rounds ended).
+    refill: int = 64
+    refill_after: int = 128
 
 
 PEAK_DEFAULTS = PeakSettings()
@@ -156,12 +163,13 @@ def recent_yield(rounds: Sequence[tuple[int, int]], window: int) -> float:
 
 
 def grid_cells(
-    original_size: tuple[int, int], input_size: tuple[int, int], n: int, side: int
+    original_size: tuple[int, int], input_size: tuple[int, int], n: int, side: int, between: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The grid mode's n x n points over the image and the embedding cell each falls in: xs (n,) and ys (n,)
     original-image pixels (point k = row k // n, column k % n is at (xs[k % n], ys[k // n])), and
-    cells (n * n,) int64 flat indices row * side + col into a (side, side) heat map."""
-    frac = (np.arange(n) + 0.5) / n
+    cells (n * n,) int64 flat indices row * side + col into a (side, side) heat map. `between`: the
+    (n - 1) x (n - 1) midpoints between those points instead (n - 1 in place of n above)."""
+    frac = np.arange(1, n) / n if between else (np.arange(n) + 0.5) / n
     xs, ys = frac * original_size[1], frac * original_size[0]
     scale = (input_size[1] / original_size[1], input_size[0] / original_size[0])
     cols = np.minimum(np.floor(xs * scale[0] / CELL), side - 1).astype(np.int64)
@@ -182,12 +190,30 @@ def pick_grid_indices(
 
 
 def _grid_prob(
-    logits: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int], n: int
+    logits: torch.Tensor,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+    n: int,
+    between: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """The n x n grid points' xs and ys (`grid_cells`) and the heat map's probability at each, (n, n)."""
-    xs, ys, cells = grid_cells(original_size, input_size, n, logits.shape[-1])
-    prob = torch.sigmoid(logits.detach().float().cpu()).flatten()[torch.as_tensor(cells)].reshape(n, n)
+    """The grid points' xs and ys (`grid_cells`) and the heat map's probability at each, (m, m) for the
+    m = len(xs) points per side."""
+    xs, ys, cells = grid_cells(original_size, input_size, n, logits.shape[-1], between)
+    m = len(xs)
+    prob = torch.sigmoid(logits.detach().float().cpu()).flatten()[torch.as_tensor(cells)].reshape(m, m)
     return xs, ys, prob
+
+
+def between_candidates(
+    logits: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The midpoints between the n x n grid's points, best first: (K, 2) float64 (x, y) original-image
+    pixels and (K,) float64 probabilities under a (side, side) heat-map logit tensor."""
+    xs, ys, prob = _grid_prob(logits, original_size, input_size, n, between=True)
+    m = len(xs)
+    order = torch.argsort(prob.flatten(), descending=True, stable=True).numpy()
+    points = np.stack([xs[order % m], ys[order // m]], axis=1).reshape(-1, 2)
+    return points, prob.flatten()[order].double().numpy()
 
 
 def grid_candidates(
