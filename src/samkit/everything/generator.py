@@ -190,7 +190,8 @@ class MaskGenerator:
     (H, W) arrays), "uncompressed_rle" or "coco_rle" (pycocotools, JSON-ready).
     prompts: "grid" (the point grids above) or "learned": the points a `PromptHead` scores highest on each
     crop's embedding (by default 64-160 of the grid's own points instead of all n * n, up to 320 while
-    they keep finding new masks, then up to 48 box prompts from their masks; see `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
+    they keep finding new masks, on crowded images up to 64 more between them, then up to 48 box prompts from
+    their masks; see `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
     safetensors path; None loads the one shipped with samkit (trained on vit_t embeddings). peaks: how
     the heat map's peaks become prompts (`PeakSettings`).
     threads: on a CPU, batches of prompts decoded at once, each in its own Python thread whose torch ops

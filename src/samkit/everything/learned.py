@@ -33,7 +33,8 @@ class PeakSettings:
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
     # next to another's); 160 points decoded, more only while they keep finding new masks (`yield_after`,
-    # below) up to 320, then at most 48 boxes: under a fifth of the grid's time. These settings and the
+    # below) up to 320, on crowded images up to 64 more (`refill`), then at most 48 boxes: under a fifth of
+    # the grid's time. These settings and the
     # threshold were chosen on held-out training-split images (never an evaluation split); the threshold
     # stops early on images the head finds little in, at no loss of recall there.
     threshold: float = 0.03
