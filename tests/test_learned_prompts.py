@@ -102,7 +102,7 @@ def test_between_candidates_are_the_grids_midpoints_scored_by_their_cells():
     np.testing.assert_allclose(pts[:2], [[4 * 20, 5 * 15], [20, 15]])  # image pixels: 20 x 15 per step
     np.testing.assert_allclose(probs[:2], [0.9, 0.8], rtol=1e-5)
     assert probs[2] < 1e-3
-    # every midpoint lies halfway between four grid points
+    # no midpoint is one of the grid's own points
     grid, _ = grid_candidates(logits, original, inp, PeakSettings(grid=32))
     assert not {tuple(p) for p in pts.tolist()} & {tuple(p) for p in grid.tolist()}
 

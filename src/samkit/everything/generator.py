@@ -661,20 +661,20 @@ def _covered(
     blocks = group.blocks.select(part.member.to(device))
     areas = upscaler.areas(blocks).cpu()
     if any_mask:
-        smallest = torch.arange(len(areas))  # every mask, not only the smallest of each point
+        which = torch.arange(len(areas))  # every mask, not only the smallest of each point
     else:
         _, source = torch.unique(part.points, dim=0, return_inverse=True)
-        smallest = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
+        which = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
         for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
-            smallest[source[i]] = i
-    smallest = smallest[areas[smallest] <= max_area]
-    if not len(smallest):
+            which[source[i]] = i
+    which = which[areas[which] <= max_area]
+    if not len(which):
         return np.zeros(len(points), dtype=bool)
     # Each point and, with a margin, the four points around it: one lookup, all of them must be inside.
     shifts = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)] if np.any(margin > 0) else [(0, 0)]
     probes = np.concatenate([points + np.array(d) * margin for d in shifts])
-    inside = upscaler.contains(blocks.select(smallest.to(device)), torch.from_numpy(probes))
-    return inside.view(len(smallest), len(shifts), len(points)).all(1).any(0).cpu().numpy()
+    inside = upscaler.contains(blocks.select(which.to(device)), torch.from_numpy(probes))
+    return inside.view(len(which), len(shifts), len(points)).all(1).any(0).cpu().numpy()
 
 
 def _map_batches(

@@ -34,9 +34,9 @@ class PeakSettings:
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
     # next to another's); 160 points decoded, more only while they keep finding new masks (`yield_after`,
     # below) up to 320, on crowded images up to 64 more (`refill`), then at most 48 boxes: under a fifth of
-    # the grid's time. These settings and the
-    # threshold were chosen on held-out training-split images (never an evaluation split); the threshold
-    # stops early on images the head finds little in, at no loss of recall there.
+    # the grid's time. These settings and the threshold were chosen on held-out training-split images (never
+    # an evaluation split); the threshold stops early on images the head finds little in, at no loss of
+    # recall there.
     threshold: float = 0.03
     nms_radius: int = 0
     min_points: int = 64
@@ -205,16 +205,23 @@ def _grid_prob(
     return xs, ys, prob
 
 
+def _grid_ranked(
+    xs: np.ndarray, ys: np.ndarray, prob: torch.Tensor, nms_radius: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The points of a (len(ys), len(xs)) grid that `_ranked` keeps, best first: (K, 2) float64 (x, y)
+    and (K,) float64 probabilities."""
+    order, scores = _ranked(prob, nms_radius)
+    idx = order.numpy()
+    m = len(xs)
+    return np.stack([xs[idx % m], ys[idx // m]], axis=1).reshape(-1, 2), scores.double().numpy()
+
+
 def between_candidates(
     logits: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int], n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The midpoints between the n x n grid's points, best first: (K, 2) float64 (x, y) original-image
     pixels and (K,) float64 probabilities under a (side, side) heat-map logit tensor."""
-    xs, ys, prob = _grid_prob(logits, original_size, input_size, n, between=True)
-    m = len(xs)
-    order = torch.argsort(prob.flatten(), descending=True, stable=True).numpy()
-    points = np.stack([xs[order % m], ys[order // m]], axis=1).reshape(-1, 2)
-    return points, prob.flatten()[order].double().numpy()
+    return _grid_ranked(*_grid_prob(logits, original_size, input_size, n, between=True), nms_radius=0)
 
 
 def grid_candidates(
@@ -225,18 +232,14 @@ def grid_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every candidate prompt `settings` allow, best first: (K, 2) float64 (x, y) original-image pixels and
     (K,) float64 probabilities (grid points when `settings.grid`, else cell centres over the image)."""
-    n = settings.grid
-    if n:
-        xs, ys, prob = _grid_prob(logits, original_size, input_size, n)
-        order, scores = _ranked(prob, settings.nms_radius)
-        idx = order.numpy()
-        points = np.stack([xs[idx % n], ys[idx // n]], axis=1)
-    else:
-        rows, cols = (-(-s // CELL) for s in input_size)
-        prob = torch.sigmoid(logits.detach().float().cpu())
-        order, scores = _ranked(prob[:rows, :cols], settings.nms_radius)
-        cells_ = torch.stack([order % cols, order // cols], dim=1).numpy()
-        points = cells_to_points(cells_, original_size, input_size)
+    if settings.grid:
+        prob_at = _grid_prob(logits, original_size, input_size, settings.grid)
+        return _grid_ranked(*prob_at, settings.nms_radius)
+    rows, cols = (-(-s // CELL) for s in input_size)
+    prob = torch.sigmoid(logits.detach().float().cpu())
+    order, scores = _ranked(prob[:rows, :cols], settings.nms_radius)
+    cells_ = torch.stack([order % cols, order // cols], dim=1).numpy()
+    points = cells_to_points(cells_, original_size, input_size)
     return points.reshape(-1, 2), scores.double().numpy()
 
 
