@@ -3,6 +3,7 @@ the refusal of evaluation splits, and the per-grid-point targets, loss and held-
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -73,12 +74,45 @@ def test_samkit_train_prompt_head_config_writes_a_loadable_head_and_card(tiny_ck
     card = (out / "MODEL_CARD.md").read_text()
     assert "3 training-split images" in card and "3 steps" in card
 
-    # A rerun (here with an override) reuses every teacher file: the teacher step is resumable.
+    # A rerun (here with overrides) reuses every teacher file: the teacher step is resumable. It fits on
+    # the config's images only: the fourth image's teacher file stays in the shared folder, unused.
     stamps = [f.stat().st_mtime_ns for f in teacher]
-    again = _train(config, "--set", "fit.steps=2")
+    again = _train(config, "--set", "fit.steps=2", "--set", "teacher.per_folder=3")
     assert again.returncode == 0, again.stderr
     assert "trained 2 steps" in again.stdout
     assert [f.stat().st_mtime_ns for f in teacher] == stamps
+    info = json.loads((out / "prompt_head.json").read_text())
+    used = sorted(info["files"] + [f"{n}.npz" for n in info["heldout_images"]])
+    assert used == [f.name for f in teacher[:3]] and len(info["files"]) == 2
+    assert "2 training-split images" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_teacher_folders_take_listed_images_once_each_and_refuse_bad_lists(tmp_path):
+    from samkit.train.config import ConfigError
+    from samkit.train.prompt_head import teacher_file, training_images
+
+    folder = tmp_path / "nuclei" / "train" / "images"
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        (folder / name).write_bytes(b"")
+    names = tmp_path / "crowded.txt"
+    names.write_text("# the most crowded first\nd.png\na.png  # also among the first two\n\nc.png\n")
+    images = training_images([folder, {"folder": str(folder), "images": str(names)}], per_folder=2)
+    # interleaved: a, then the list's first (d), b, then a again (skipped), then c
+    assert [p.name for p in images] == ["a.png", "d.png", "b.png", "c.png"]
+    assert teacher_file(tmp_path, images[1]) == tmp_path / "nuclei_d.npz"
+
+    names.write_text("e.png\n")
+    with pytest.raises(ConfigError, match="e.png .* is not an image of"):
+        training_images([{"folder": str(folder), "images": str(names)}])
+    with pytest.raises(ConfigError, match="image list not found"):
+        training_images([{"folder": str(folder), "images": str(tmp_path / "none.txt")}])
+    with pytest.raises(ConfigError, match="a folder, or"):
+        training_images([{"folder": str(folder)}])
+    val = tmp_path / "instances" / "nuclei" / "val" / "images"
+    val.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="evaluation split"):
+        training_images([{"folder": str(val), "images": str(names)}])
 
 
 def test_samkit_train_prompt_head_refuses_an_evaluation_split(tiny_ckpt, tmp_path):
@@ -101,9 +135,22 @@ def test_shipped_prompt_head_config_lists_existing_training_folders():
     from samkit.train.prompt_head import load_prompt_head_config, training_images
 
     cfg = load_prompt_head_config(ROOT / "configs" / "prompt_head.yaml")
-    folders = [needs_shared(ROOT / f) for f in cfg["teacher"]["folders"]]
-    images = training_images(folders, cfg["teacher"]["per_folder"])
-    assert len(images) == len(folders) * cfg["teacher"]["per_folder"]
+    entries = cfg["teacher"]["folders"]
+    for entry in entries:
+        needs_shared(ROOT / (entry["folder"] if isinstance(entry, dict) else entry))
+    folders = [ROOT / f for f in entries if not isinstance(f, dict)]
+    lists = [
+        {"folder": str(ROOT / f["folder"]), "images": str(ROOT / f["images"])}
+        for f in entries
+        if isinstance(f, dict)
+    ]
+    images = training_images(folders + lists, cfg["teacher"]["per_folder"])
+    listed = sum(len(training_images([e])) for e in lists)
+    assert (
+        len(folders) * cfg["teacher"]["per_folder"]
+        <= len(images)
+        <= len(folders) * cfg["teacher"]["per_folder"] + listed
+    )
     assert cfg["fit"]["holdout"] < len(images)
 
 

@@ -59,7 +59,7 @@ def make_teacher(
     pred = Predictor(model)
     start = time.perf_counter()
     for path in images:
-        dest = out_dir / f"{_set_name(path)}_{path.stem}.npz"
+        dest = teacher_file(out_dir, path)
         if dest.exists() and "grid_iou" in np.load(dest).files:
             continue
         if time.perf_counter() - start > time_budget_s:
@@ -317,14 +317,18 @@ def fit(
     holdout: int = 6,
     share: float | None = None,
     power: float = 1.0,
+    only: list[Path] | None = None,
 ) -> dict:
-    """Train a PromptHead on the teacher files but the last `holdout` made (reported on, not trained on),
-    targets `grid_target(..., share, power)`; writes `out` (safetensors) and `<out>.json` (settings, loss log,
-    held-out report)."""
+    """Train a PromptHead on the teacher files (those named in `only`, if given) but the last `holdout` made
+    (reported on, not trained on), targets `grid_target(..., share, power)`; writes `out` (safetensors) and
+    `<out>.json` (settings, loss log, held-out report, the files used)."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     all_files = sorted(teacher_files(teacher_dir), key=lambda f: f.stat().st_mtime)
+    if only is not None:  # e.g. the config's images: other files in a shared teacher folder are left out
+        names = {f.name for f in only}
+        all_files = [f for f in all_files if f.name in names]
     if len(all_files) <= holdout:
         raise FileNotFoundError(f"need more than {holdout} teacher files in {teacher_dir}")
     files, held = all_files[: len(all_files) - holdout], all_files[len(all_files) - holdout :]
@@ -353,6 +357,7 @@ def fit(
     info = {
         "images": len(files),
         "heldout_images": [f.stem for f in held],
+        "files": [f.name for f in files],
         "heldout": report,
         "steps": steps,
         "lr": lr,
@@ -398,27 +403,64 @@ def _check_training_folder(folder: Path) -> None:
         raise ConfigError(f"teacher image folder not found: {folder}")
 
 
-def training_images(folders: list[str | Path], per_folder: int | None = None) -> list[Path]:
-    """The images of `folders` (training splits; evaluation splits are refused), the first `per_folder`
-    of each in name order, interleaved so that a time budget covers every folder. BSDS500 images listed
-    in its `eval-overlap.txt` (they are also in Berkeley and GrabCut) are skipped."""
-    per = []
-    for f in map(Path, folders):
-        _check_training_folder(f)
+def _folder_images(entry: str | Path | dict[str, Any], per_folder: int | None) -> list[Path]:
+    """One `teacher.folders` entry: a folder (its first `per_folder` images in name order) or
+    `{folder: F, images: LIST}` (the images of F named in the text file LIST, one name per line, in that
+    order; `#` starts a comment). BSDS500 images in its `eval-overlap.txt` are skipped either way."""
+    from samkit.train.config import ConfigError
+
+    listed = None
+    if isinstance(entry, dict):
+        unknown = set(entry) - {"folder", "images"}
+        if unknown or "folder" not in entry or "images" not in entry:
+            raise ConfigError(f"teacher.folders entry {entry}: a folder, or {{folder: F, images: LIST}}")
+        names_file = Path(entry["images"])
+        if not names_file.is_file():
+            raise ConfigError(f"teacher.folders: image list not found: {names_file}")
+        listed = [line.split("#")[0].strip() for line in names_file.read_text().splitlines()]
+        listed = [n for n in listed if n]
+        entry = entry["folder"]
+    f = Path(entry)
+    _check_training_folder(f)
+    if listed is None:
         files = sorted(p for p in f.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        overlap = f.parent.parent / "eval-overlap.txt"
-        if f.parent.parent.name == "bsds500" and overlap.is_file():
-            skip = set(overlap.read_text().split())
-            files = [p for p in files if p.stem not in skip]
-        per.append(files[:per_folder] if per_folder is not None else files)
+    else:
+        files = [f / n for n in listed]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise ConfigError(f"teacher.folders: {missing[0]} (in {names_file}) is not an image of {f}")
+    overlap = f.parent.parent / "eval-overlap.txt"
+    if f.parent.parent.name == "bsds500" and overlap.is_file():
+        skip = set(overlap.read_text().split())
+        files = [p for p in files if p.stem not in skip]
+    return files[:per_folder] if per_folder is not None and listed is None else files
+
+
+def training_images(folders: list[str | Path | dict[str, Any]], per_folder: int | None = None) -> list[Path]:
+    """The images of `folders` (training splits; evaluation splits are refused): of a folder its first
+    `per_folder` in name order, of a `{folder, images}` entry the listed ones (`_folder_images`);
+    interleaved so that a time budget covers every entry, each image once."""
+    per = [_folder_images(entry, per_folder) for entry in folders]
     n = max((len(p) for p in per), default=0)
-    return [p[i] for i in range(n) for p in per if i < len(p)]
+    out, seen = [], set()
+    for path in (p[i] for i in range(n) for p in per if i < len(p)):
+        if path.resolve() not in seen:  # a listed image may also be among a folder's first ones
+            seen.add(path.resolve())
+            out.append(path)
+    return out
+
+
+def teacher_file(teacher_dir: Path, image: Path) -> Path:
+    """Where the teacher stores what it learned from `image`: `<set>_<stem>.npz`."""
+    return teacher_dir / f"{_set_name(image)}_{image.stem}.npz"
 
 
 def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, head_file: Path) -> str:
     sets: dict[str, int] = {}
     masks, seconds = 0, []
-    for f in teacher_files(teacher_dir):
+    for f in [teacher_dir / n for n in info["files"]] + [
+        teacher_dir / f"{n}.npz" for n in info["heldout_images"]
+    ]:
         d = np.load(f)
         name = next((s for s in _LICENCES if f.stem.startswith(s + "_")), f.stem.rsplit("_", 1)[0])
         sets[name] = sets.get(name, 0) + 1
@@ -545,6 +587,7 @@ def train_from_config(
             f["holdout"],
             f["share"],
             float(f["power"]),
+            only=[teacher_file(teacher_dir, p) for p in images],
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc} (more teacher.folders images, or a larger teacher.budget_s)") from None
