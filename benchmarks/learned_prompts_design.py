@@ -7,6 +7,7 @@ for every variant, is left out), with one torch thread.
 
 The images are those the shipped head never saw: the split's images less the first --seen (46) in name
 order, which the teacher ran on (`configs/prompt_head.yaml`, teacher.per_folder); --every takes every Nth.
+With --trained-on CONFIG, a chosen image that CONFIG's teacher also used (e.g. a listed one) is refused.
 
     OMP_NUM_THREADS=1 python benchmarks/learned_prompts_design.py \\
         --data ../shared/datasets/instances/coco_mini/train --limit 34 \\
@@ -56,7 +57,7 @@ def main() -> None:
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.predictor import Predictor
-    from samkit.train.prompt_head import training_images
+    from samkit.train.prompt_head import load_prompt_head_config, training_images
 
     class CountingGenerator(MaskGenerator):
         """A MaskGenerator that counts the prompts it decodes."""
@@ -78,6 +79,9 @@ def main() -> None:
         "--densest", action="store_true", help="take the unseen images with the most objects (before --every)"
     )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
+    parser.add_argument(
+        "--trained-on", default=None, help="a prompt_head config: refuse to score an image its teacher used"
+    )
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE]")
     args = parser.parse_args()
@@ -103,6 +107,12 @@ def main() -> None:
     if args.densest:  # most annotated objects first (a stable sort keeps name order among equals)
         items = sorted(items, key=lambda it: -len(it.masks))
     items = items[:: args.every][: args.limit]
+    if args.trained_on:  # a head trained on more than the first --seen images must not be scored on those
+        cfg = load_prompt_head_config(args.trained_on)
+        used = {p.resolve() for p in training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])}
+        clash = [it.image for it in items if Path(it.image).resolve() in used]
+        if clash:
+            sys.exit(f"{clash[0]} was a teacher image of {args.trained_on}: choose settings on unseen images")
     for it in items:
         image = load_image(it.image)
         size = (image.shape[0], image.shape[1])
