@@ -1,0 +1,114 @@
+"""Which objects the learned prompts miss that the grid finds, on held-out TRAINING images.
+
+For each annotated object: its best mask IoU among the grid run's masks and among the learned run's. Prints
+recall at each IoU threshold for both, the mean best IoU where both find the object (mask quality), and for
+the objects only the grid finds (IoU >= 0.5) how much of each lies under the learned masks (a missed object
+fully under learned masks sits inside a larger mask: a clump the covering rule then skips) and their sizes.
+Reads the grid runs cached by `learned_prompts_design.py` (run it first on the same images).
+
+    OMP_NUM_THREADS=1 python benchmarks/learned_prompts_missed.py \\
+        --data ../shared/datasets/instances/dsb2018/train --densest --limit 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    from pycocotools import mask as mask_utils
+
+    import samkit
+    from samkit.eval.datasets import open_dataset
+    from samkit.everything.generator import MaskGenerator
+    from samkit.everything.learned import load_head
+    from samkit.hardware import run_header
+    from samkit.image import load_image
+    from samkit.predictor import Predictor
+    from samkit.train.prompt_head import training_images
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a TRAINING split with annotations.json")
+    parser.add_argument("--seen", type=int, default=46, help="the teacher ran on the first N in name order")
+    parser.add_argument("--limit", type=int, default=25)
+    parser.add_argument("--densest", action="store_true", help="the unseen images with the most objects")
+    parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
+    args = parser.parse_args()
+    parts = Path(args.data).resolve().parts
+    if "val" in parts or "test" in parts or "interactive" in parts:
+        sys.exit(f"{args.data} is an evaluation split: diagnose on training splits only")
+    torch.set_num_threads(1)
+    print(run_header("fp32"))
+    print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+
+    seen = {p.name for p in training_images([Path(args.data) / "images"], args.seen)}
+    items = sorted(
+        (it for it in open_dataset(args.data).images() if Path(it.image).name not in seen),
+        key=lambda it: Path(it.image).name,
+    )
+    if args.densest:
+        items = sorted(items, key=lambda it: -len(it.masks))
+    items = items[: args.limit]
+    model = samkit.load("vit_t", dtype="fp32")
+    gen = MaskGenerator(
+        model, output_mode="coco_rle", prompts="learned", prompt_head=load_head(args.head), threads=1
+    )
+    grid_best, learned_best, under, missed_area = [], [], [], []
+    for it in items:
+        cached = args.cache / f"{Path(args.data).resolve().parent.name}_{it.id}.pkl"
+        if not cached.exists():
+            sys.exit(
+                f"no cached grid run for {it.image}: run learned_prompts_design.py on these images first"
+            )
+        grid = pickle.loads(cached.read_bytes())
+        image = load_image(it.image)
+        pred = Predictor(model)
+        pred.set_embedding(grid["features"], image.shape[:2])
+        learned = [r["segmentation"] for r in gen.generate(image, embedded=pred)]
+        gts = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in it.masks]
+        crowd = [0] * len(gts)
+        g = np.asarray(mask_utils.iou(list(grid["rles"]), gts, crowd)).reshape(-1, len(gts)).max(0, initial=0)
+        lv = np.asarray(mask_utils.iou(learned, gts, crowd)).reshape(-1, len(gts)).max(0, initial=0)
+        grid_best.extend(g)
+        learned_best.extend(lv)
+        union = np.zeros(image.shape[:2], bool)
+        for r in learned:
+            union |= mask_utils.decode(r).astype(bool)
+        for k in np.flatnonzero((g >= 0.5) & (lv < 0.5)):
+            m = it.masks[k].astype(bool)
+            under.append((union & m).sum() / max(m.sum(), 1))
+            missed_area.append(int(m.sum()))
+    g, lv = np.array(grid_best), np.array(learned_best)
+    print(f"images {len(items)} of {args.data}{' (densest)' if args.densest else ''}; objects {len(g)}")
+    for t in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
+        print(
+            f"recall at IoU {t:.2f}: grid {100 * (g >= t).mean():5.1f}  learned {100 * (lv >= t).mean():5.1f}"
+        )
+    both = (g >= 0.5) & (lv >= 0.5)
+    print(
+        f"found by both: {both.sum()}, mean best IoU grid {g[both].mean():.3f} learned {lv[both].mean():.3f}"
+    )
+    print(
+        f"found only by the grid: {len(under)}; only by the learned prompts: {int(((lv >= 0.5) & (g < 0.5)).sum())}"
+    )
+    if under:
+        u = np.array(under)
+        print(
+            f"of those only the grid finds: {int((u > 0.8).sum())} lie over 80% under learned masks, "
+            f"{int((u < 0.2).sum())} under 20%; area median {np.median(missed_area):.0f} px "
+            f"(10th-90th percentile {np.percentile(missed_area, 10):.0f}-{np.percentile(missed_area, 90):.0f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
