@@ -401,6 +401,35 @@ def test_refill_decodes_points_in_no_kept_mask_once_enough_masks_are_found(tiny_
         assert not any(m[int(y), int(x)] for m in small)
 
 
+def test_refill_cover_rel_lets_the_refill_into_masks_larger_than_the_typical_one(tiny_model, photo):
+    """With `refill_cover_rel`, only kept masks up to that many times the median mask area keep the refill
+    out: near zero, the refill goes inside earlier kept masks (a clump's nuclei); very large, it is the
+    plain refill (capped by `cover_max_area`)."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+    peaks = PeakSettings(
+        threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3, refill=6, refill_after=1
+    )
+
+    def run(p: PeakSettings) -> list:
+        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
+            photo
+        )
+
+    plain = run(dataclasses.replace(peaks, refill=0))
+    refilled = run(peaks)
+    points = lambda records: [tuple(r["point_coords"][0]) for r in records]  # noqa: E731
+    assert points(run(dataclasses.replace(peaks, refill_cover_rel=1e9))) == points(refilled)
+    into = run(dataclasses.replace(peaks, refill_cover_rel=1e-9))
+    added = set(points(into)) - set(points(plain))
+    assert 0 < len(added) <= 6
+    h, w = photo.shape[:2]
+    small = [r["segmentation"] for r in plain if r["area"] <= 0.3 * h * w]
+    inside = [(x, y) for x, y in added if any(m[int(y), int(x)] for m in small)]
+    assert inside  # the plain refill never goes there (test above)
+
+
 def test_box_prompts_come_from_the_points_masks(tiny_model, photo):
     """After the points, the best boxes of their masks (by predicted IoU) are decoded as box prompts: found
     here by hand with the predictor's own point and box prompts, on a square image (no padding)."""

@@ -401,7 +401,12 @@ class MaskGenerator:
         seen = torch.zeros(0, 4)  # the boxes of the masks found so far
 
         def decode_rounds(
-            points: np.ndarray, probs: np.ndarray, available: np.ndarray, rule: PeakSettings, any_mask: bool
+            points: np.ndarray,
+            probs: np.ndarray,
+            available: np.ndarray,
+            rule: PeakSettings,
+            any_mask: bool,
+            max_area: float = max_area,
         ) -> None:
             """Decode `points` (best first) in rounds as `take_round` says under `rule`, adding their masks
             to `parts`; with `rule.cover`, a candidate inside a kept mask of an earlier round (the smallest
@@ -438,11 +443,15 @@ class MaskGenerator:
             refill_probs = np.concatenate([probs[available], more_probs])
             order = np.argsort(-refill_probs, kind="stable")
             refill, refill_probs = refill[order], refill_probs[order]
+            refill_area = max_area
+            if peaks.refill_cover_rel > 0:
+                areas = torch.cat([_part_areas(p, upscaler) for p in parts if len(p)])
+                refill_area = min(max_area, peaks.refill_cover_rel * float(areas.float().median()))
             free = np.ones(len(refill), dtype=bool)
             for part in parts:
-                free &= ~_covered(part, refill, upscaler, max_area, np.zeros(2), any_mask=True)
+                free &= ~_covered(part, refill, upscaler, refill_area, np.zeros(2), any_mask=True)
             rule = replace(peaks, min_points=0, max_points=peaks.refill, yield_after=peaks.yield_window)
-            decode_rounds(refill, refill_probs, free, rule, any_mask=True)
+            decode_rounds(refill, refill_probs, free, rule, any_mask=True, max_area=refill_area)
         if candidates:
             boxes = self._box_prompts(candidates, parts, embedded_image)
             parts += _map_batches(one_batch, self._batches(boxes, threads), self.model.device, self.threads)
@@ -642,6 +651,17 @@ def _new_boxes(boxes: list[torch.Tensor], seen: torch.Tensor, threshold: float) 
     return len(seen) - before, seen
 
 
+def _part_blocks(part: _Masks) -> BlockMasks:
+    """The masks of `part` (one decoded batch: one group, members in order)."""
+    (group,) = part.groups
+    return group.blocks.select(part.member.to(group.blocks.full.device))
+
+
+def _part_areas(part: _Masks, upscaler: Upscaler) -> torch.Tensor:
+    """(N,) the pixel areas of `part`'s masks in `upscaler`'s frame, on the CPU."""
+    return upscaler.areas(_part_blocks(part)).cpu()
+
+
 def _covered(
     part: _Masks,
     points: np.ndarray,
@@ -656,9 +676,7 @@ def _covered(
     below them."""
     if not len(part) or not len(points):
         return np.zeros(len(points), dtype=bool)
-    (group,) = part.groups  # one decoded batch: one group, members in order
-    device = group.blocks.full.device
-    blocks = group.blocks.select(part.member.to(device))
+    blocks = _part_blocks(part)
     areas = upscaler.areas(blocks).cpu()
     if any_mask:
         which = torch.arange(len(areas))  # every mask, not only the smallest of each point
@@ -673,7 +691,7 @@ def _covered(
     # Each point and, with a margin, the four points around it: one lookup, all of them must be inside.
     shifts = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)] if np.any(margin > 0) else [(0, 0)]
     probes = np.concatenate([points + np.array(d) * margin for d in shifts])
-    inside = upscaler.contains(blocks.select(which.to(device)), torch.from_numpy(probes))
+    inside = upscaler.contains(blocks.select(which.to(blocks.full.device)), torch.from_numpy(probes))
     return inside.view(len(which), len(shifts), len(points)).all(1).any(0).cpu().numpy()
 
 

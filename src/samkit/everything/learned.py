@@ -75,6 +75,9 @@ class PeakSettings:
     # points, or not reached before the rounds ended).
     refill: int = 64
     refill_after: int = 128
+    # In the refill, a kept mask covers only if its area is at most this many times the median area of the
+    # masks kept so far (0: any up to `cover_max_area`): a clump's mask then leaves its nuclei to the refill.
+    refill_cover_rel: float = 0.0
 
 
 PEAK_DEFAULTS = PeakSettings()
