@@ -46,12 +46,38 @@ def _variants(specs: list[list[str]]) -> dict[str, object]:
     return out
 
 
+def unseen_items(
+    data: str, seen: int, densest: bool = False, every: int = 1, limit: int | None = None
+) -> tuple[list, int]:
+    """The images of the TRAINING split `data` (exits on an evaluation split) less its first `seen` in name
+    order (the teacher's), in name order or with `densest` most annotated objects first (a stable sort keeps
+    name order among equals), every `every`th, at most `limit`; and how many such unseen images there are."""
+    from samkit.eval.datasets import open_dataset
+    from samkit.train.prompt_head import training_images
+
+    parts = Path(data).resolve().parts
+    if "val" in parts or "test" in parts or "interactive" in parts:
+        sys.exit(f"{data} is an evaluation split: held-out training images only")
+    names = {p.name for p in training_images([Path(data) / "images"], seen)}
+    items = sorted(
+        (it for it in open_dataset(data).images() if Path(it.image).name not in names),
+        key=lambda it: Path(it.image).name,
+    )
+    if densest:
+        items = sorted(items, key=lambda it: -len(it.masks))
+    return items[::every][:limit], len(items)
+
+
+def grid_cache_file(cache: Path, data: str, item) -> Path:
+    """Where the grid run of `item` (an image of the split `data`) is cached."""
+    return cache / f"{Path(data).resolve().parent.name}_{item.id}.pkl"
+
+
 def main() -> None:
     from pycocotools import mask as mask_utils
 
     import samkit
     from samkit.eval import protocols as P
-    from samkit.eval.datasets import open_dataset
     from samkit.everything.generator import MaskGenerator
     from samkit.everything.learned import load_head
     from samkit.hardware import run_header
@@ -85,9 +111,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE]")
     args = parser.parse_args()
-    parts = Path(args.data).resolve().parts
-    if "val" in parts or "test" in parts or "interactive" in parts:
-        sys.exit(f"{args.data} is an evaluation split: settings are chosen on training splits only")
+    items, n_unseen = unseen_items(args.data, args.seen, args.densest, args.every, args.limit)
     torch.set_num_threads(1)
     variants = _variants(args.variant)
 
@@ -101,12 +125,6 @@ def main() -> None:
     names = ["grid", *variants]
     results: dict[str, list] = {n: [] for n in names}
     stats: dict[str, list] = {n: [] for n in names}
-    seen = {p.name for p in training_images([Path(args.data) / "images"], args.seen)}
-    unseen = [it for it in open_dataset(args.data).images() if Path(it.image).name not in seen]
-    items = sorted(unseen, key=lambda it: Path(it.image).name)
-    if args.densest:  # most annotated objects first (a stable sort keeps name order among equals)
-        items = sorted(items, key=lambda it: -len(it.masks))
-    items = items[:: args.every][: args.limit]
     if args.trained_on:  # a head trained on more than the first --seen images must not be scored on those
         cfg = load_prompt_head_config(args.trained_on)
         used = {p.resolve() for p in training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])}
@@ -116,7 +134,7 @@ def main() -> None:
     for it in items:
         image = load_image(it.image)
         size = (image.shape[0], image.shape[1])
-        cached = args.cache / f"{Path(args.data).resolve().parent.name}_{it.id}.pkl"
+        cached = grid_cache_file(args.cache, args.data, it)
         pred = Predictor(model)
         if cached.exists():
             grid = pickle.loads(cached.read_bytes())
@@ -156,7 +174,7 @@ def main() -> None:
         )
 
     print(
-        f"\nimages {len(items)} of {args.data} (every {args.every} of the {len(unseen)} the head never saw"
+        f"\nimages {len(items)} of {args.data} (every {args.every} of the {n_unseen} the head never saw"
         f"{', the densest first' if args.densest else ''});"
         " decode time only, one thread"
     )

@@ -25,16 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    from learned_prompts_design import grid_cache_file, unseen_items  # the same held-out images and cache
     from pycocotools import mask as mask_utils
 
     import samkit
-    from samkit.eval.datasets import open_dataset
     from samkit.everything.generator import MaskGenerator
     from samkit.everything.learned import load_head
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.predictor import Predictor
-    from samkit.train.prompt_head import training_images
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a TRAINING split with annotations.json")
@@ -44,28 +43,18 @@ def main() -> None:
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     args = parser.parse_args()
-    parts = Path(args.data).resolve().parts
-    if "val" in parts or "test" in parts or "interactive" in parts:
-        sys.exit(f"{args.data} is an evaluation split: diagnose on training splits only")
+    items, _ = unseen_items(args.data, args.seen, args.densest, limit=args.limit)
     torch.set_num_threads(1)
     print(run_header("fp32"))
     print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
 
-    seen = {p.name for p in training_images([Path(args.data) / "images"], args.seen)}
-    items = sorted(
-        (it for it in open_dataset(args.data).images() if Path(it.image).name not in seen),
-        key=lambda it: Path(it.image).name,
-    )
-    if args.densest:
-        items = sorted(items, key=lambda it: -len(it.masks))
-    items = items[: args.limit]
     model = samkit.load("vit_t", dtype="fp32")
     gen = MaskGenerator(
         model, output_mode="coco_rle", prompts="learned", prompt_head=load_head(args.head), threads=1
     )
     grid_best, learned_best, under, missed_area = [], [], [], []
     for it in items:
-        cached = args.cache / f"{Path(args.data).resolve().parent.name}_{it.id}.pkl"
+        cached = grid_cache_file(args.cache, args.data, it)
         if not cached.exists():
             sys.exit(
                 f"no cached grid run for {it.image}: run learned_prompts_design.py on these images first"
