@@ -70,6 +70,12 @@ def main() -> None:
         default=PEAK_DEFAULTS.refill,
         help="points between the grid's on crowded images (0: none)",
     )
+    parser.add_argument(
+        "--refill-cover-rel",
+        type=float,
+        default=PEAK_DEFAULTS.refill_cover_rel,
+        help="in the refill, masks over this many times the median kept area cover nothing (0: off)",
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()
@@ -91,6 +97,7 @@ def main() -> None:
         yield_after=args.yield_after,
         min_yield=args.min_yield,
         refill=args.refill,
+        refill_cover_rel=args.refill_cover_rel,
     )
     print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")

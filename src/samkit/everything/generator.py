@@ -398,6 +398,7 @@ class MaskGenerator:
         # Each point batch adds the boxes of its masks; the box prompts' own masks add none.
         candidates: list[tuple[torch.Tensor, ...]] | None = [] if peaks.boxes > 0 else None
         parts: list[_Masks] = []
+        areas: list[torch.Tensor] = []  # each part's mask areas (with cover or refill), computed once
         seen = torch.zeros(0, 4)  # the boxes of the masks found so far
 
         def decode_rounds(
@@ -427,13 +428,15 @@ class MaskGenerator:
                     self.threads,
                 )
                 parts.extend(found)
+                if rule.cover or peaks.refill:
+                    areas.extend(_part_areas(part, upscaler) for part in found)
                 if rule.yield_after or peaks.refill:
                     new, seen = _new_boxes([p.boxes for p in found], seen, self.box_nms_thresh)
                     rounds.append((len(take), new))
                 if rule.cover and available.any():
                     margin = rule.cover_margin * step
-                    for part in found:
-                        available &= ~_covered(part, points, upscaler, max_area, margin, any_mask)
+                    for part, part_areas in zip(found, areas[-len(found) :], strict=True):
+                        available &= ~_covered(part, part_areas, points, upscaler, max_area, margin, any_mask)
 
         available = np.ones(len(points), dtype=bool)
         decode_rounds(points, probs, available, peaks, any_mask=False)
@@ -445,11 +448,11 @@ class MaskGenerator:
             refill, refill_probs = refill[order], refill_probs[order]
             refill_area = max_area
             if peaks.refill_cover_rel > 0:
-                areas = torch.cat([_part_areas(p, upscaler) for p in parts if len(p)])
-                refill_area = min(max_area, peaks.refill_cover_rel * float(areas.float().median()))
+                median = float(torch.cat(areas).float().median())
+                refill_area = min(max_area, peaks.refill_cover_rel * median)
             free = np.ones(len(refill), dtype=bool)
-            for part in parts:
-                free &= ~_covered(part, refill, upscaler, refill_area, np.zeros(2), any_mask=True)
+            for part, part_areas in zip(parts, areas, strict=True):
+                free &= ~_covered(part, part_areas, refill, upscaler, refill_area, np.zeros(2), any_mask=True)
             rule = replace(peaks, min_points=0, max_points=peaks.refill, yield_after=peaks.yield_window)
             decode_rounds(refill, refill_probs, free, rule, any_mask=True, max_area=refill_area)
         if candidates:
@@ -659,11 +662,14 @@ def _part_blocks(part: _Masks) -> BlockMasks:
 
 def _part_areas(part: _Masks, upscaler: Upscaler) -> torch.Tensor:
     """(N,) the pixel areas of `part`'s masks in `upscaler`'s frame, on the CPU."""
+    if not len(part):
+        return torch.zeros(0, dtype=torch.int64)
     return upscaler.areas(_part_blocks(part)).cpu()
 
 
 def _covered(
     part: _Masks,
+    areas: torch.Tensor,
     points: np.ndarray,
     upscaler: Upscaler,
     max_area: float,
@@ -671,13 +677,12 @@ def _covered(
     any_mask: bool = False,
 ) -> np.ndarray:
     """bool (K,): which of `points` (K, 2) (x, y) lie in the smallest mask each source point of `part` (one
-    decoded batch, masks in `upscaler`'s frame) kept (`any_mask`: in any mask of `part`), where that mask
-    has at most `max_area` pixels, and so do the points `margin` (x, y) pixels left, right, above and
-    below them."""
+    decoded batch, masks in `upscaler`'s frame; `areas` their `_part_areas`) kept (`any_mask`: in any mask
+    of `part`), where that mask has at most `max_area` pixels, and so do the points `margin` (x, y) pixels
+    left, right, above and below them."""
     if not len(part) or not len(points):
         return np.zeros(len(points), dtype=bool)
     blocks = _part_blocks(part)
-    areas = upscaler.areas(blocks).cpu()
     if any_mask:
         which = torch.arange(len(areas))  # every mask, not only the smallest of each point
     else:

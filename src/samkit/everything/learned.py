@@ -32,8 +32,8 @@ class PeakSettings:
     inside a mask already found are skipped as they come up (see `take_round`)."""
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
-    # next to another's); 160 points decoded, more only while they keep finding new masks (`yield_after`,
-    # below) up to 320, on crowded images up to 64 more (`refill`), then at most 48 boxes: under a fifth of
+    # next to another's); 144 points decoded, more only while they keep finding new masks (`yield_after`,
+    # below) up to 320, on crowded images up to 64 more (`refill`), then at most 40 boxes: under a fifth of
     # the grid's time. These settings and the threshold were chosen on held-out training-split images (never
     # an evaluation split); the threshold stops early on images the head finds little in, at no loss of
     # recall there.
@@ -58,14 +58,14 @@ class PeakSettings:
     # `box_min_area` of the image and that no mask passing the filters already has (box IoU below
     # `box_match`), best predicted IoU first and box-NMS'd, each decoded as a box (one mask). A large
     # object's whole mask seldom passes the filters from a point; from its box it often does.
-    boxes: int = 48
+    boxes: int = 40
     box_min_area: float = 0.002
     box_match: float = 0.8
     # Past `yield_after` points decoded (0: never), a round is decoded only while the last `yield_window`
     # points decoded found at least `min_yield` new masks per point (masks passing the filters whose box
     # overlaps no box found before by box_nms_thresh or more): dense images go on, the rest stop.
     # `max_points` stays the limit.
-    yield_after: int = 160
+    yield_after: int = 144
     yield_window: int = 16
     min_yield: float = 0.125
     # Dense images (at least `refill_after` new masks once the rounds end): up to `refill` more points (0:
@@ -77,7 +77,7 @@ class PeakSettings:
     refill_after: int = 128
     # In the refill, a kept mask covers only if its area is at most this many times the median area of the
     # masks kept so far (0: any up to `cover_max_area`): a clump's mask then leaves its nuclei to the refill.
-    refill_cover_rel: float = 0.0
+    refill_cover_rel: float = 2.0
 
 
 PEAK_DEFAULTS = PeakSettings()
