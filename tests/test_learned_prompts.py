@@ -373,7 +373,9 @@ def test_refill_decodes_points_in_no_kept_mask_once_enough_masks_are_found(tiny_
     torch.manual_seed(3)
     head = PromptHead()
     kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
-    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3)
+    peaks = PeakSettings(
+        threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3, refill_cover_rel=0.0
+    )
 
     def run(p: PeakSettings) -> list:
         return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
@@ -418,7 +420,7 @@ def test_refill_cover_rel_lets_the_refill_into_masks_larger_than_the_typical_one
         )
 
     plain = run(dataclasses.replace(peaks, refill=0))
-    refilled = run(peaks)
+    refilled = run(dataclasses.replace(peaks, refill_cover_rel=0.0))  # any kept mask keeps the refill out
     points = lambda records: [tuple(r["point_coords"][0]) for r in records]  # noqa: E731
     assert points(run(dataclasses.replace(peaks, refill_cover_rel=1e9))) == points(refilled)
     into = run(dataclasses.replace(peaks, refill_cover_rel=1e-9))
@@ -557,3 +559,23 @@ def test_eval_proposals_with_learned_prompts(tmp_path):
     assert report["items"][0]["n_proposals"] > 0
     with pytest.raises(ProtocolError, match="needs a samkit SAM model"):
         _proposer(object(), None, None, "learned")
+
+
+def test_cover_rel_lets_later_points_into_masks_larger_than_the_typical_one(tiny_model, photo):
+    """With `cover_rel`, a kept mask covers in the rounds only if it is at most that many times the median
+    kept area: near zero nothing covers (the best candidates in order, as without `cover`); very large, the
+    plain covering rule."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
+    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=10, round_points=4, boxes=0, refill=0)
+
+    def points(p: PeakSettings) -> list:
+        gen = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw)
+        return sorted(tuple(r["point_coords"][0]) for r in gen.generate(photo))
+
+    covered = points(peaks)
+    assert points(dataclasses.replace(peaks, cover_rel=1e9)) == covered
+    uncovered = points(dataclasses.replace(peaks, cover=False))
+    assert uncovered != covered
+    assert points(dataclasses.replace(peaks, cover_rel=1e-9)) == uncovered

@@ -435,8 +435,9 @@ class MaskGenerator:
                     rounds.append((len(take), new))
                 if rule.cover and available.any():
                     margin = rule.cover_margin * step
+                    limit = _relative_area(areas, rule.cover_rel, max_area)
                     for part, part_areas in zip(found, areas[-len(found) :], strict=True):
-                        available &= ~_covered(part, part_areas, points, upscaler, max_area, margin, any_mask)
+                        available &= ~_covered(part, part_areas, points, upscaler, limit, margin, any_mask)
 
         available = np.ones(len(points), dtype=bool)
         decode_rounds(points, probs, available, peaks, any_mask=False)
@@ -446,10 +447,7 @@ class MaskGenerator:
             refill_probs = np.concatenate([probs[available], more_probs])
             order = np.argsort(-refill_probs, kind="stable")
             refill, refill_probs = refill[order], refill_probs[order]
-            refill_area = max_area
-            if peaks.refill_cover_rel > 0:
-                median = float(torch.cat(areas).float().median())
-                refill_area = min(max_area, peaks.refill_cover_rel * median)
+            refill_area = _relative_area(areas, peaks.refill_cover_rel, max_area)
             free = np.ones(len(refill), dtype=bool)
             for part, part_areas in zip(parts, areas, strict=True):
                 free &= ~_covered(part, part_areas, refill, upscaler, refill_area, np.zeros(2), any_mask=True)
@@ -665,6 +663,14 @@ def _part_areas(part: _Masks, upscaler: Upscaler) -> torch.Tensor:
     if not len(part):
         return torch.zeros(0, dtype=torch.int64)
     return upscaler.areas(_part_blocks(part)).cpu()
+
+
+def _relative_area(areas: list[torch.Tensor], rel: float, max_area: float) -> float:
+    """`max_area`, or with `rel` > 0 at most `rel` times the median of `areas` (the masks kept so far)."""
+    kept = torch.cat(areas) if areas else torch.zeros(0)
+    if rel <= 0 or not len(kept):
+        return max_area
+    return min(max_area, rel * float(kept.float().median()))
 
 
 def _covered(

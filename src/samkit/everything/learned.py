@@ -53,6 +53,9 @@ class PeakSettings:
     # A candidate is covered only if the mask also holds the points this share of a grid step (image side /
     # `grid`, or a cell) away from it on all four sides: points near a mask's edge often find a neighbour.
     cover_margin: float = 0.0
+    # A kept mask covers only if its area is also at most this many times the median area of the masks kept
+    # so far (0: off): on crowded images a clump's mask then leaves its nuclei to later points.
+    cover_rel: float = 0.0
     # After the points, up to `boxes` box prompts: the boxes of the decoded points' masks (all three of each
     # point with a mask above pred_iou_thresh, whether they pass the filters or not) that cover at least
     # `box_min_area` of the image and that no mask passing the filters already has (box IoU below
