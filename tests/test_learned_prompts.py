@@ -579,3 +579,43 @@ def test_cover_rel_lets_later_points_into_masks_larger_than_the_typical_one(tiny
     uncovered = points(dataclasses.replace(peaks, cover=False))
     assert uncovered != covered
     assert points(dataclasses.replace(peaks, cover_rel=1e-9)) == uncovered
+
+
+def test_refill_cover_rel_brings_back_grid_points_the_rounds_skipped(tiny_model, photo):
+    """A grid point skipped in the rounds (inside the smallest kept mask of a decoded point) is a refill
+    candidate again: with `refill_cover_rel` near zero no kept mask keeps it out, so the refill decodes such
+    points too, not only the midpoints between the grid's."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+    peaks = PeakSettings(
+        threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3, refill=64, refill_after=1
+    )
+
+    def run(p: PeakSettings) -> list:
+        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
+            photo
+        )
+
+    plain = run(dataclasses.replace(peaks, refill=0))
+    h, w = photo.shape[:2]
+    smallest: dict[tuple, dict] = {}  # each decoded point's smallest kept mask (box NMS keeps every mask)
+    for r in plain:
+        p = tuple(r["point_coords"][0])
+        if r["area"] <= 0.3 * h * w and (p not in smallest or r["area"] < smallest[p]["area"]):
+            smallest[p] = r
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    with torch.no_grad():
+        logits = head(pred.embedding.clone())[0, 0]
+    grid, _ = grid_candidates(logits, pred.original_size, pred.input_size, peaks)
+    decoded = {tuple(r["point_coords"][0]) for r in plain}
+    skipped = {
+        (x, y)
+        for x, y in map(tuple, grid.tolist())
+        if (x, y) not in decoded and any(r["segmentation"][int(y), int(x)] for r in smallest.values())
+    }
+    assert skipped  # the rounds did skip grid points
+    refilled = run(dataclasses.replace(peaks, refill_cover_rel=1e-9))
+    added = {tuple(r["point_coords"][0]) for r in refilled} - decoded
+    assert added & skipped

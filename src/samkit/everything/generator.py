@@ -408,18 +408,21 @@ class MaskGenerator:
             rule: PeakSettings,
             any_mask: bool,
             max_area: float = max_area,
-        ) -> None:
+        ) -> np.ndarray:
             """Decode `points` (best first) in rounds as `take_round` says under `rule`, adding their masks
             to `parts`; with `rule.cover`, a candidate inside a kept mask of an earlier round (the smallest
-            of each point, or with `any_mask` any) is then skipped. `available` is updated in place."""
+            of each point, or with `any_mask` any) is then skipped. `available` is updated in place. Returns
+            the indices of the points decoded."""
             nonlocal seen
             decoded = 0
+            taken = [np.zeros(0, dtype=np.int64)]
             rounds: list[tuple[int, int]] = []  # (points, new masks) per round, for `take_round`
             while True:
                 take = take_round(probs, available, decoded, rule, rounds)
                 if not len(take):
                     break
                 available[take] = False
+                taken.append(take)
                 decoded += len(take)
                 found = _map_batches(
                     partial(one_batch, candidates=candidates),
@@ -438,13 +441,18 @@ class MaskGenerator:
                     limit = _relative_area(areas, rule.cover_rel, max_area)
                     for part, part_areas in zip(found, areas[-len(found) :], strict=True):
                         available &= ~_covered(part, part_areas, points, upscaler, limit, margin, any_mask)
+            return np.concatenate(taken)
 
         available = np.ones(len(points), dtype=bool)
-        decode_rounds(points, probs, available, peaks, any_mask=False)
+        taken = decode_rounds(points, probs, available, peaks, any_mask=False)
         if peaks.refill and peaks.grid and len(seen) >= peaks.refill_after:
             more, more_probs = between_candidates(logits, *sizes, peaks.grid)
-            refill = np.concatenate([points[available], more])
-            refill_probs = np.concatenate([probs[available], more_probs])
+            # The grid points not decoded, covered ones too: the refill's own rule below says which are
+            # free (with `refill_cover_rel` a point skipped inside a clump's mask can come back).
+            untried = np.ones(len(points), dtype=bool)
+            untried[taken] = False
+            refill = np.concatenate([points[untried], more])
+            refill_probs = np.concatenate([probs[untried], more_probs])
             order = np.argsort(-refill_probs, kind="stable")
             refill, refill_probs = refill[order], refill_probs[order]
             refill_area = _relative_area(areas, peaks.refill_cover_rel, max_area)
