@@ -73,9 +73,9 @@ class PeakSettings:
     min_yield: float = 0.125
     # Dense images (at least `refill_after` new masks once the rounds end): up to `refill` more points (0:
     # none), decoded in rounds under the yield rule (from its first window on) before the boxes: the
-    # midpoints between the grid's points and the grid points not yet decoded (skipped ones too), best first, that are
-    # above the threshold and in no kept mask of at most `cover_max_area` (small objects between grid
-    # points, or not reached before the rounds ended).
+    # midpoints between the grid's points and the grid points not yet decoded (skipped ones too), best
+    # first, that are above the threshold and in no kept mask of at most `cover_max_area` (small objects
+    # between grid points, or not reached before the rounds ended).
     refill: int = 64
     refill_after: int = 128
     # In the refill, a kept mask covers only if its area is at most this many times the median area of the
