@@ -675,10 +675,9 @@ def _part_areas(part: _Masks, upscaler: Upscaler) -> torch.Tensor:
 
 def _relative_area(areas: list[torch.Tensor], rel: float, max_area: float) -> float:
     """`max_area`, or with `rel` > 0 at most `rel` times the median of `areas` (the masks kept so far)."""
-    kept = torch.cat(areas) if areas else torch.zeros(0)
-    if rel <= 0 or not len(kept):
+    if rel <= 0 or not sum(len(a) for a in areas):
         return max_area
-    return min(max_area, rel * float(kept.float().median()))
+    return min(max_area, rel * float(torch.cat(areas).float().median()))
 
 
 def _covered(
