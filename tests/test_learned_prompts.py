@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -33,6 +34,15 @@ from samkit.models.build import SamConfig, build_sam
 from samkit.models.prompt_head import PromptHead
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _unfiltered(model, head: PromptHead, image: np.ndarray) -> Callable[[PeakSettings], list]:
+    """`generate(image)` with learned prompts from `head` under the PeakSettings given, every decoded mask
+    kept (no predicted-IoU or stability filter, no NMS), as binary masks."""
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+    return lambda peaks: samkit.MaskGenerator(
+        model, prompts="learned", prompt_head=head, peaks=peaks, **kw
+    ).generate(image)
 
 
 def _logits(peaks: dict[tuple[int, int], float], side: int = 64) -> torch.Tensor:
@@ -372,15 +382,11 @@ def test_refill_decodes_points_in_no_kept_mask_once_enough_masks_are_found(tiny_
     points not reached) are decoded, none inside a mask the earlier points kept."""
     torch.manual_seed(3)
     head = PromptHead()
-    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
     peaks = PeakSettings(
         threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3, refill_cover_rel=0.0
     )
 
-    def run(p: PeakSettings) -> list:
-        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
-            photo
-        )
+    run = _unfiltered(tiny_model, head, photo)
 
     plain = run(peaks)
     too_few = run(dataclasses.replace(peaks, refill=6, refill_after=1000))  # too few masks: no refill
@@ -409,15 +415,11 @@ def test_refill_cover_rel_lets_the_refill_into_masks_larger_than_the_typical_one
     plain refill (capped by `cover_max_area`)."""
     torch.manual_seed(3)
     head = PromptHead()
-    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
     peaks = PeakSettings(
         threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3, refill=6, refill_after=1
     )
 
-    def run(p: PeakSettings) -> list:
-        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
-            photo
-        )
+    run = _unfiltered(tiny_model, head, photo)
 
     plain = run(dataclasses.replace(peaks, refill=0))
     refilled = run(dataclasses.replace(peaks, refill_cover_rel=0.0))  # any kept mask keeps the refill out
@@ -441,12 +443,8 @@ def test_box_prompts_come_from_the_points_masks(tiny_model, photo):
     peaks = PeakSettings(
         threshold=1.0, min_points=6, max_points=6, cover=False, boxes=4, box_min_area=0.0, box_match=1.01
     )
-    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
 
-    def run(p: PeakSettings) -> list:
-        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
-            square
-        )
+    run = _unfiltered(tiny_model, head, square)
 
     with_boxes, points_only = run(peaks), run(dataclasses.replace(peaks, boxes=0))
     pred = samkit.Predictor(tiny_model)
@@ -587,15 +585,11 @@ def test_refill_cover_rel_brings_back_grid_points_the_rounds_skipped(tiny_model,
     points too, not only the midpoints between the grid's."""
     torch.manual_seed(3)
     head = PromptHead()
-    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
     peaks = PeakSettings(
         threshold=0.0, min_points=0, max_points=8, boxes=0, cover_max_area=0.3, refill=64, refill_after=1
     )
 
-    def run(p: PeakSettings) -> list:
-        return samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw).generate(
-            photo
-        )
+    run = _unfiltered(tiny_model, head, photo)
 
     plain = run(dataclasses.replace(peaks, refill=0))
     h, w = photo.shape[:2]
