@@ -33,6 +33,7 @@ def main() -> None:
     from samkit.everything.learned import PEAK_DEFAULTS
     from samkit.hardware import run_header
     from samkit.image import load_image
+    from samkit.train.config import parse_override
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DATA))
@@ -76,6 +77,13 @@ def main() -> None:
         default=PEAK_DEFAULTS.refill_cover_rel,
         help="in the refill, masks over this many times the median kept area cover nothing (0: off)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other PeakSettings field, e.g. --set cover_hits=2 (repeatable)",
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     args = parser.parse_args()
@@ -99,6 +107,9 @@ def main() -> None:
         refill=args.refill,
         refill_cover_rel=args.refill_cover_rel,
     )
+    for pair in args.set:
+        (key, *_), value = parse_override(pair)
+        peaks = dataclasses.replace(peaks, **{key: value})
     print(f"learned peaks: {peaks}")
     model = samkit.load(args.model, dtype="fp32")
     modes = ("grid", "learned")

@@ -7,7 +7,9 @@ for every variant, is left out), with one torch thread.
 
 The images are those the shipped head never saw: the split's images less the first --seen (46) in name
 order, which the teacher ran on (`configs/prompt_head.yaml`, teacher.per_folder); --every takes every Nth.
-With --trained-on CONFIG, a chosen image that CONFIG's teacher also used (e.g. a listed one) is refused.
+With --trained-on CONFIG, a chosen image that CONFIG's teacher also used (e.g. a listed one) is refused;
+with --drop-trained too, such images are left out before --every and --limit instead (e.g. every 10th of
+dsb2018/train's unseen images, 46: a sample of all densities).
 
     OMP_NUM_THREADS=1 python benchmarks/learned_prompts_design.py \\
         --data ../shared/datasets/instances/coco_mini/train --limit 34 \\
@@ -47,11 +49,17 @@ def _variants(specs: list[list[str]]) -> dict[str, object]:
 
 
 def unseen_items(
-    data: str, seen: int, densest: bool = False, every: int = 1, limit: int | None = None
+    data: str,
+    seen: int,
+    densest: bool = False,
+    every: int = 1,
+    limit: int | None = None,
+    drop: frozenset[Path] = frozenset(),
 ) -> tuple[list, int]:
     """The images of the TRAINING split `data` (exits on an evaluation split) less its first `seen` in name
-    order (the teacher's), in name order or with `densest` most annotated objects first (a stable sort keeps
-    name order among equals), every `every`th, at most `limit`; and how many such unseen images there are."""
+    order (the teacher's) and less those in `drop` (resolved paths), in name order or with `densest` most
+    annotated objects first (a stable sort keeps name order among equals), every `every`th, at most `limit`;
+    and how many such unseen images there are."""
     from samkit.eval.datasets import open_dataset
     from samkit.train.prompt_head import training_images
 
@@ -60,7 +68,11 @@ def unseen_items(
         sys.exit(f"{data} is an evaluation split: held-out training images only")
     names = {p.name for p in training_images([Path(data) / "images"], seen)}
     items = sorted(
-        (it for it in open_dataset(data).images() if Path(it.image).name not in names),
+        (
+            it
+            for it in open_dataset(data).images()
+            if Path(it.image).name not in names and Path(it.image).resolve() not in drop
+        ),
         key=lambda it: Path(it.image).name,
     )
     if densest:
@@ -108,10 +120,21 @@ def main() -> None:
     parser.add_argument(
         "--trained-on", default=None, help="a prompt_head config: refuse to score an image its teacher used"
     )
+    parser.add_argument(
+        "--drop-trained",
+        action="store_true",
+        help="with --trained-on: leave out its teacher's images before --every and --limit (else refused)",
+    )
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE]")
     args = parser.parse_args()
-    items, n_unseen = unseen_items(args.data, args.seen, args.densest, args.every, args.limit)
+    used: frozenset[Path] = frozenset()
+    if args.trained_on:  # a head trained on more than the first --seen images must not be scored on those
+        cfg = load_prompt_head_config(args.trained_on)
+        teacher = training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])
+        used = frozenset(p.resolve() for p in teacher)
+    drop = used if args.drop_trained else frozenset()
+    items, n_unseen = unseen_items(args.data, args.seen, args.densest, args.every, args.limit, drop)
     torch.set_num_threads(1)
     variants = _variants(args.variant)
 
@@ -125,9 +148,7 @@ def main() -> None:
     names = ["grid", *variants]
     results: dict[str, list] = {n: [] for n in names}
     stats: dict[str, list] = {n: [] for n in names}
-    if args.trained_on:  # a head trained on more than the first --seen images must not be scored on those
-        cfg = load_prompt_head_config(args.trained_on)
-        used = {p.resolve() for p in training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])}
+    if used:
         clash = [it.image for it in items if Path(it.image).resolve() in used]
         if clash:
             sys.exit(f"{clash[0]} was a teacher image of {args.trained_on}: choose settings on unseen images")

@@ -34,25 +34,45 @@ def main() -> None:
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.predictor import Predictor
+    from samkit.train.prompt_head import load_prompt_head_config, training_images
+
+    class RecordingGenerator(MaskGenerator):
+        """A MaskGenerator that keeps the point prompts it decodes (x, y; no crops, so image pixels)."""
+
+        decoded: list[np.ndarray]
+
+        def _process_batch(self, embedded_image, points, *args):  # type: ignore[override]
+            if len(args) < 5 or args[4] is None:  # a point prompt, not a box (args[4]: boxes)
+                self.decoded.append(np.asarray(points, dtype=np.float64))
+            return super()._process_batch(embedded_image, points, *args)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a TRAINING split with annotations.json")
     parser.add_argument("--seen", type=int, default=46, help="the teacher ran on the first N in name order")
+    parser.add_argument("--every", type=int, default=1, help="every Nth of the unseen images")
     parser.add_argument("--limit", type=int, default=25)
     parser.add_argument("--densest", action="store_true", help="the unseen images with the most objects")
+    parser.add_argument(
+        "--trained-on", default=None, help="a prompt_head config: leave out the images its teacher used"
+    )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     args = parser.parse_args()
-    items, _ = unseen_items(args.data, args.seen, args.densest, limit=args.limit)
+    drop: frozenset[Path] = frozenset()
+    if args.trained_on:
+        cfg = load_prompt_head_config(args.trained_on)
+        teacher = training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])
+        drop = frozenset(p.resolve() for p in teacher)
+    items, _ = unseen_items(args.data, args.seen, args.densest, args.every, args.limit, drop)
     torch.set_num_threads(1)
     print(run_header("fp32"))
     print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
 
     model = samkit.load("vit_t", dtype="fp32")
-    gen = MaskGenerator(
+    gen = RecordingGenerator(
         model, output_mode="coco_rle", prompts="learned", prompt_head=load_head(args.head), threads=1
     )
-    grid_best, learned_best, under, missed_area = [], [], [], []
+    grid_best, learned_best, under, missed_area, tried = [], [], [], [], []
     for it in items:
         cached = grid_cache_file(args.cache, args.data, it)
         if not cached.exists():
@@ -63,7 +83,12 @@ def main() -> None:
         image = load_image(it.image)
         pred = Predictor(model)
         pred.set_embedding(grid["features"], image.shape[:2])
+        gen.decoded = []
         learned = [r["segmentation"] for r in gen.generate(image, embedded=pred)]
+        pts = np.concatenate(gen.decoded) if gen.decoded else np.zeros((0, 2))
+        h, w = image.shape[:2]
+        n = 32
+        gx, gy = (np.arange(n) + 0.5) / n * w, (np.arange(n) + 0.5) / n * h
         gts = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in it.masks]
         crowd = [0] * len(gts)
         g = np.asarray(mask_utils.iou(list(grid["rles"]), gts, crowd)).reshape(-1, len(gts)).max(0, initial=0)
@@ -77,6 +102,12 @@ def main() -> None:
             m = it.masks[k].astype(bool)
             under.append((union & m).sum() / max(m.sum(), 1))
             missed_area.append(int(m.sum()))
+            # grid points inside the object, and how many of any decoded point lie inside it
+            cols, rows = np.clip(gx.astype(int), 0, w - 1), np.clip(gy.astype(int), 0, h - 1)
+            in_grid = int(m[np.ix_(rows, cols)].sum())
+            px = np.clip(pts.astype(int), 0, [w - 1, h - 1])
+            in_dec = int(m[px[:, 1], px[:, 0]].sum()) if len(px) else 0
+            tried.append((in_grid, in_dec))
     g, lv = np.array(grid_best), np.array(learned_best)
     print(f"images {len(items)} of {args.data}{' (densest)' if args.densest else ''}; objects {len(g)}")
     for t in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
@@ -96,6 +127,12 @@ def main() -> None:
             f"of those only the grid finds: {int((u > 0.8).sum())} lie over 80% under learned masks, "
             f"{int((u < 0.2).sum())} under 20%; area median {np.median(missed_area):.0f} px "
             f"(10th-90th percentile {np.percentile(missed_area, 10):.0f}-{np.percentile(missed_area, 90):.0f})"
+        )
+        t = np.array(tried)
+        print(
+            f"grid points inside them: none {int((t[:, 0] == 0).sum())}, one {int((t[:, 0] == 1).sum())}, "
+            f"more {int((t[:, 0] > 1).sum())}; a learned point was decoded inside {int((t[:, 1] > 0).sum())} "
+            f"of them (its masks then lost to the filters or NMS), none inside {int((t[:, 1] == 0).sum())}"
         )
 
 

@@ -613,3 +613,27 @@ def test_refill_cover_rel_brings_back_grid_points_the_rounds_skipped(tiny_model,
     refilled = run(dataclasses.replace(peaks, refill_cover_rel=1e-9))
     added = {tuple(r["point_coords"][0]) for r in refilled} - decoded
     assert added & skipped
+
+
+def test_cover_hits_lets_a_second_point_into_small_masks(tiny_model, photo):
+    """With `cover_hits` 2 a candidate is skipped only once it lies in the kept masks of two decoded points,
+    or in one mask over `cover_hits_max_area` of the image: so a share of 0 (every mask counts as large) is
+    the plain covering rule, an unreachable count decodes the best candidates in order as without `cover`,
+    and 2 with every mask small decodes points the plain rule skips."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    peaks = PeakSettings(
+        threshold=0.0, min_points=0, max_points=16, round_points=1, boxes=0, refill=0, cover_max_area=0.3
+    )
+    run = _unfiltered(tiny_model, head, photo)
+
+    def points(p: PeakSettings) -> list:
+        return sorted({tuple(r["point_coords"][0]) for r in run(p)})
+
+    covered = points(peaks)
+    assert points(dataclasses.replace(peaks, cover_hits=2, cover_hits_max_area=0.0)) == covered
+    uncovered = points(dataclasses.replace(peaks, cover=False))
+    assert uncovered != covered
+    assert points(dataclasses.replace(peaks, cover_hits=10**6)) == uncovered
+    second = points(dataclasses.replace(peaks, cover_hits=2))
+    assert second != covered and second != uncovered

@@ -416,6 +416,7 @@ class MaskGenerator:
             nonlocal seen
             decoded = 0
             taken = [np.zeros(0, dtype=np.int64)]
+            hits = np.zeros(len(points), dtype=np.int64)  # how many decoded points' masks hold each candidate
             rounds: list[tuple[int, int]] = []  # (points, new masks) per round, for `take_round`
             while True:
                 take = take_round(probs, available, decoded, rule, rounds)
@@ -439,8 +440,11 @@ class MaskGenerator:
                 if rule.cover and available.any():
                     margin = rule.cover_margin * step
                     limit = _relative_area(areas, rule.cover_rel, max_area)
+                    large = rule.cover_hits_max_area * h * w  # a larger mask covers at its first point
+                    rest = (points, upscaler, limit, margin, any_mask, large, rule.cover_hits)
                     for part, part_areas in zip(found, areas[-len(found) :], strict=True):
-                        available &= ~_covered(part, part_areas, points, upscaler, limit, margin, any_mask)
+                        hits += _covered(part, part_areas, *rest)
+                    available &= hits < rule.cover_hits
             return np.concatenate(taken)
 
         available = np.ones(len(points), dtype=bool)
@@ -458,7 +462,9 @@ class MaskGenerator:
             refill_area = _relative_area(areas, peaks.refill_cover_rel, max_area)
             free = np.ones(len(refill), dtype=bool)
             for part, part_areas in zip(parts, areas, strict=True):
-                free &= ~_covered(part, part_areas, refill, upscaler, refill_area, np.zeros(2), any_mask=True)
+                free &= (
+                    _covered(part, part_areas, refill, upscaler, refill_area, np.zeros(2), any_mask=True) == 0
+                )
             rule = replace(peaks, min_points=0, max_points=peaks.refill, yield_after=peaks.yield_window)
             decode_rounds(refill, refill_probs, free, rule, any_mask=True, max_area=refill_area)
         if candidates:
@@ -688,13 +694,16 @@ def _covered(
     max_area: float,
     margin: np.ndarray,
     any_mask: bool = False,
+    large_area: float = float("inf"),
+    large_weight: int = 1,
 ) -> np.ndarray:
-    """bool (K,): which of `points` (K, 2) (x, y) lie in the smallest mask each source point of `part` (one
-    decoded batch, masks in `upscaler`'s frame; `areas` their `_part_areas`) kept (`any_mask`: in any mask
-    of `part`), where that mask has at most `max_area` pixels, and so do the points `margin` (x, y) pixels
-    left, right, above and below them."""
+    """int64 (K,): for each of `points` (K, 2) (x, y), in how many masks of `part` (one decoded batch, masks
+    in `upscaler`'s frame; `areas` their `_part_areas`) it lies: the smallest mask each source point kept
+    (`any_mask`: every mask of `part`), where that mask has at most `max_area` pixels, and with the points
+    `margin` (x, y) pixels left, right, above and below it inside too. A mask over `large_area` pixels
+    counts `large_weight` times."""
     if not len(part) or not len(points):
-        return np.zeros(len(points), dtype=bool)
+        return np.zeros(len(points), dtype=np.int64)
     blocks = _part_blocks(part)
     if any_mask:
         which = torch.arange(len(areas))  # every mask, not only the smallest of each point
@@ -705,12 +714,14 @@ def _covered(
             which[source[i]] = i
     which = which[areas[which] <= max_area]
     if not len(which):
-        return np.zeros(len(points), dtype=bool)
+        return np.zeros(len(points), dtype=np.int64)
     # Each point and, with a margin, the four points around it: one lookup, all of them must be inside.
     shifts = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)] if np.any(margin > 0) else [(0, 0)]
     probes = np.concatenate([points + np.array(d) * margin for d in shifts])
     inside = upscaler.contains(blocks.select(which.to(blocks.full.device)), torch.from_numpy(probes))
-    return inside.view(len(which), len(shifts), len(points)).all(1).any(0).cpu().numpy()
+    inside = inside.view(len(which), len(shifts), len(points)).all(1).cpu()
+    weight = torch.where(areas[which] > large_area, large_weight, 1).to(torch.int64)
+    return (inside.to(torch.int64) * weight[:, None]).sum(0).numpy()
 
 
 def _map_batches(

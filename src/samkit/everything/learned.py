@@ -47,6 +47,11 @@ class PeakSettings:
     # that mask again); `max_points` then bounds the points decoded, not the candidates.
     cover: bool = True
     round_points: int = 4
+    # A candidate is skipped once it lies inside the kept masks of `cover_hits` decoded points (1: the first),
+    # or inside one over `cover_hits_max_area` of the image. 2 finds each small object from two points, and
+    # the better of their masks is kept: more recall on crowded small objects, for more prompts.
+    cover_hits: int = 1
+    cover_hits_max_area: float = 1.0
     # A smallest kept mask over more than this share of the image covers nothing: a point whose only kept
     # mask is (nearly) the whole image says nothing about the objects in it.
     cover_max_area: float = 0.5
