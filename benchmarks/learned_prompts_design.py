@@ -80,6 +80,16 @@ def unseen_items(
     return items[::every][:limit], len(items)
 
 
+def teacher_images(config: str) -> frozenset[Path]:
+    """The images (resolved paths) the teacher of a prompt_head config `config` ran on."""
+    from samkit.train.prompt_head import load_prompt_head_config, training_images
+
+    cfg = load_prompt_head_config(config)
+    return frozenset(
+        p.resolve() for p in training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])
+    )
+
+
 def grid_cache_file(cache: Path, data: str, item) -> Path:
     """Where the grid run of `item` (an image of the split `data`) is cached."""
     return cache / f"{Path(data).resolve().parent.name}_{item.id}.pkl"
@@ -95,7 +105,6 @@ def main() -> None:
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.predictor import Predictor
-    from samkit.train.prompt_head import load_prompt_head_config, training_images
 
     class CountingGenerator(MaskGenerator):
         """A MaskGenerator that counts the prompts it decodes."""
@@ -128,11 +137,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar="NAME [KEY=VALUE]")
     args = parser.parse_args()
-    used: frozenset[Path] = frozenset()
-    if args.trained_on:  # a head trained on more than the first --seen images must not be scored on those
-        cfg = load_prompt_head_config(args.trained_on)
-        teacher = training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])
-        used = frozenset(p.resolve() for p in teacher)
+    # a head trained on more than the first --seen images must not be scored on those
+    used = teacher_images(args.trained_on) if args.trained_on else frozenset()
     drop = used if args.drop_trained else frozenset()
     items, n_unseen = unseen_items(args.data, args.seen, args.densest, args.every, args.limit, drop)
     torch.set_num_threads(1)

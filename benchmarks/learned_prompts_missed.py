@@ -25,7 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from learned_prompts_design import grid_cache_file, unseen_items  # the same held-out images and cache
+    from learned_prompts_design import (  # the same held-out images and cache
+        grid_cache_file,
+        teacher_images,
+        unseen_items,
+    )
     from pycocotools import mask as mask_utils
 
     import samkit
@@ -34,7 +38,6 @@ def main() -> None:
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.predictor import Predictor
-    from samkit.train.prompt_head import load_prompt_head_config, training_images
 
     class RecordingGenerator(MaskGenerator):
         """A MaskGenerator that keeps the point prompts it decodes (x, y; no crops, so image pixels)."""
@@ -58,11 +61,7 @@ def main() -> None:
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
     args = parser.parse_args()
-    drop: frozenset[Path] = frozenset()
-    if args.trained_on:
-        cfg = load_prompt_head_config(args.trained_on)
-        teacher = training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])
-        drop = frozenset(p.resolve() for p in teacher)
+    drop = teacher_images(args.trained_on) if args.trained_on else frozenset()
     items, _ = unseen_items(args.data, args.seen, args.densest, args.every, args.limit, drop)
     torch.set_num_threads(1)
     print(run_header("fp32"))
@@ -88,7 +87,8 @@ def main() -> None:
         pts = np.concatenate(gen.decoded) if gen.decoded else np.zeros((0, 2))
         h, w = image.shape[:2]
         n = 32
-        gx, gy = (np.arange(n) + 0.5) / n * w, (np.arange(n) + 0.5) / n * h
+        frac = (np.arange(n) + 0.5) / n  # the grid's points: columns and rows of image pixels
+        cols, rows = np.minimum((frac * w).astype(int), w - 1), np.minimum((frac * h).astype(int), h - 1)
         gts = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in it.masks]
         crowd = [0] * len(gts)
         g = np.asarray(mask_utils.iou(list(grid["rles"]), gts, crowd)).reshape(-1, len(gts)).max(0, initial=0)
@@ -103,7 +103,6 @@ def main() -> None:
             under.append((union & m).sum() / max(m.sum(), 1))
             missed_area.append(int(m.sum()))
             # grid points inside the object, and how many of any decoded point lie inside it
-            cols, rows = np.clip(gx.astype(int), 0, w - 1), np.clip(gy.astype(int), 0, h - 1)
             in_grid = int(m[np.ix_(rows, cols)].sum())
             px = np.clip(pts.astype(int), 0, [w - 1, h - 1])
             in_dec = int(m[px[:, 1], px[:, 0]].sum()) if len(px) else 0

@@ -49,7 +49,8 @@ class PeakSettings:
     round_points: int = 4
     # A candidate is skipped once it lies inside the kept masks of `cover_hits` decoded points (1: the first),
     # or inside one over `cover_hits_max_area` of the image. 2 finds each small object from two points, and
-    # the better of their masks is kept: more recall on crowded small objects, for more prompts.
+    # the better of their masks is kept: more recall on crowded small objects, for more prompts. (In the
+    # refill, where any kept mask of a point covers, each mask counts.)
     cover_hits: int = 1
     cover_hits_max_area: float = 1.0
     # A smallest kept mask over more than this share of the image covers nothing: a point whose only kept
