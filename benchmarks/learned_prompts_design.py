@@ -3,7 +3,9 @@
 Runs the 32 x 32 grid once per image (cached under --cache) and then each prompt variant on the same stored
 embedding, scoring all of them as `samkit eval proposals` does against the training split's own human masks
 (AR over IoU 0.5:0.95, and AR@1000 by object size). Time is the decoding only (the image encoding, the same
-for every variant, is left out), with one torch thread.
+for every variant, is left out), with one torch thread. Per image it prints each run's prompts (p), masks
+(m), seconds (s) and objects recalled (r: averaged over AR's IoU thresholds, 1,000 proposals); at the end the
+images where each variant trails the grid most (recall is pooled over objects: a few images can hold a gap).
 
 The images are those the shipped head never saw: the split's images less the first --seen (46) in name
 order, which the teacher ran on (`configs/prompt_head.yaml`, teacher.per_folder); --every takes every Nth.
@@ -88,6 +90,15 @@ def teacher_images(config: str) -> frozenset[Path]:
     return frozenset(
         p.resolve() for p in training_images(cfg["teacher"]["folders"], cfg["teacher"]["per_folder"])
     )
+
+
+def _recalled(result: dict) -> float:
+    """One image's objects recalled by its first 1,000 proposals, averaged over the IoU thresholds of AR
+    (its share of AR@1000 times the set's object count)."""
+    from samkit.eval.metrics import AR_IOU_THRESHOLDS
+
+    best = np.asarray(result["best_iou@1000"], dtype=np.float64)
+    return float(np.mean([(best >= t).sum() for t in AR_IOU_THRESHOLDS]))
 
 
 def grid_cache_file(cache: Path, data: str, item) -> Path:
@@ -196,7 +207,10 @@ def main() -> None:
             stats[name].append((gen.decoded, seconds, len(records)))
         print(
             f"{it.id}: "
-            + " | ".join(f"{n} {s[-1][0]}p {s[-1][2]}m {s[-1][1]:.1f}s" for n, s in stats.items()),
+            + " | ".join(
+                f"{n} {s[-1][0]}p {s[-1][2]}m {s[-1][1]:.1f}s {_recalled(results[n][-1]):.1f}r"
+                for n, s in stats.items()
+            ),
             flush=True,
         )
 
@@ -217,6 +231,15 @@ def main() -> None:
         )
     for name, peaks in variants.items():
         print(f"{name}: {peaks}")
+    # Where the gap to the grid lies: recall is pooled over objects, so a few images can hold all of it.
+    grid_r = np.array([_recalled(r) for r in results["grid"]])
+    for name in variants:
+        diff = np.array([_recalled(r) for r in results[name]]) - grid_r
+        worst = np.argsort(diff, kind="stable")[:5]
+        print(
+            f"{name} - grid: {diff.sum():+.1f} objects recalled; most behind: "
+            + ", ".join(f"{items[i].id} {diff[i]:+.1f}" for i in worst if diff[i] < 0)
+        )
 
 
 if __name__ == "__main__":
