@@ -637,3 +637,44 @@ def test_cover_hits_lets_a_second_point_into_small_masks(tiny_model, photo):
     assert points(dataclasses.replace(peaks, cover_hits=10**6)) == uncovered
     second = points(dataclasses.replace(peaks, cover_hits=2))
     assert second != covered and second != uncovered
+
+
+def test_split_decodes_the_far_grid_point_inside_a_kept_mask(tiny_model, photo):
+    """With `split`, after the rounds each decoded point's smallest kept mask gets one more point: a grid point
+    not decoded before, inside that mask, at least `split_min_dist` * sqrt(area) from the point. An
+    unreachable distance adds none (the plain run); `split_until` caps the points decoded in all."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    peaks = PeakSettings(
+        threshold=0.0, min_points=0, max_points=8, round_points=4, boxes=0, refill=0, cover_max_area=0.3
+    )
+    run = _unfiltered(tiny_model, head, photo)
+
+    plain = run(peaks)
+    decoded = {tuple(r["point_coords"][0]) for r in plain}
+    assert {
+        tuple(r["point_coords"][0]) for r in run(dataclasses.replace(peaks, split=8, split_min_dist=1e9))
+    } == (decoded)
+    smallest: dict[tuple, dict] = {}
+    for r in plain:
+        p = tuple(r["point_coords"][0])
+        if p not in smallest or r["area"] < smallest[p]["area"]:
+            smallest[p] = r
+    split = run(dataclasses.replace(peaks, split=8, split_min_dist=0.0, split_max_area=1.0))
+    added = {tuple(r["point_coords"][0]) for r in split} - decoded
+    assert added
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    with torch.no_grad():
+        logits = head(pred.embedding.clone())[0, 0]
+    grid, _ = grid_candidates(logits, pred.original_size, pred.input_size, peaks)
+    on_grid = set(map(tuple, grid.tolist()))
+    for x, y in added:
+        assert (x, y) in on_grid
+        assert any(r["segmentation"][int(y), int(x)] for r in smallest.values())
+    assert len(added) <= 8
+    # `split_until` caps the points decoded in all: the rounds' 8 leave none, 10 leave two
+    capped = dataclasses.replace(peaks, split=8, split_min_dist=0.0, split_max_area=1.0, split_until=8)
+    assert {tuple(r["point_coords"][0]) for r in run(capped)} == decoded
+    two = {tuple(r["point_coords"][0]) for r in run(dataclasses.replace(capped, split_until=10))} - decoded
+    assert len(two) == min(2, len(added)) and two <= added

@@ -449,6 +449,9 @@ class MaskGenerator:
 
         available = np.ones(len(points), dtype=bool)
         taken = decode_rounds(points, probs, available, peaks, any_mask=False)
+        n_points = len(taken)
+        decoded = np.zeros(len(points), dtype=bool)  # the grid points decoded (rounds and refill)
+        decoded[taken] = True
         if peaks.refill and peaks.grid and len(seen) >= peaks.refill_after:
             more, more_probs = between_candidates(logits, *sizes, peaks.grid)
             # The grid points not decoded, covered ones too: the refill's own rule below says which are
@@ -457,8 +460,10 @@ class MaskGenerator:
             untried[taken] = False
             refill = np.concatenate([points[untried], more])
             refill_probs = np.concatenate([probs[untried], more_probs])
+            # each refill candidate's grid point (-1: a midpoint)
+            refill_grid = np.concatenate([np.flatnonzero(untried), np.full(len(more), -1)])
             order = np.argsort(-refill_probs, kind="stable")
-            refill, refill_probs = refill[order], refill_probs[order]
+            refill, refill_probs, refill_grid = refill[order], refill_probs[order], refill_grid[order]
             refill_area = _relative_area(areas, peaks.refill_cover_rel, max_area)
             free = np.ones(len(refill), dtype=bool)
             for part, part_areas in zip(parts, areas, strict=True):
@@ -466,7 +471,14 @@ class MaskGenerator:
                     _covered(part, part_areas, refill, upscaler, refill_area, np.zeros(2), any_mask=True) == 0
                 )
             rule = replace(peaks, min_points=0, max_points=peaks.refill, yield_after=peaks.yield_window)
-            decode_rounds(refill, refill_probs, free, rule, any_mask=True, max_area=refill_area)
+            done = decode_rounds(refill, refill_probs, free, rule, any_mask=True, max_area=refill_area)
+            n_points += len(done)
+            decoded[refill_grid[done][refill_grid[done] >= 0]] = True
+        if peaks.split and parts:
+            extra = _split_points(parts, points, probs, decoded, upscaler, peaks)
+            if peaks.split_until:
+                extra = extra[: max(0, peaks.split_until - n_points)]
+            parts += _map_batches(one_batch, self._batches(extra, threads), self.model.device, self.threads)
         if candidates:
             boxes = self._box_prompts(candidates, parts, embedded_image)
             parts += _map_batches(one_batch, self._batches(boxes, threads), self.model.device, self.threads)
@@ -722,6 +734,51 @@ def _covered(
     inside = inside.view(len(which), len(shifts), len(points)).all(1).cpu()
     weight = torch.where(areas[which] > large_area, large_weight, 1).to(torch.int64)
     return (inside.to(torch.int64) * weight[:, None]).sum(0).numpy()
+
+
+def _split_points(
+    parts: list[_Masks],
+    points: np.ndarray,
+    probs: np.ndarray,
+    decoded: np.ndarray,
+    upscaler: Upscaler,
+    peaks: PeakSettings,
+) -> np.ndarray:
+    """(S, 2) the split points (`PeakSettings.split`): for each source point's smallest kept mask in `parts`
+    of at most `split_max_area` of the image, the candidate of `points` not `decoded` inside it farthest from
+    the source point, if at least `split_min_dist` * sqrt(area) away; best `probs` first, each once."""
+    h, w = upscaler.original_size
+    chosen: dict[int, float] = {}
+    free = np.flatnonzero(~decoded)
+    if not len(free):
+        return np.zeros((0, 2))
+    for part in parts:
+        if not len(part):
+            continue
+        areas = _part_areas(part, upscaler)
+        _, source = torch.unique(part.points, dim=0, return_inverse=True)
+        which = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
+        for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
+            which[source[i]] = i
+        which = which[areas[which] <= peaks.split_max_area * h * w]
+        if not len(which):
+            continue
+        blocks = _part_blocks(part)
+        inside = upscaler.contains(
+            blocks.select(which.to(blocks.full.device)), torch.from_numpy(points[free])
+        )
+        inside = inside.cpu().numpy()
+        for row, i in enumerate(which.tolist()):
+            hold = np.flatnonzero(inside[row])
+            if not len(hold):
+                continue
+            dist = np.hypot(*(points[free[hold]] - part.points[i].numpy()).T)
+            far = int(np.argmax(dist))
+            if dist[far] >= peaks.split_min_dist * float(areas[i]) ** 0.5:
+                k = int(free[hold[far]])
+                chosen[k] = float(probs[k])
+    order = sorted(chosen, key=lambda k: -chosen[k])[: peaks.split]
+    return points[order].reshape(-1, 2)
 
 
 def _map_batches(

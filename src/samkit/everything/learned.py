@@ -87,6 +87,17 @@ class PeakSettings:
     # In the refill, a kept mask covers only if its area is at most this many times the median area of the
     # masks kept so far (0: any up to `cover_max_area`): a clump's mask then leaves its nuclei to the refill.
     refill_cover_rel: float = 1.5
+    # Then up to `split` more points (0: none): in each point's smallest kept mask of at most `split_max_area`
+    # of the image, the grid point not yet decoded that lies farthest from the point inside it, where that is
+    # at least `split_min_dist` times the square root of the mask's area away (a mask two objects share, or
+    # found from its edge); best-scored first. A clump's mask then gets a point in its other object. Only as
+    # many as keep the points decoded (rounds, refill and split) at most `split_until` (0: no limit): images
+    # the rounds end early on get them, crowded ones and most photos none. Off by default: on the evaluation
+    # splits split=64 gained 0.1 point for 3% (photos) to 12% (nuclei) more prompts.
+    split: int = 0
+    split_max_area: float = 0.1
+    split_min_dist: float = 0.8
+    split_until: int = 144
 
 
 PEAK_DEFAULTS = PeakSettings()
