@@ -717,13 +717,8 @@ def _covered(
     if not len(part) or not len(points):
         return np.zeros(len(points), dtype=np.int64)
     blocks = _part_blocks(part)
-    if any_mask:
-        which = torch.arange(len(areas))  # every mask, not only the smallest of each point
-    else:
-        _, source = torch.unique(part.points, dim=0, return_inverse=True)
-        which = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
-        for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
-            which[source[i]] = i
+    # every mask, or only the smallest of each point
+    which = torch.arange(len(areas)) if any_mask else _smallest_per_point(part, areas)
     which = which[areas[which] <= max_area]
     if not len(which):
         return np.zeros(len(points), dtype=np.int64)
@@ -734,6 +729,16 @@ def _covered(
     inside = inside.view(len(which), len(shifts), len(points)).all(1).cpu()
     weight = torch.where(areas[which] > large_area, large_weight, 1).to(torch.int64)
     return (inside.to(torch.int64) * weight[:, None]).sum(0).numpy()
+
+
+def _smallest_per_point(part: _Masks, areas: torch.Tensor) -> torch.Tensor:
+    """int64 (P,): for each source point of `part` (its masks' `points`), the index of its smallest mask
+    (`areas`: the masks' areas; of equal ones, the last)."""
+    _, source = torch.unique(part.points, dim=0, return_inverse=True)
+    which = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
+    for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
+        which[source[i]] = i
+    return which
 
 
 def _split_points(
@@ -756,10 +761,7 @@ def _split_points(
         if not len(part):
             continue
         areas = _part_areas(part, upscaler)
-        _, source = torch.unique(part.points, dim=0, return_inverse=True)
-        which = torch.full((int(source.max()) + 1,), -1, dtype=torch.int64)
-        for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
-            which[source[i]] = i
+        which = _smallest_per_point(part, areas)
         which = which[areas[which] <= peaks.split_max_area * h * w]
         if not len(which):
             continue
