@@ -398,7 +398,7 @@ class MaskGenerator:
         # Each point batch adds the boxes of its masks; the box prompts' own masks add none.
         candidates: list[tuple[torch.Tensor, ...]] | None = [] if peaks.boxes > 0 else None
         parts: list[_Masks] = []
-        areas: list[torch.Tensor] = []  # each part's mask areas (with cover or refill), computed once
+        areas: list[torch.Tensor] = []  # each part's mask areas (with cover, refill or split), computed once
         seen = torch.zeros(0, 4)  # the boxes of the masks found so far
 
         def decode_rounds(
@@ -432,7 +432,7 @@ class MaskGenerator:
                     self.threads,
                 )
                 parts.extend(found)
-                if rule.cover or peaks.refill:
+                if rule.cover or peaks.refill or peaks.split:
                     areas.extend(_part_areas(part, upscaler) for part in found)
                 if rule.yield_after or peaks.refill:
                     new, seen = _new_boxes([p.boxes for p in found], seen, self.box_nms_thresh)
@@ -475,7 +475,7 @@ class MaskGenerator:
             n_points += len(done)
             decoded[refill_grid[done][refill_grid[done] >= 0]] = True
         if peaks.split and parts:
-            extra = _split_points(parts, points, probs, decoded, upscaler, peaks)
+            extra = _split_points(parts, areas, points, probs, decoded, upscaler, peaks)
             if peaks.split_until:
                 extra = extra[: max(0, peaks.split_until - n_points)]
             parts += _map_batches(one_batch, self._batches(extra, threads), self.model.device, self.threads)
@@ -743,6 +743,7 @@ def _smallest_per_point(part: _Masks, areas: torch.Tensor) -> torch.Tensor:
 
 def _split_points(
     parts: list[_Masks],
+    areas: list[torch.Tensor],
     points: np.ndarray,
     probs: np.ndarray,
     decoded: np.ndarray,
@@ -750,19 +751,18 @@ def _split_points(
     peaks: PeakSettings,
 ) -> np.ndarray:
     """(S, 2) the split points (`PeakSettings.split`): for each source point's smallest kept mask in `parts`
-    of at most `split_max_area` of the image, the candidate of `points` not `decoded` inside it farthest from
+    (`areas`: each part's `_part_areas`) of at most `split_max_area` of the image, the candidate of `points` not `decoded` inside it farthest from
     the source point, if at least `split_min_dist` * sqrt(area) away; best `probs` first, each once."""
     h, w = upscaler.original_size
     chosen: dict[int, float] = {}
     free = np.flatnonzero(~decoded)
     if not len(free):
         return np.zeros((0, 2))
-    for part in parts:
+    for part, part_areas in zip(parts, areas, strict=True):
         if not len(part):
             continue
-        areas = _part_areas(part, upscaler)
-        which = _smallest_per_point(part, areas)
-        which = which[areas[which] <= peaks.split_max_area * h * w]
+        which = _smallest_per_point(part, part_areas)
+        which = which[part_areas[which] <= peaks.split_max_area * h * w]
         if not len(which):
             continue
         blocks = _part_blocks(part)
@@ -776,7 +776,7 @@ def _split_points(
                 continue
             dist = np.hypot(*(points[free[hold]] - part.points[i].numpy()).T)
             far = int(np.argmax(dist))
-            if dist[far] >= peaks.split_min_dist * float(areas[i]) ** 0.5:
+            if dist[far] >= peaks.split_min_dist * float(part_areas[i]) ** 0.5:
                 k = int(free[hold[far]])
                 chosen[k] = float(probs[k])
     order = sorted(chosen, key=lambda k: -chosen[k])[: peaks.split]
