@@ -751,8 +751,9 @@ def _split_points(
     peaks: PeakSettings,
 ) -> np.ndarray:
     """(S, 2) the split points (`PeakSettings.split`): for each source point's smallest kept mask in `parts`
-    (`areas`: each part's `_part_areas`) of at most `split_max_area` of the image, the candidate of `points` not `decoded` inside it farthest from
-    the source point, if at least `split_min_dist` * sqrt(area) away; best `probs` first, each once."""
+    (`areas`: each part's `_part_areas`) of at most `split_max_area` of the image, the candidate of `points`
+    not `decoded` inside it farthest from the source point, if at least `split_min_dist` * sqrt(area) away;
+    best `probs` first, each once."""
     h, w = upscaler.original_size
     chosen: dict[int, float] = {}
     free = np.flatnonzero(~decoded)

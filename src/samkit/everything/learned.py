@@ -93,7 +93,8 @@ class PeakSettings:
     # found from its edge); best-scored first. A clump's mask then gets a point in its other object. Only as
     # many as keep the points decoded (rounds, refill and split) at most `split_until` (0: no limit): images
     # the rounds end early on get them, crowded ones and most photos none. Off by default: split=64 gained 0.1
-    # point on the evaluation splits, for 3% (photos) to 12% (nuclei) more prompts on held-out training images.
+    # point on the evaluation splits, for 3% (photos) to 12% (nuclei) more prompts on held-out training
+    # images.
     split: int = 0
     split_max_area: float = 0.1
     split_min_dist: float = 0.8
