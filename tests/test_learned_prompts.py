@@ -19,6 +19,7 @@ from samkit.everything.learned import (
     HEAD_FILE,
     PeakSettings,
     between_candidates,
+    box_extent_targets,
     cells_to_points,
     grid_candidates,
     learned_candidates,
@@ -26,6 +27,7 @@ from samkit.everything.learned import (
     load_head,
     pick_grid_points,
     pick_peaks,
+    point_boxes,
     points_to_cells,
     recent_yield,
     take_round,
@@ -505,6 +507,88 @@ def test_box_prompt_choice_skips_found_small_and_overlapping_boxes(tiny_model):
     np.testing.assert_array_equal(prompts[:, 2:], boxes[[0, 4]].numpy())
 
 
+def test_point_boxes_invert_the_box_branchs_training_targets():
+    """A box around a point -> log extents (training) -> the same box back from the cell the point is in,
+    in the model-input frame (scaled by input / original size and clipped to the image there)."""
+    original, inp = (200, 400), (512, 1024)  # scale 2.56
+    points = np.array([[10.0, 20.0], [390.0, 150.0], [100.0, 100.0]])
+    boxes = np.array([[0.0, 5.0, 30.0, 40.0], [380.0, 140.0, 400.0, 200.0], [np.nan] * 4])
+    targets = box_extent_targets(boxes, points, original, inp)
+    assert np.isnan(targets[2]).all() and np.isfinite(targets[:2]).all()
+    extents = torch.zeros(4, 64, 64)
+    cells = np.floor(points * 2.56 / 16).astype(int)
+    for (col, row), t in zip(cells[:2], targets[:2], strict=True):
+        extents[:, row, col] = torch.from_numpy(t)
+    got = point_boxes(extents, points[:2], original, inp)
+    np.testing.assert_allclose(got, boxes[:2] * 2.56, atol=1e-3)
+    # elsewhere extents 0: a box of one cell (16 model-input pixels) each way, clipped to the image
+    np.testing.assert_allclose(point_boxes(extents, [[1.0, 1.0]], original, inp), [[0, 0, 18.56, 18.56]])
+
+
+def test_head_box_prompts_are_the_heads_boxes_unlike_any_found_mask(tiny_model):
+    """`_head_box_prompts`: the box the head gives each candidate above the threshold, but not one over
+    `head_box_max_area` or one a found mask already has (box IoU >= `head_box_match`); box-NMS'd, best
+    score first, at most `head_boxes`."""
+    from types import SimpleNamespace
+
+    head = PromptHead(boxes=True)
+    torch.nn.init.zeros_(head.box_out.weight)
+    with torch.no_grad():  # every box: the point +- 2 cells (32 model-input pixels) each way
+        head.box_out.bias.fill_(float(np.log(2.0)))
+    peaks = PeakSettings(threshold=0.1, head_boxes=2, head_box_match=0.5, head_box_max_area=0.02)
+    gen = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=peaks)
+    # The image is 256 x 256, its model input 512 x 512 (tiny_model's image size); found boxes in image
+    # pixels.
+    embedded = SimpleNamespace(
+        input_size=(512, 512), original_size=(256, 256), features=torch.zeros(1, 256, 32, 32)
+    )
+    points = np.array([[50.0, 50.0], [52.0, 50.0], [150.0, 150.0], [100.0, 200.0], [200.0, 30.0], [5, 5]])
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.05])  # the last is under the threshold
+    found = SimpleNamespace(boxes=torch.tensor([[134, 134, 166, 166]]))  # the third point's box
+    prompts = gen._head_box_prompts(embedded, points, probs, [found])
+    # the second overlaps the first (NMS), the third is found, the fourth and fifth fit, the budget is 2
+    np.testing.assert_array_equal(prompts[:, :2], points[[0, 3]])
+    np.testing.assert_allclose(prompts[:, 2:], [[68, 68, 132, 132], [168, 368, 232, 432]])
+    # a box of 64 x 64 model-input pixels is 1.56% of the input: under a 1.5% cap nothing is left
+    gen.peaks = dataclasses.replace(peaks, head_box_max_area=0.015)
+    assert len(gen._head_box_prompts(embedded, points, probs, [found])) == 0
+    # trust: 1 of the head's 4 distinct boxes (after NMS) matches a found mask, a share of 0.25
+    gen.peaks = dataclasses.replace(peaks, head_box_trust=0.25)
+    assert len(gen._head_box_prompts(embedded, points, probs, [found])) == 2
+    gen.peaks = dataclasses.replace(peaks, head_box_trust=0.3)
+    assert len(gen._head_box_prompts(embedded, points, probs, [found])) == 0
+
+
+def test_learned_mode_decodes_the_heads_boxes_after_its_points(tiny_model, photo):
+    """With a box branch and `head_boxes`, the generator decodes the chosen head boxes as box prompts (one
+    mask each) after the points; a head without the branch, or head_boxes 0, decodes none."""
+    torch.manual_seed(0)
+    head = PromptHead(boxes=True)
+    plain = PromptHead()
+    plain.load_state_dict(head.state_dict(), strict=False)
+    peaks = PeakSettings(
+        threshold=0.0, min_points=6, max_points=6, cover=False, boxes=0, head_boxes=3, head_box_match=1.01
+    )
+    decoded: list[int] = []
+
+    class Counting(samkit.MaskGenerator):
+        def _process_batch(self, embedded_image, points, *args):  # type: ignore[override]
+            decoded.append(len(points))
+            return super()._process_batch(embedded_image, points, *args)
+
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+    runs = []
+    for h, p in [(head, peaks), (plain, peaks), (head, dataclasses.replace(peaks, head_boxes=0))]:
+        decoded.clear()
+        gen = Counting(tiny_model, prompts="learned", prompt_head=h, peaks=p, threads=1, **kw)
+        records = gen.generate(photo)
+        runs.append((sum(decoded), records))
+    (n_boxes, with_boxes), (n_plain, _), (n_off, without) = runs
+    assert (n_boxes, n_plain, n_off) == (9, 6, 6)
+    # every mask is kept here: the three box prompts add one mask each
+    assert len(with_boxes) == len(without) + 3
+
+
 def test_learned_mode_rejects_unknown_prompt_source(tiny_model):
     with pytest.raises(InputError, match="grid or learned"):
         samkit.MaskGenerator(tiny_model, prompts="boxes")
@@ -513,8 +597,10 @@ def test_learned_mode_rejects_unknown_prompt_source(tiny_model):
 def test_shipped_head_loads_and_is_small():
     assert HEAD_FILE.stat().st_size <= 5 * 2**20
     head = load_head()
-    logits = head(torch.randn(1, 256, 64, 64))
+    x = torch.randn(1, 256, 64, 64)
+    logits = head(x)
     assert logits.shape == (1, 1, 64, 64) and torch.isfinite(logits).all()
+    assert head.has_boxes and head.extents(x).shape == (1, 4, 64, 64)
 
 
 def test_cli_everything_with_learned_prompts(tiny_ckpt, photo, tmp_path):

@@ -15,6 +15,9 @@ from PIL import Image
 
 from samkit.everything.learned import grid_cells, load_head
 from samkit.train.prompt_head import (
+    add_box_targets,
+    box_loss,
+    box_targets,
     containment_targets,
     grid_point_loss,
     grid_target,
@@ -38,7 +41,7 @@ def _config(tmp_path, folder, model) -> str:
             # a random model: no mask would pass the default filters
             "settings": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
         },
-        "fit": {"steps": 3, "batch": 2, "holdout": 1},
+        "fit": {"steps": 3, "batch": 2, "holdout": 1, "box_steps": 2},
     }
     path = tmp_path / "prompt_head.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -68,11 +71,14 @@ def test_samkit_train_prompt_head_config_writes_a_loadable_head_and_card(tiny_ck
     assert d["grid_iou"].shape == d["grid_match"].shape == (16,)  # points_per_side 4
     # each kept mask's own prompt point decodes that very mask
     assert (d["grid_iou"] == 1.0).sum() >= min(len(d["points"]), 1)
+    assert d["grid_box"].shape == (16, 4)
     head = load_head(out / "prompt_head.safetensors")
-    logits = head(torch.randn(1, 256, 16, 16))
+    x = torch.randn(1, 256, 16, 16)
+    logits = head(x)
     assert logits.shape == (1, 1, 16, 16) and torch.isfinite(logits).all()
+    assert head.has_boxes and torch.isfinite(head.extents(x)).all()
     card = (out / "MODEL_CARD.md").read_text()
-    assert "3 training-split images" in card and "3 steps" in card
+    assert "3 training-split images" in card and "3 steps" in card and "box branch | 2 steps" in card
 
     # A rerun (here with overrides) reuses every teacher file: the teacher step is resumable. It fits on
     # the config's images only: the fourth image's teacher file stays in the shared folder, unused.
@@ -255,6 +261,50 @@ def test_containment_targets_give_each_point_the_smallest_kept_mask_holding_it()
     assert containment_targets([], grid)[1].tolist() == [-1] * 4
 
 
+def test_box_targets_are_the_box_of_the_smallest_kept_mask_holding_each_point():
+    kept = [_rle((0, 0, 30, 30)), _rle((0, 0, 10, 10))]
+    bboxes = [[0, 0, 30, 30], [0, 0, 10, 10]]  # XYWH
+    grid = np.array([[5.0, 5.0], [20.0, 5.0], [35.0, 35.0]])
+    boxes = box_targets(kept, bboxes, grid)
+    np.testing.assert_array_equal(boxes[:2], [[0, 0, 10, 10], [0, 0, 30, 30]])
+    assert np.isnan(boxes[2]).all() and np.isnan(box_targets([], [], grid)).all()
+
+
+def test_box_loss_reads_the_extents_at_the_grid_points_cells_and_skips_points_in_no_mask():
+    cells = torch.tensor([[0, 5]])
+    target = torch.tensor([[[0.5, 0.5, 1.0, 1.0], [float("nan")] * 4]])
+    extents = torch.zeros(1, 4, 4, 4)
+    extents[0, :, 0, 0] = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    assert box_loss(extents, cells, target) == 0.0
+    extents[0, :, 1, 1] = 9.0  # cell 5: its point lies in no kept mask
+    assert box_loss(extents, cells, target) == 0.0
+    extents[0, 0, 0, 0] = 2.0
+    assert box_loss(extents, cells, target) > 0.0
+
+
+def test_add_box_targets_gives_old_teacher_files_the_boxes_a_teacher_run_records(tiny_ckpt, photo, tmp_path):
+    import os
+
+    from samkit.train.prompt_head import make_teacher
+
+    folder = tmp_path / "set" / "train" / "images"
+    folder.mkdir(parents=True)
+    Image.fromarray(photo).save(folder / "a.png")
+    settings = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    make_teacher([folder / "a.png"], tmp_path / "teacher", tiny_ckpt, settings=settings)
+    (f,) = (tmp_path / "teacher").glob("*.npz")
+    d = dict(np.load(f))
+    recorded = d.pop("grid_box")
+    assert recorded.shape == (16, 4) and np.isfinite(recorded).any()
+    np.savez(f, **d)  # a file from before the box targets
+    os.utime(f, ns=(1, 10**18))
+    add_box_targets([f], tiny_ckpt, settings)
+    new = np.load(f)
+    assert f.stat().st_mtime_ns == 10**18 and set(new.files) == set(d) | {"grid_box"}
+    # the kept masks come back from their points and the embedding: the same boxes as the grid run's
+    np.testing.assert_allclose(new["grid_box"], recorded, atol=2.0)
+
+
 def test_relabel_from_kept_fills_targets_of_old_teacher_files_and_keeps_their_order(
     tiny_ckpt, photo, tmp_path
 ):
@@ -272,12 +322,14 @@ def test_relabel_from_kept_fills_targets_of_old_teacher_files_and_keeps_their_or
     assert str(d.pop("targets")) == "decoded"
     d.pop("grid_match")
     d.pop("grid_iou")
+    d.pop("grid_box")
     np.savez(f, **d)  # a file from before the per-point targets
     os.utime(f, ns=(1, 10**18))
     relabel_from_kept([f], tiny_ckpt, settings)
     new = np.load(f)
     assert str(new["targets"]) == "containment" and f.stat().st_mtime_ns == 10**18
     assert new["grid_iou"].shape == (16,) and set(np.unique(new["grid_iou"])) <= {0.0, 1.0}
+    assert new["grid_box"].shape == (16, 4)
     # the kept masks come back from their points alone: the labels are those of the grid run's kept masks
     import samkit
     from samkit.everything.grids import point_grid

@@ -33,6 +33,7 @@ from samkit.everything.learned import (
     grid_candidates,
     head_logits,
     load_head,
+    point_boxes,
     take_round,
 )
 from samkit.everything.settings import DEFAULTS
@@ -189,9 +190,10 @@ class MaskGenerator:
     than this many pixels are removed and duplicates re-suppressed. output_mode: "binary_mask" (bool
     (H, W) arrays), "uncompressed_rle" or "coco_rle" (pycocotools, JSON-ready).
     prompts: "grid" (the point grids above) or "learned": the points a `PromptHead` scores highest on each
-    crop's embedding (by default 64-160 of the grid's own points instead of all n * n, up to 320 while
-    they keep finding new masks, on crowded images up to 64 more between them, then up to 48 box prompts from
-    their masks; see `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
+    crop's embedding (by default 64-144 of the grid's own points instead of all n * n, up to 320 while
+    they keep finding new masks, on crowded images up to 64 more between them, then up to 64 of the head's
+    own boxes where they agree with the masks found, and up to 40 box prompts from the points' masks; see
+    `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
     safetensors path; None loads the one shipped with samkit (trained on vit_t embeddings). peaks: how
     the heat map's peaks become prompts (`PeakSettings`).
     threads: on a CPU, batches of prompts decoded at once, each in its own Python thread whose torch ops
@@ -383,7 +385,8 @@ class MaskGenerator:
         """The masks of the prompt head's candidates, decoded best first in rounds (`PeakSettings`): with
         `cover`, a candidate inside the smallest kept mask of a point decoded in an earlier round is skipped;
         on dense images then the refill points (between the grid's points, or not reached, in no kept mask);
-        then those of the box prompts taken from the points' masks (`_box_prompts`)."""
+        then the head's own box prompts (`_head_box_prompts`), then the box prompts taken from the points'
+        masks (`_box_prompts`)."""
         assert self.head is not None
         peaks = self.peaks
         logits = head_logits(self.head, embedded_image.features)
@@ -479,10 +482,50 @@ class MaskGenerator:
             if peaks.split_until:
                 extra = extra[: max(0, peaks.split_until - n_points)]
             parts += _map_batches(one_batch, self._batches(extra, threads), self.model.device, self.threads)
+        if peaks.head_boxes and self.head.has_boxes:
+            extra = self._head_box_prompts(embedded_image, points, probs, parts)
+            parts += _map_batches(one_batch, self._batches(extra, threads), self.model.device, self.threads)
         if candidates:
             boxes = self._box_prompts(candidates, parts, embedded_image)
             parts += _map_batches(one_batch, self._batches(boxes, threads), self.model.device, self.threads)
         return parts
+
+    def _head_box_prompts(
+        self, embedded_image: EmbeddedImage, points: np.ndarray, probs: np.ndarray, parts: list[_Masks]
+    ) -> np.ndarray:
+        """(B, 6): the head's own box prompts (`PeakSettings.head_boxes`), each with its point (x, y crop
+        pixels) and box (XYXY model-input frame): the boxes the head gives the candidates at or above the
+        threshold, those at most `head_box_max_area` of the image and unlike every mask passing the filters
+        so far (box IoU under `head_box_match`), box-NMS'd at box_nms_thresh by the points' scores, best
+        first."""
+        assert self.head is not None
+        peaks = self.peaks
+        ok = probs >= peaks.threshold
+        if not ok.any():
+            return np.zeros((0, 6))
+        pts, scores = points[ok], torch.as_tensor(probs[ok], dtype=torch.float32)
+        with torch.inference_mode():
+            param = next(self.head.parameters())
+            extents = self.head.extents(embedded_image.features.to(device=param.device, dtype=param.dtype))
+        sizes = (embedded_image.original_size, embedded_image.input_size)
+        boxes = torch.as_tensor(point_boxes(extents[0], pts, *sizes), dtype=torch.float32)
+        in_h, in_w = embedded_image.input_size
+        h, w = embedded_image.original_size
+        keep = (boxes[:, 2] - boxes[:, 0]) * (
+            boxes[:, 3] - boxes[:, 1]
+        ) <= peaks.head_box_max_area * in_h * in_w
+        found = torch.cat([p.boxes for p in parts]).float() if parts else torch.zeros(0, 4)
+        found = found * torch.tensor([in_w / w, in_h / h] * 2)
+        new = box_iou(boxes, found).amax(1) < peaks.head_box_match if len(found) else torch.ones_like(keep)
+        if peaks.head_box_trust > 0.0:
+            # the head's boxes must agree with the masks found: most of them a found mask already has
+            distinct = batched_nms(boxes, scores, torch.zeros(len(boxes)), self.box_nms_thresh)
+            if float((~new[distinct]).float().mean()) < peaks.head_box_trust:
+                return np.zeros((0, 6))
+        idx = (keep & new).nonzero().flatten()
+        idx = idx[batched_nms(boxes[idx], scores[idx], torch.zeros(len(idx)), self.box_nms_thresh)]
+        idx = idx[: peaks.head_boxes].numpy()
+        return np.concatenate([pts[idx], boxes[idx].double().numpy()], axis=1).reshape(-1, 6)
 
     def _box_prompts(
         self, candidates: list[tuple[torch.Tensor, ...]], parts: list[_Masks], embedded_image: EmbeddedImage

@@ -99,6 +99,16 @@ class PeakSettings:
     split_max_area: float = 0.1
     split_min_dist: float = 0.8
     split_until: int = 144
+    # Then, with a head that has a box branch, up to `head_boxes` box prompts of its own (0: none): the
+    # box the head gives each candidate at or above the threshold (the object it lies in), those of at most
+    # `head_box_max_area` of the image whose box IoU with every mask found so far is under `head_box_match`,
+    # box-NMS'd by score. Only when the head's boxes agree with what was found (`head_box_trust`: at least
+    # that share of its box-NMS'd boxes match a found mask): on photos they seldom do, and the budget is
+    # kept. A nucleus the points found only inside its clump's mask then gets a prompt of its own.
+    head_boxes: int = 64
+    head_box_match: float = 0.5
+    head_box_max_area: float = 1.0
+    head_box_trust: float = 0.4
 
 
 PEAK_DEFAULTS = PeakSettings()
@@ -111,8 +121,9 @@ def load_head(path: str | Path | None = None, device: torch.device | str = "cpu"
     path = Path(path) if path is not None else HEAD_FILE
     if not path.is_file():
         raise InputError(f"prompt head file not found: {path}")
-    head = PromptHead()
-    head.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    head = PromptHead(boxes="box_out.weight" in state)  # a head trained without the box branch has none
+    head.load_state_dict(state)
     return head.eval().to(device)
 
 
@@ -285,6 +296,40 @@ def head_logits(head: PromptHead, embedding: torch.Tensor) -> torch.Tensor:
     head's own device and dtype."""
     param = next(head.parameters())
     return head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
+
+
+def point_boxes(
+    extents: torch.Tensor,
+    points: np.ndarray,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+) -> np.ndarray:
+    """The head's box for each point: `extents` (4, side, side) from `PromptHead.extents`, `points` (N, 2)
+    (x, y) original-image pixels -> (N, 4) float64 XYXY in the model-input frame (clipped to the image
+    there): the point moved by the distances its cell gives to the left, top, right and bottom edges."""
+    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale
+    side_r, side_c = extents.shape[-2:]
+    cols = np.clip(np.floor(p[:, 0] / CELL), 0, side_c - 1).astype(np.int64)
+    rows = np.clip(np.floor(p[:, 1] / CELL), 0, side_r - 1).astype(np.int64)
+    dist = np.exp(extents.detach().float().cpu()[:, rows, cols].T.double().numpy()) * CELL
+    boxes = np.concatenate([p - dist[:, :2], p + dist[:, 2:]], axis=1)
+    upper = [input_size[1], input_size[0]] * 2
+    return np.clip(boxes, 0.0, np.array(upper, dtype=np.float64))
+
+
+def box_extent_targets(
+    boxes: np.ndarray, points: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]
+) -> np.ndarray:
+    """The inverse of `point_boxes` for training: (P, 4) XYXY original-pixel boxes (NaN: none) around (P, 2)
+    points -> (P, 4) float32 log distances in cells (left, top, right, bottom), each at least 1 model-input
+    pixel; NaN rows stay NaN."""
+    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.concatenate([scale, scale])
+    dist = np.concatenate([p - b[:, :2], b[:, 2:] - p], axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.log(np.clip(dist, 1.0, None) / CELL).astype(np.float32)
 
 
 def pick_grid_points(

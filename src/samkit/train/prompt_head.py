@@ -28,7 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samkit.everything.learned import PEAK_DEFAULTS, PeakSettings, grid_cells, pick_grid_indices
+from samkit.everything.grids import layer_point_grids
+from samkit.everything.learned import (
+    PEAK_DEFAULTS,
+    PeakSettings,
+    box_extent_targets,
+    grid_cells,
+    pick_grid_indices,
+)
 from samkit.models.prompt_head import PromptHead
 
 
@@ -41,7 +48,8 @@ def make_teacher(
 ) -> None:
     """One `<set>_<stem>.npz` per image in `out_dir`: features float16 (256, 64, 64); points float32 (N, 2)
     (x, y original pixels of the kept masks' prompts); grid_iou float32 (n * n,) and grid_match int32
-    (n * n,) per point of the teacher's n x n grid (`point_targets`); original_size, input_size,
+    (n * n,) per point of the teacher's n x n grid (`point_targets`); grid_box float32 (n * n, 4)
+    (`box_targets`); original_size, input_size,
     grid_seconds. `settings`: MaskGenerator keyword arguments of the grid teacher (default: its defaults;
     one crop layer only). Files made before grid_iou was recorded are made again."""
     import samkit
@@ -72,6 +80,9 @@ def make_teacher(
         seconds = time.perf_counter() - t0
         grid = generator.point_grids[0] * np.array([[arr.shape[1], arr.shape[0]]])
         iou, match = point_targets(records, kept, grid)
+        grid_box = box_targets(
+            [records[k]["segmentation"] for k in kept], [records[k]["bbox"] for k in kept], grid
+        )
         points = np.array([records[k]["point_coords"][0] for k in kept], dtype=np.float32).reshape(-1, 2)
         tmp = dest.with_suffix(".tmp.npz")
         np.savez_compressed(
@@ -80,6 +91,7 @@ def make_teacher(
             points=points,
             grid_iou=iou,
             grid_match=match,
+            grid_box=grid_box,
             original_size=np.array(pred.original_size),
             input_size=np.array(pred.input_size),
             grid_seconds=np.array(seconds),
@@ -116,17 +128,93 @@ def containment_targets(kept_masks: list[dict[str, Any]], grid: np.ndarray) -> t
     return iou, match
 
 
+def box_targets(kept_masks: list[dict[str, Any]], kept_bboxes: list, grid: np.ndarray) -> np.ndarray:
+    """(P, 4) float32 XYXY original-pixel box targets of the head's box branch: for each of the (P, 2) `grid`
+    points, the box of the smallest kept mask (coco_rle; `kept_bboxes` their XYWH boxes) that holds it, the
+    object the point lies in; NaN for a point in none."""
+    _, which = containment_targets(kept_masks, grid)
+    out = np.full((len(grid), 4), np.nan, dtype=np.float32)
+    if len(kept_bboxes):
+        xyxy = np.asarray(kept_bboxes, dtype=np.float32).reshape(-1, 4).copy()
+        xyxy[:, 2:] += xyxy[:, :2]
+        inside = which >= 0
+        out[inside] = xyxy[which[inside]]
+    return out
+
+
+def _recover_kept(
+    d: dict[str, np.ndarray], model: Any, pred: Any, settings: dict[str, Any], nms_thresh: float
+) -> list[dict[str, Any]]:
+    """The grid run's kept masks (records, best first) of a teacher file `d`, without a new grid run: its
+    stored kept points are decoded again from its stored embedding, and the grid run's filters and NMS
+    keep them again (the embedding is stored in float16: very nearly the same masks)."""
+    from samkit.everything.generator import MaskGenerator
+
+    h, w = (int(v) for v in d["original_size"])
+    pred.set_embedding(d["features"].astype(np.float32)[None], (h, w))
+    points = d["points"].astype(np.float64).reshape(-1, 2)
+    generator = MaskGenerator(
+        model,
+        points_per_side=None,
+        point_grids=[points / [w, h]],
+        box_nms_thresh=1.0,
+        output_mode="coco_rle",
+        **settings,
+    )
+    image = np.zeros((h, w, 3), dtype=np.uint8)  # only its size is read: the embedding is given
+    records = generator.generate(image, embedded=pred)
+    return [records[k] for k in kept_by_nms(records, nms_thresh)]
+
+
+def add_box_targets(
+    files: list[Path], model_name: str = "vit_t", settings: dict[str, Any] | None = None
+) -> None:
+    """`grid_box` (`box_targets`) for teacher files made without it, from their kept masks recovered by
+    `_recover_kept` (no new grid run); the files keep their order (modification times)."""
+    import samkit
+    from samkit.everything.settings import DEFAULTS
+    from samkit.predictor import Predictor
+
+    todo = [f for f in files if not f.name.endswith(".tmp.npz") and "grid_box" not in np.load(f).files]
+    if not todo:
+        return
+    settings = dict(settings or {})
+    nms_thresh = float(settings.pop("box_nms_thresh", DEFAULTS.box_nms_thresh))
+    n = int(settings.pop("points_per_side", DEFAULTS.points_per_side))
+    model = samkit.load(model_name, dtype="fp32")
+    pred = Predictor(model)
+    for f in todo:
+        d = dict(np.load(f))
+        if "grid_iou" not in d:
+            continue  # relabel_from_kept first
+        h, w = (int(v) for v in d["original_size"])
+        kept = _recover_kept(d, model, pred, settings, nms_thresh)
+        grid = layer_point_grids(n, 0, 1)[0] * np.array([[w, h]])
+        grid_box = box_targets([r["segmentation"] for r in kept], [r["bbox"] for r in kept], grid)
+        _rewrite(f, {**d, "grid_box": grid_box})
+        print(f"{f.name}: box targets from {len(kept)} kept masks", flush=True)
+
+
+def _rewrite(f: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Replace teacher file `f` atomically with `arrays`, keeping its modification time (`fit` holds out
+    the last made)."""
+    tmp = f.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    made = f.stat()
+    os.replace(tmp, f)
+    os.utime(f, ns=(made.st_atime_ns, made.st_mtime_ns))
+
+
 def relabel_from_kept(
     files: list[Path], model_name: str = "vit_t", settings: dict[str, Any] | None = None
 ) -> None:
     """Per-point targets for teacher files that hold only the kept masks' prompt points (made before the
     per-point targets were recorded), without a new grid run: each kept point is decoded again from the
     stored embedding, the grid run's filters and NMS recover the kept masks, and `containment_targets`
-    scores the grid points (`targets` "containment" in the file; "decoded" for a full grid run). `settings`:
+    scores the grid points (`targets` "containment" in the file; "decoded" for a full grid run), and
+    `box_targets` gives their boxes. `settings`:
     the grid teacher's MaskGenerator settings, as for `make_teacher`."""
     import samkit
-    from samkit.everything.generator import MaskGenerator
-    from samkit.everything.grids import layer_point_grids
     from samkit.everything.settings import DEFAULTS
     from samkit.predictor import Predictor
 
@@ -142,26 +230,18 @@ def relabel_from_kept(
         if "grid_iou" in d:
             continue
         h, w = (int(v) for v in d["original_size"])
-        pred.set_embedding(d["features"].astype(np.float32)[None], (h, w))
-        points = d["points"].astype(np.float64).reshape(-1, 2)
-        generator = MaskGenerator(
-            model,
-            points_per_side=None,
-            point_grids=[points / [w, h]],
-            box_nms_thresh=1.0,
-            output_mode="coco_rle",
-            **settings,
-        )
-        image = np.zeros((h, w, 3), dtype=np.uint8)  # only its size is read: the embedding is given
-        records = generator.generate(image, embedded=pred)
-        kept = kept_by_nms(records, nms_thresh)
+        records = _recover_kept(d, model, pred, settings, nms_thresh)
+        kept = [r["segmentation"] for r in records]
         grid = layer_point_grids(n, 0, 1)[0] * np.array([[w, h]])
-        iou, match = containment_targets([records[k]["segmentation"] for k in kept], grid)
-        tmp = f.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **d, grid_iou=iou, grid_match=match, targets=np.array("containment"))
-        made = f.stat()
-        os.replace(tmp, f)
-        os.utime(f, ns=(made.st_atime_ns, made.st_mtime_ns))  # fit holds out the last made: keep the order
+        iou, match = containment_targets(kept, grid)
+        grid_box = box_targets(kept, [r["bbox"] for r in records], grid)
+        targets = {
+            "grid_iou": iou,
+            "grid_match": match,
+            "grid_box": grid_box,
+            "targets": np.array("containment"),
+        }
+        _rewrite(f, {**d, **targets})
         print(f"{f.name}: {len(kept)} kept masks, {int((iou > 0).sum())} grid points inside one", flush=True)
 
 
@@ -267,6 +347,105 @@ def _load(
     return torch.stack(feats), torch.stack(cells), torch.stack(targets)
 
 
+def _load_boxes(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (N, 256, side, side) float16, the grid points' cells (N, P) int64 and their box-branch
+    targets (N, P, 4) float32 (`box_extent_targets` of `grid_box`; NaN: a point in no kept mask)."""
+    feats, cells, targets = [], [], []
+    for f in files:
+        d = np.load(f)
+        if "grid_box" not in d.files:
+            raise ValueError(f"{f.name} has no box targets (add_box_targets)")
+        feats.append(torch.from_numpy(d["features"]))
+        side = feats[-1].shape[-1]
+        n = int(round(len(d["grid_box"]) ** 0.5))
+        osz = tuple(int(v) for v in d["original_size"])
+        isz = tuple(int(v) for v in d["input_size"])
+        cells.append(torch.from_numpy(grid_cells(osz, isz, n, side)[2]))
+        points = layer_point_grids(n, 0, 1)[0] * np.array([[osz[1], osz[0]]])
+        targets.append(torch.from_numpy(box_extent_targets(d["grid_box"], points, osz, isz)))
+    return torch.stack(feats), torch.stack(cells), torch.stack(targets)
+
+
+def _at_cells(extents: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """(B, 4, side, side) and (B, P) flat cell indices -> (B, P, 4)."""
+    return extents.flatten(2).gather(2, cells[:, None, :].expand(-1, 4, -1)).transpose(1, 2)
+
+
+def box_loss(extents: torch.Tensor, cells: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 between the box branch's log extents at the grid points' cells and the targets, over the
+    points that lie in a kept mask (finite targets)."""
+    picked, ok = _at_cells(extents, cells), torch.isfinite(target[..., 0])
+    if not ok.any():
+        return extents.sum() * 0.0
+    return F.smooth_l1_loss(picked[ok], target[ok], beta=0.5)
+
+
+def extent_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of the boxes that (K, 4) log extents `a` and `b` put around the same point."""
+    a, b = a.exp(), b.exp()
+    iw = torch.minimum(a[:, 0], b[:, 0]) + torch.minimum(a[:, 2], b[:, 2])
+    ih = torch.minimum(a[:, 1], b[:, 1]) + torch.minimum(a[:, 3], b[:, 3])
+    inter = iw * ih
+    area_a = (a[:, 0] + a[:, 2]) * (a[:, 1] + a[:, 3])
+    area_b = (b[:, 0] + b[:, 2]) * (b[:, 1] + b[:, 3])
+    return inter / (area_a + area_b - inter)
+
+
+def fit_boxes(
+    head: PromptHead,
+    files: list[Path],
+    held: list[Path],
+    steps: int = 1200,
+    lr: float = 2e-3,
+    batch: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train a new box branch for `head` (replacing one it has; the heat map is left as it is) on the
+    teacher files' box targets (`box_loss`); returns the loss log and a held-out report (box IoU at the
+    held-out files' grid points that lie in a kept mask)."""
+    torch.manual_seed(seed)
+    fresh = PromptHead(boxes=True)  # a new branch, also for a head that has one
+    head.box_body, head.box_out = fresh.box_body, fresh.box_out
+    assert head.box_body is not None and head.box_out is not None
+    head.train()
+    x_all, c_all, t_all = _load_boxes(files)
+    params = [*head.box_body.parameters(), *head.box_out.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    log, t0 = [], time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(len(files), (batch,))
+        loss = box_loss(head.extents(x_all[idx].float()), c_all[idx], t_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.append({"step": step, "box_loss": loss.item(), "seconds": time.perf_counter() - t0})
+            print(log[-1], flush=True)
+    head.eval()
+    report: dict[str, float] = {}
+    if held:
+        xh, ch, th = _load_boxes(held)
+        with torch.no_grad():
+            picked = _at_cells(head.extents(xh.float()), ch)
+        ok = torch.isfinite(th[..., 0])
+        iou = extent_box_iou(picked[ok], th[ok])
+        report = {
+            "points": int(ok.sum()),
+            "box_iou_mean": float(iou.mean()),
+            "box_iou_median": float(iou.median()),
+            "box_iou_0.7": float((iou >= 0.7).float().mean()),
+        }
+        print(report, flush=True)
+    return {
+        "box_steps": steps,
+        "box_log": log,
+        "box_heldout": report,
+        "box_seconds": time.perf_counter() - t0,
+    }
+
+
 # The prompt choices the held-out report compares: the shipped default's points up to where its yield rule
 # starts (that rule needs the decoded masks), fixed budgets, a higher threshold.
 HELDOUT_CHOICES = (
@@ -318,10 +497,12 @@ def fit(
     share: float | None = None,
     power: float = 1.0,
     only: list[Path] | None = None,
+    box_steps: int = 0,
 ) -> dict:
     """Train a PromptHead on the teacher files (those named in `only`, if given) but the last `holdout` made
-    (reported on, not trained on), targets `grid_target(..., share, power)`; writes `out` (safetensors) and
-    `<out>.json` (settings, loss log, held-out report, the files used)."""
+    (reported on, not trained on), targets `grid_target(..., share, power)`, and with `box_steps` its box
+    branch (`fit_boxes`); writes `out` (safetensors) and `<out>.json` (settings, loss log, held-out report,
+    the files used)."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
@@ -348,6 +529,7 @@ def fit(
         if step % 100 == 0 or step == steps - 1:
             log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - t0})
             print(log[-1], flush=True)
+    boxes = fit_boxes(head, files, held, box_steps, lr, batch, seed) if box_steps else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out))
     head.eval()
@@ -367,6 +549,7 @@ def fit(
         "power": power,
         "seconds": time.perf_counter() - t0,
         "log": log,
+        **boxes,
     }
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return info
@@ -489,6 +672,16 @@ def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, he
             f"per grid point, `grid_target` with share {info['share']}, power {info.get('power', 1.0)}",
         )
     )
+    if info.get("box_steps"):
+        b, nan = info["box_heldout"], float("nan")
+        rows.append(
+            (
+                "box branch",
+                f"{info['box_steps']} steps; held out: box IoU mean {b.get('box_iou_mean', nan):.2f}, "
+                f"median {b.get('box_iou_median', nan):.2f} against the smallest kept mask holding "
+                f"each grid point ({b.get('points', 0)} points)",
+            )
+        )
     for row in info["heldout"]:
         rows.append(
             (
@@ -520,7 +713,16 @@ def load_prompt_head_config(
         "out": "runs/prompt_head",
         "threads": None,
         "teacher": {"folders": [], "per_folder": None, "budget_s": None, "dir": None, "settings": {}},
-        "fit": {"steps": 400, "lr": 2e-3, "batch": 8, "seed": 0, "holdout": 6, "share": None, "power": 1.0},
+        "fit": {
+            "steps": 400,
+            "lr": 2e-3,
+            "batch": 8,
+            "seed": 0,
+            "holdout": 6,
+            "share": None,
+            "power": 1.0,
+            "box_steps": 0,
+        },
     }
     user = read_yaml(config)
     if task_of(user) != "prompt_head":
@@ -575,6 +777,8 @@ def train_from_config(
     relabel_from_kept(sorted(teacher_dir.glob("*.npz")), cfg["model"], t["settings"])  # older teacher files
     make_teacher(images, teacher_dir, cfg["model"], t["budget_s"] or 1e9, t["settings"])
     f = cfg["fit"]
+    if f["box_steps"]:  # teacher files made before the box targets were recorded
+        add_box_targets(sorted(teacher_dir.glob("*.npz")), cfg["model"], t["settings"])
     head_file = out_dir / "prompt_head.safetensors"
     try:
         info = fit(
@@ -588,12 +792,35 @@ def train_from_config(
             f["share"],
             float(f["power"]),
             only=[teacher_file(teacher_dir, p) for p in images],
+            box_steps=int(f["box_steps"]),
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc} (more teacher.folders images, or a larger teacher.budget_s)") from None
     card = out_dir / "MODEL_CARD.md"
     card.write_text(_model_card(cfg, info, teacher_dir, head_file))
     return {**info, "head": str(head_file), "card": str(card)}
+
+
+def add_box_branch(
+    teacher_dir: Path, head_file: Path | None, out: Path, steps: int, holdout: int = 6
+) -> dict:
+    """A head file's heat map with a box branch trained by `fit_boxes` on `teacher_dir` (all its files but
+    the last `holdout` made, as `fit` splits them; box targets added where missing); writes `out` and
+    `<out>.json` (the box log and held-out report)."""
+    from safetensors.torch import save_file
+
+    from samkit.everything.learned import load_head
+
+    add_box_targets(sorted(teacher_dir.glob("*.npz")))
+    files = sorted(teacher_files(teacher_dir), key=lambda f: f.stat().st_mtime)
+    train, held = files[: len(files) - holdout], files[len(files) - holdout :]
+    head = load_head(head_file)
+    info = fit_boxes(head, train, held, steps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out))
+    info = {**info, "images": len(train), "heldout_images": [f.stem for f in held]}
+    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    return info
 
 
 def main() -> None:
@@ -615,13 +842,22 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--share", type=float, default=None, help="split a mask's target among its points")
     p.add_argument("--power", type=float, default=1.0, help="split by share / m ** power (m: its points)")
+    p.add_argument("--box-steps", type=int, default=0, help="also train the box branch for N steps")
     p = sub.add_parser("relabel", help="per-point targets for teacher files that hold only kept points")
     p.add_argument("teacher", type=Path)
+    p = sub.add_parser("boxes", help="train a head file's box branch (its heat map is kept as it is)")
+    p.add_argument("teacher", type=Path)
+    p.add_argument("--head", type=Path, default=None, help="head file (default: the shipped one)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--holdout", type=int, default=6, help="last N teacher files: reported on, not trained on")
     args = parser.parse_args()
     if args.cmd == "teacher":
         make_teacher(training_images(args.folders, args.per_folder), args.out, time_budget_s=args.budget_s)
     elif args.cmd == "relabel":
         relabel_from_kept(sorted(args.teacher.glob("*.npz")))
+    elif args.cmd == "boxes":
+        add_box_branch(args.teacher, args.head, args.out, args.steps, args.holdout)
     else:
         fit(
             args.teacher,
@@ -632,6 +868,7 @@ def main() -> None:
             holdout=args.holdout,
             share=args.share,
             power=args.power,
+            box_steps=args.box_steps,
         )
 
 
