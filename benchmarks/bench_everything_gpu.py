@@ -8,6 +8,7 @@ Rows (vit_t with its real weights unless said; median per image after one warm-u
 - segment everything, fp32: the reference's SamAutomaticMaskGenerator vs samkit's MaskGenerator at the
   same settings (the defaults: 32 x 32 points, 64 per batch), with how many of the reference's masks
   samkit matches at IoU > 0.9 and both mask counts;
+- segment everything, samkit with learned prompts (`prompts="learned"`, vit_t), timed against samkit's grid;
 - segment everything, samkit with a bf16 encoder, and bf16 with `--big-batch` points per batch;
 - image encoder alone, a batch of `--encoder-batch` images: images/s, fp32 (both) and bf16 (samkit);
 - one click on a cached embedding: `predict()` with one point, masks as numpy at the image size;
@@ -189,7 +190,15 @@ def _model_rows(name: str, device: torch.device, images: list[np.ndarray], args:
         note += f"; {100 * matched / n_ref:.1f}% of the reference's matched at IoU > 0.9"
     yield [label, "segment everything, fp32 (ms/img)", _ms(ref_ms), _ms(our_ms), _ratio(our_ms, ref_ms), note]
 
-    if name == "vit_t":
+    if (
+        name == "vit_t"
+    ):  # the learned prompts (the shipped head reads vit_t's embedding) against samkit's grid
+        learned = samkit.MaskGenerator(ours, prompts="learned", output_mode="coco_rle")
+        l_ms, l_records = _per_image(device, images, learned.generate)
+        row = "segment everything, learned prompts, fp32 (ms/img)"
+        note = f"{sum(len(r) for r in l_records)} masks; the ratio is to samkit's grid row above"
+        yield [label, row, "–", _ms(l_ms), _ratio(l_ms, our_ms), note]
+        del learned
         bf16 = _samkit(name, ref_model, weights, device, "bf16")
         for ppb in dict.fromkeys((64, args.big_batch)):
             gen = samkit.MaskGenerator(bf16, points_per_batch=ppb, **settings)

@@ -535,7 +535,9 @@ def test_head_box_prompts_are_the_heads_boxes_unlike_any_found_mask(tiny_model):
     torch.nn.init.zeros_(head.box_out.weight)
     with torch.no_grad():  # every box: the point +- 2 cells (32 model-input pixels) each way
         head.box_out.bias.fill_(float(np.log(2.0)))
-    peaks = PeakSettings(threshold=0.1, head_boxes=2, head_box_match=0.5, head_box_max_area=0.02)
+    peaks = PeakSettings(
+        threshold=0.1, head_boxes=2, head_box_match=0.5, head_box_max_area=0.02, head_box_trust=0.0
+    )
     gen = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=peaks)
     # The image is 256 x 256, its model input 512 x 512 (tiny_model's image size); found boxes in image
     # pixels.
@@ -567,7 +569,14 @@ def test_learned_mode_decodes_the_heads_boxes_after_its_points(tiny_model, photo
     plain = PromptHead()
     plain.load_state_dict(head.state_dict(), strict=False)
     peaks = PeakSettings(
-        threshold=0.0, min_points=6, max_points=6, cover=False, boxes=0, head_boxes=3, head_box_match=1.01
+        threshold=0.0,
+        min_points=6,
+        max_points=6,
+        cover=False,
+        boxes=0,
+        head_boxes=3,
+        head_box_match=1.01,
+        head_box_trust=0.0,
     )
     decoded: list[int] = []
 
