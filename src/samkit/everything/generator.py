@@ -497,7 +497,7 @@ class MaskGenerator:
         pixels) and box (XYXY model-input frame): the boxes the head gives the candidates at or above the
         threshold, those at most `head_box_max_area` of the image and unlike every mask passing the filters
         so far (box IoU under `head_box_match`), box-NMS'd at box_nms_thresh by the points' scores, best
-        first."""
+        first; none when under `head_box_trust` of the head's box-NMS'd boxes match a found mask."""
         assert self.head is not None
         peaks = self.peaks
         ok = probs >= peaks.threshold
@@ -511,9 +511,8 @@ class MaskGenerator:
         boxes = torch.as_tensor(point_boxes(extents[0], pts, *sizes), dtype=torch.float32)
         in_h, in_w = embedded_image.input_size
         h, w = embedded_image.original_size
-        keep = (boxes[:, 2] - boxes[:, 0]) * (
-            boxes[:, 3] - boxes[:, 1]
-        ) <= peaks.head_box_max_area * in_h * in_w
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        keep = area <= peaks.head_box_max_area * in_h * in_w
         found = torch.cat([p.boxes for p in parts]).float() if parts else torch.zeros(0, 4)
         found = found * torch.tensor([in_w / w, in_h / h] * 2)
         new = box_iou(boxes, found).amax(1) < peaks.head_box_match if len(found) else torch.ones_like(keep)
