@@ -190,9 +190,8 @@ def _model_rows(name: str, device: torch.device, images: list[np.ndarray], args:
         note += f"; {100 * matched / n_ref:.1f}% of the reference's matched at IoU > 0.9"
     yield [label, "segment everything, fp32 (ms/img)", _ms(ref_ms), _ms(our_ms), _ratio(our_ms, ref_ms), note]
 
-    if (
-        name == "vit_t"
-    ):  # the learned prompts (the shipped head reads vit_t's embedding) against samkit's grid
+    if name == "vit_t":
+        # the learned prompts (the shipped head reads vit_t's embedding) against samkit's grid
         learned = samkit.MaskGenerator(ours, prompts="learned", output_mode="coco_rle")
         l_ms, l_records = _per_image(device, images, learned.generate)
         row = "segment everything, learned prompts, fp32 (ms/img)"

@@ -282,9 +282,8 @@ def test_box_loss_reads_the_extents_at_the_grid_points_cells_and_skips_points_in
     assert box_loss(extents, cells, target) > 0.0
 
 
-def test_add_box_targets_gives_old_teacher_files_the_boxes_a_teacher_run_records(tiny_ckpt, photo, tmp_path):
-    import os
-
+def _one_teacher_file(tiny_ckpt, photo, tmp_path):
+    """A teacher run on one training image (a 4 x 4 grid, no filters): its file and the teacher settings."""
     from samkit.train.prompt_head import make_teacher
 
     folder = tmp_path / "set" / "train" / "images"
@@ -293,6 +292,13 @@ def test_add_box_targets_gives_old_teacher_files_the_boxes_a_teacher_run_records
     settings = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     make_teacher([folder / "a.png"], tmp_path / "teacher", tiny_ckpt, settings=settings)
     (f,) = (tmp_path / "teacher").glob("*.npz")
+    return f, settings
+
+
+def test_add_box_targets_gives_old_teacher_files_the_boxes_a_teacher_run_records(tiny_ckpt, photo, tmp_path):
+    import os
+
+    f, settings = _one_teacher_file(tiny_ckpt, photo, tmp_path)
     d = dict(np.load(f))
     recorded = d.pop("grid_box")
     assert recorded.shape == (16, 4) and np.isfinite(recorded).any()
@@ -310,14 +316,7 @@ def test_relabel_from_kept_fills_targets_of_old_teacher_files_and_keeps_their_or
 ):
     import os
 
-    from samkit.train.prompt_head import make_teacher
-
-    folder = tmp_path / "set" / "train" / "images"
-    folder.mkdir(parents=True)
-    Image.fromarray(photo).save(folder / "a.png")
-    settings = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-    make_teacher([folder / "a.png"], tmp_path / "teacher", tiny_ckpt, settings=settings)
-    (f,) = (tmp_path / "teacher").glob("*.npz")
+    f, settings = _one_teacher_file(tiny_ckpt, photo, tmp_path)
     d = dict(np.load(f))
     assert str(d.pop("targets")) == "decoded"
     d.pop("grid_match")

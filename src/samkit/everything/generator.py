@@ -31,6 +31,7 @@ from samkit.everything.learned import (
     PeakSettings,
     between_candidates,
     grid_candidates,
+    head_extents,
     head_logits,
     load_head,
     point_boxes,
@@ -505,16 +506,13 @@ class MaskGenerator:
             return np.zeros((0, 6))
         pts, scores = points[ok], torch.as_tensor(probs[ok], dtype=torch.float32)
         with torch.inference_mode():
-            param = next(self.head.parameters())
-            extents = self.head.extents(embedded_image.features.to(device=param.device, dtype=param.dtype))
+            extents = head_extents(self.head, embedded_image.features)
         sizes = (embedded_image.original_size, embedded_image.input_size)
-        boxes = torch.as_tensor(point_boxes(extents[0], pts, *sizes), dtype=torch.float32)
+        boxes = torch.as_tensor(point_boxes(extents, pts, *sizes), dtype=torch.float32)
         in_h, in_w = embedded_image.input_size
-        h, w = embedded_image.original_size
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = area <= peaks.head_box_max_area * in_h * in_w
-        found = torch.cat([p.boxes for p in parts]).float() if parts else torch.zeros(0, 4)
-        found = found * torch.tensor([in_w / w, in_h / h] * 2)
+        found = _input_frame_boxes(parts, embedded_image)
         new = box_iou(boxes, found).amax(1) < peaks.head_box_match if len(found) else torch.ones_like(keep)
         if peaks.head_box_trust > 0.0:
             # the head's boxes must agree with the masks found: most of them a found mask already has
@@ -536,11 +534,9 @@ class MaskGenerator:
         peaks = self.peaks
         boxes, scores, areas, source = (torch.cat(c) for c in zip(*candidates, strict=True))
         in_h, in_w = embedded_image.input_size
-        h, w = embedded_image.original_size
         ok = areas >= peaks.box_min_area * in_h * in_w
-        found = torch.cat([p.boxes for p in parts]).float() if parts else torch.zeros(0, 4)
+        found = _input_frame_boxes(parts, embedded_image)
         if len(found):
-            found = found * torch.tensor([in_w / w, in_h / h] * 2)
             ok &= box_iou(boxes, found).amax(1) < peaks.box_match
         idx = ok.nonzero().flatten()
         idx = idx[batched_nms(boxes[idx], scores[idx], torch.zeros(len(idx)), self.box_nms_thresh)]
@@ -690,6 +686,14 @@ class MaskGenerator:
         if self.output_mode == "binary_mask":
             return mask
         return mask_to_rle(mask[None])[0]
+
+
+def _input_frame_boxes(parts: list[_Masks], embedded_image: EmbeddedImage) -> torch.Tensor:
+    """(N, 4) float32 XYXY boxes of the masks in `parts` (crop pixels), in the model-input frame."""
+    if not parts:
+        return torch.zeros(0, 4)
+    (in_h, in_w), (h, w) = embedded_image.input_size, embedded_image.original_size
+    return torch.cat([p.boxes for p in parts]).float() * torch.tensor([in_w / w, in_h / h] * 2)
 
 
 def _mask_boxes(

@@ -127,12 +127,17 @@ def load_head(path: str | Path | None = None, device: torch.device | str = "cpu"
     return head.eval().to(device)
 
 
+def _input_scale(original_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """(2,) float64 model-input pixels per original pixel along x and y."""
+    return np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+
+
 def points_to_cells(
     points: np.ndarray, original_size: tuple[int, int], input_size: tuple[int, int]
 ) -> np.ndarray:
     """(N, 2) (x, y) original-image pixels -> (N, 2) (x, y) in embedding-cell units (cell i spans
     [i, i + 1))."""
-    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+    scale = _input_scale(original_size, input_size)
     return np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale / CELL
 
 
@@ -141,7 +146,7 @@ def cells_to_points(
 ) -> np.ndarray:
     """(N, 2) integer (col, row) cells -> (N, 2) float64 (x, y) original-image pixels of the cells'
     centres, clipped into the image."""
-    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+    scale = _input_scale(original_size, input_size)
     pts = (np.asarray(cells, dtype=np.float64).reshape(-1, 2) + 0.5) * CELL / scale
     upper = np.array([original_size[1], original_size[0]], dtype=np.float64) - 0.5
     return np.clip(pts, 0.0, upper)
@@ -207,7 +212,7 @@ def grid_cells(
     (n - 1) x (n - 1) midpoints between those points instead (n - 1 in place of n above)."""
     frac = np.arange(1, n) / n if between else (np.arange(n) + 0.5) / n
     xs, ys = frac * original_size[1], frac * original_size[0]
-    scale = (input_size[1] / original_size[1], input_size[0] / original_size[0])
+    scale = _input_scale(original_size, input_size)
     cols = np.minimum(np.floor(xs * scale[0] / CELL), side - 1).astype(np.int64)
     rows = np.minimum(np.floor(ys * scale[1] / CELL), side - 1).astype(np.int64)
     return xs, ys, (rows[:, None] * side + cols[None, :]).reshape(-1)
@@ -294,8 +299,19 @@ def learned_candidates(
 def head_logits(head: PromptHead, embedding: torch.Tensor) -> torch.Tensor:
     """The head's (side, side) heat-map logits for one image's (1, 256, side, side) embedding, run on the
     head's own device and dtype."""
+    return head(_head_input(head, embedding))[0, 0]
+
+
+def head_extents(head: PromptHead, embedding: torch.Tensor) -> torch.Tensor:
+    """The head's box branch (4, side, side) log extents for one image's (1, 256, side, side) embedding, run
+    on the head's own device and dtype (`PromptHead.extents`)."""
+    return head.extents(_head_input(head, embedding))[0]
+
+
+def _head_input(head: PromptHead, embedding: torch.Tensor) -> torch.Tensor:
+    """`embedding` on the head's device, in its dtype."""
     param = next(head.parameters())
-    return head(embedding.to(device=param.device, dtype=param.dtype))[0, 0]
+    return embedding.to(device=param.device, dtype=param.dtype)
 
 
 def point_boxes(
@@ -307,11 +323,11 @@ def point_boxes(
     """The head's box for each point: `extents` (4, side, side) from `PromptHead.extents`, `points` (N, 2)
     (x, y) original-image pixels -> (N, 4) float64 XYXY in the model-input frame (clipped to the image
     there): the point moved by the distances its cell gives to the left, top, right and bottom edges."""
-    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2) * _input_scale(original_size, input_size)
     side_r, side_c = extents.shape[-2:]
-    cols = np.clip(np.floor(p[:, 0] / CELL), 0, side_c - 1).astype(np.int64)
-    rows = np.clip(np.floor(p[:, 1] / CELL), 0, side_r - 1).astype(np.int64)
+    cells = np.floor(points_to_cells(points, original_size, input_size))
+    cols = np.clip(cells[:, 0], 0, side_c - 1).astype(np.int64)
+    rows = np.clip(cells[:, 1], 0, side_r - 1).astype(np.int64)
     dist = np.exp(extents.detach().float().cpu()[:, rows, cols].T.double().numpy()) * CELL
     boxes = np.concatenate([p - dist[:, :2], p + dist[:, 2:]], axis=1)
     upper = [input_size[1], input_size[0]] * 2
@@ -324,7 +340,7 @@ def box_extent_targets(
     """The inverse of `point_boxes` for training: (P, 4) XYXY original-pixel boxes (NaN: none) around (P, 2)
     points -> (P, 4) float32 log distances in cells (left, top, right, bottom), each at least 1 model-input
     pixel; NaN rows stay NaN."""
-    scale = np.array([input_size[1] / original_size[1], input_size[0] / original_size[0]])
+    scale = _input_scale(original_size, input_size)
     p = np.asarray(points, dtype=np.float64).reshape(-1, 2) * scale
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.concatenate([scale, scale])
     dist = np.concatenate([p - b[:, :2], b[:, 2:] - p], axis=1)

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,30 +167,49 @@ def _recover_kept(
     return [records[k] for k in kept_by_nms(records, nms_thresh)]
 
 
-def add_box_targets(
-    files: list[Path], model_name: str = "vit_t", settings: dict[str, Any] | None = None
-) -> None:
-    """`grid_box` (`box_targets`) for teacher files made without it, from their kept masks recovered by
-    `_recover_kept` (no new grid run); the files keep their order (modification times)."""
+def _kept_recovery(
+    model_name: str, settings: dict[str, Any] | None
+) -> Callable[[dict[str, np.ndarray]], tuple[list[dict[str, Any]], np.ndarray]]:
+    """A function from a teacher file's arrays to its kept masks (records, recovered by `_recover_kept`)
+    and the teacher grid's points ((P, 2) x, y original pixels). `settings`: the grid teacher's
+    MaskGenerator settings, as for `make_teacher`."""
     import samkit
     from samkit.everything.settings import DEFAULTS
     from samkit.predictor import Predictor
 
-    todo = [f for f in files if not f.name.endswith(".tmp.npz") and "grid_box" not in np.load(f).files]
-    if not todo:
-        return
     settings = dict(settings or {})
     nms_thresh = float(settings.pop("box_nms_thresh", DEFAULTS.box_nms_thresh))
     n = int(settings.pop("points_per_side", DEFAULTS.points_per_side))
     model = samkit.load(model_name, dtype="fp32")
     pred = Predictor(model)
+
+    def recover(d: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], np.ndarray]:
+        h, w = (int(v) for v in d["original_size"])
+        grid = layer_point_grids(n, 0, 1)[0] * np.array([[w, h]])
+        return _recover_kept(d, model, pred, settings, nms_thresh), grid
+
+    return recover
+
+
+def _lacking(files: list[Path], key: str) -> list[Path]:
+    """The teacher files of `files` without the array `key` (not a file a stopped run left)."""
+    return [f for f in files if not f.name.endswith(".tmp.npz") and key not in np.load(f).files]
+
+
+def add_box_targets(
+    files: list[Path], model_name: str = "vit_t", settings: dict[str, Any] | None = None
+) -> None:
+    """`grid_box` (`box_targets`) for teacher files made without it, from their kept masks recovered by
+    `_recover_kept` (no new grid run); the files keep their order (modification times)."""
+    todo = _lacking(files, "grid_box")
+    if not todo:
+        return
+    recover = _kept_recovery(model_name, settings)
     for f in todo:
         d = dict(np.load(f))
         if "grid_iou" not in d:
             continue  # relabel_from_kept first
-        h, w = (int(v) for v in d["original_size"])
-        kept = _recover_kept(d, model, pred, settings, nms_thresh)
-        grid = layer_point_grids(n, 0, 1)[0] * np.array([[w, h]])
+        kept, grid = recover(d)
         grid_box = box_targets([r["segmentation"] for r in kept], [r["bbox"] for r in kept], grid)
         _rewrite(f, {**d, "grid_box": grid_box})
         print(f"{f.name}: box targets from {len(kept)} kept masks", flush=True)
@@ -212,27 +232,16 @@ def relabel_from_kept(
     per-point targets were recorded), without a new grid run: each kept point is decoded again from the
     stored embedding, the grid run's filters and NMS recover the kept masks, and `containment_targets`
     scores the grid points (`targets` "containment" in the file; "decoded" for a full grid run), and
-    `box_targets` gives their boxes. `settings`:
-    the grid teacher's MaskGenerator settings, as for `make_teacher`."""
-    import samkit
-    from samkit.everything.settings import DEFAULTS
-    from samkit.predictor import Predictor
-
-    settings = dict(settings or {})
-    nms_thresh = float(settings.pop("box_nms_thresh", DEFAULTS.box_nms_thresh))
-    n = int(settings.pop("points_per_side", DEFAULTS.points_per_side))
-    model = samkit.load(model_name, dtype="fp32")
-    pred = Predictor(model)
-    for f in files:
-        if f.name.endswith(".tmp.npz"):  # left by a stopped teacher run
-            continue
+    `box_targets` gives their boxes. `settings`: the grid teacher's MaskGenerator settings, as for
+    `make_teacher`."""
+    todo = _lacking(files, "grid_iou")
+    if not todo:
+        return
+    recover = _kept_recovery(model_name, settings)
+    for f in todo:
         d = dict(np.load(f))
-        if "grid_iou" in d:
-            continue
-        h, w = (int(v) for v in d["original_size"])
-        records = _recover_kept(d, model, pred, settings, nms_thresh)
+        records, grid = recover(d)
         kept = [r["segmentation"] for r in records]
-        grid = layer_point_grids(n, 0, 1)[0] * np.array([[w, h]])
         iou, match = containment_targets(kept, grid)
         grid_box = box_targets(kept, [r["bbox"] for r in records], grid)
         targets = {
@@ -329,41 +338,45 @@ def grid_point_loss(logits: torch.Tensor, cells: torch.Tensor, target: torch.Ten
     return F.binary_cross_entropy_with_logits(picked, target)
 
 
+def _load_teacher(
+    files: list[Path], key: str, target: Callable[[Any, tuple[int, int], tuple[int, int], int], np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (N, 256, side, side) float16, the teacher grid points' cells (N, P) int64 and the targets
+    `target(arrays, original_size, input_size, n)` gives each file (n x n points: P entries of its array
+    `key`; a file without `key` is a ValueError)."""
+    feats, cells, targets = [], [], []
+    for f in files:
+        d = np.load(f)
+        if key not in d.files:
+            raise ValueError(f"{f.name} has no {key} (relabel_from_kept, add_box_targets)")
+        feats.append(torch.from_numpy(d["features"]))
+        side = feats[-1].shape[-1]  # 64 for a 1024 px encoder
+        n = int(round(len(d[key]) ** 0.5))
+        osz = tuple(int(v) for v in d["original_size"])
+        isz = tuple(int(v) for v in d["input_size"])
+        cells.append(torch.from_numpy(grid_cells(osz, isz, n, side)[2]))
+        targets.append(torch.from_numpy(target(d, osz, isz, n)))
+    return torch.stack(feats), torch.stack(cells), torch.stack(targets)
+
+
 def _load(
     files: list[Path], share: float | None, power: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features (N, 256, side, side) float16, the grid points' cells (N, P) int64 and their targets
-    (N, P) float32 (`grid_target`) of the teacher files."""
-    feats, cells, targets = [], [], []
-    for f in files:
-        d = np.load(f)
-        feats.append(torch.from_numpy(d["features"]))
-        side = feats[-1].shape[-1]  # 64 for a 1024 px encoder
-        n = int(round(len(d["grid_iou"]) ** 0.5))
-        osz = tuple(int(v) for v in d["original_size"])
-        isz = tuple(int(v) for v in d["input_size"])
-        cells.append(torch.from_numpy(grid_cells(osz, isz, n, side)[2]))
-        targets.append(torch.from_numpy(grid_target(d["grid_iou"], d["grid_match"], share, power)))
-    return torch.stack(feats), torch.stack(cells), torch.stack(targets)
+    """`_load_teacher` with the heat map's targets: (N, P) float32 `grid_target`."""
+    return _load_teacher(
+        files, "grid_iou", lambda d, *_: grid_target(d["grid_iou"], d["grid_match"], share, power)
+    )
 
 
 def _load_boxes(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features (N, 256, side, side) float16, the grid points' cells (N, P) int64 and their box-branch
-    targets (N, P, 4) float32 (`box_extent_targets` of `grid_box`; NaN: a point in no kept mask)."""
-    feats, cells, targets = [], [], []
-    for f in files:
-        d = np.load(f)
-        if "grid_box" not in d.files:
-            raise ValueError(f"{f.name} has no box targets (add_box_targets)")
-        feats.append(torch.from_numpy(d["features"]))
-        side = feats[-1].shape[-1]
-        n = int(round(len(d["grid_box"]) ** 0.5))
-        osz = tuple(int(v) for v in d["original_size"])
-        isz = tuple(int(v) for v in d["input_size"])
-        cells.append(torch.from_numpy(grid_cells(osz, isz, n, side)[2]))
+    """`_load_teacher` with the box branch's targets: (N, P, 4) float32 `box_extent_targets` of `grid_box`
+    (NaN: a point in no kept mask)."""
+
+    def extents(d: Any, osz: tuple[int, int], isz: tuple[int, int], n: int) -> np.ndarray:
         points = layer_point_grids(n, 0, 1)[0] * np.array([[osz[1], osz[0]]])
-        targets.append(torch.from_numpy(box_extent_targets(d["grid_box"], points, osz, isz)))
-    return torch.stack(feats), torch.stack(cells), torch.stack(targets)
+        return box_extent_targets(d["grid_box"], points, osz, isz)
+
+    return _load_teacher(files, "grid_box", extents)
 
 
 def _at_cells(extents: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -391,6 +404,33 @@ def extent_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area_a + area_b - inter)
 
 
+def _train_steps(
+    params: list[torch.nn.Parameter],
+    loss_at: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    steps: int,
+    lr: float,
+    batch: int,
+    name: str,
+) -> list[dict[str, float]]:
+    """`steps` AdamW steps (weight decay 1e-4, cosine schedule from `lr`) on `params`, each on the loss
+    `loss_at` gives a batch of `batch` random file indices below `n`; the log (every 100th and the last
+    step's loss, as `name`, and the seconds so far), printed as it goes."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    log, t0 = [], time.perf_counter()
+    for step in range(steps):
+        loss = loss_at(torch.randint(n, (batch,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.append({"step": step, name: loss.item(), "seconds": time.perf_counter() - t0})
+            print(log[-1], flush=True)
+    return log
+
+
 def fit_boxes(
     head: PromptHead,
     files: list[Path],
@@ -410,19 +450,12 @@ def fit_boxes(
     head.train()
     x_all, c_all, t_all = _load_boxes(files)
     params = [*head.box_body.parameters(), *head.box_out.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    log, t0 = [], time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(len(files), (batch,))
-        loss = box_loss(head.extents(x_all[idx].float()), c_all[idx], t_all[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.append({"step": step, "box_loss": loss.item(), "seconds": time.perf_counter() - t0})
-            print(log[-1], flush=True)
+
+    def loss_at(idx: torch.Tensor) -> torch.Tensor:
+        return box_loss(head.extents(x_all[idx].float()), c_all[idx], t_all[idx])
+
+    t0 = time.perf_counter()
+    log = _train_steps(params, loss_at, len(files), steps, lr, batch, "box_loss")
     head.eval()
     report: dict[str, float] = {}
     if held:
@@ -515,20 +548,12 @@ def fit(
     files, held = all_files[: len(all_files) - holdout], all_files[len(all_files) - holdout :]
     x_all, c_all, t_all = _load(files, share, power)
     head = PromptHead()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    log = []
+
+    def loss_at(idx: torch.Tensor) -> torch.Tensor:
+        return grid_point_loss(head(x_all[idx].float()), c_all[idx], t_all[idx])
+
     t0 = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(len(files), (batch,))
-        loss = grid_point_loss(head(x_all[idx].float()), c_all[idx], t_all[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - t0})
-            print(log[-1], flush=True)
+    log = _train_steps(list(head.parameters()), loss_at, len(files), steps, lr, batch, "loss")
     boxes = fit_boxes(head, files, held, box_steps, lr, batch, seed) if box_steps else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out))
