@@ -22,6 +22,7 @@ from samkit.everything.learned import (
     box_extent_targets,
     cells_to_points,
     grid_candidates,
+    head_metadata,
     learned_candidates,
     learned_points,
     load_head,
@@ -30,6 +31,7 @@ from samkit.everything.learned import (
     point_boxes,
     points_to_cells,
     recent_yield,
+    save_head,
     take_round,
 )
 from samkit.models.build import SamConfig, build_sam
@@ -612,6 +614,12 @@ def test_shipped_head_loads_and_is_small():
     assert head.has_boxes and head.extents(x).shape == (1, 4, 64, 64)
 
 
+def _head_for(model_path: str, dest) -> str:
+    """A random PromptHead saved as a file that records the model at `model_path`."""
+    torch.manual_seed(3)
+    return str(save_head(PromptHead(), dest, head_metadata(samkit.load(model_path))))
+
+
 def test_cli_everything_with_learned_prompts(tiny_ckpt, photo, tmp_path):
     from samkit.formats import read_sa1b
 
@@ -630,13 +638,22 @@ def test_cli_everything_with_learned_prompts(tiny_ckpt, photo, tmp_path):
         "--model",
         tiny_ckpt,
     ]
+    # the shipped head reads vit_t's embeddings: refused for this model, in one line, nothing written
     run = subprocess.run([*cmd, "--prompts", "learned", *fast], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "trained on vit_t" in run.stderr and "--prompt-head" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not list(out.glob("*.json"))
+    head = _head_for(tiny_ckpt, tmp_path / "head.safetensors")
+    learned = [*cmd, "--prompts", "learned", "--prompt-head", head, *fast]
+    run = subprocess.run(learned, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     data = read_sa1b(next(out.glob("*.json")))
     # far fewer prompts than the 32 x 32 grid: at most max_points peaks x 3 masks each
     assert 0 < len(data["annotations"]) <= 3 * PeakSettings().max_points
     bad = subprocess.run([*cmd, "--prompts", "boxes"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+    missing = [*cmd, "--prompts", "learned", "--prompt-head", str(tmp_path / "none.safetensors")]
+    run = subprocess.run(missing, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "prompt head file not found" in run.stderr
 
 
 def test_eval_proposals_with_learned_prompts(tmp_path):
@@ -647,11 +664,58 @@ def test_eval_proposals_with_learned_prompts(tmp_path):
 
     data = _one_image_coco(tmp_path / "data")
     model = _stable_but_unsure_sam(tmp_path / "m.safetensors")
-    report = run_eval("proposals", data, model, progress=False, pred_iou_thresh=0.0, prompts="learned")
+    head = _head_for(model, tmp_path / "head.safetensors")
+    kw = dict(progress=False, pred_iou_thresh=0.0, prompts="learned")
+    report = run_eval("proposals", data, model, prompt_head=head, **kw)
     assert report["meta"]["settings"]["prompts"] == "learned"
+    assert report["meta"]["settings"]["prompt_head"] == head
     assert report["items"][0]["n_proposals"] > 0
+    with pytest.raises(InputError, match="trained on vit_t"):  # the shipped head, for another model
+        run_eval("proposals", data, model, **kw)
+    with pytest.raises(ProtocolError, match="--prompts learned"):
+        run_eval("proposals", data, model, progress=False, prompt_head=head)
     with pytest.raises(ProtocolError, match="needs a samkit SAM model"):
         _proposer(object(), None, None, "learned")
+
+
+def test_a_head_file_records_its_model_and_is_refused_for_another(tiny_model, photo, tmp_path):
+    """The shipped head records vit_t; one saved for the tiny model runs on it; a file that records nothing
+    (an older head) is taken as it is; a head with grid prompts is a mistake."""
+    from samkit.embedding_file import config_id
+    from samkit.zoo import registry
+
+    shipped = load_head()
+    assert shipped.trained_for is not None and shipped.trained_for["model"] == "vit_t"
+    assert shipped.trained_for["model_config"] == config_id(build_sam(registry()["vit_t"].config))
+    with pytest.raises(InputError, match="trained on vit_t.s embeddings, not this"):
+        samkit.MaskGenerator(tiny_model, prompts="learned")
+
+    peaks = PeakSettings(min_points=4, max_points=4, boxes=0, head_boxes=0)
+    kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, peaks=peaks, threads=1)
+    own = save_head(PromptHead(), tmp_path / "own.safetensors", head_metadata(tiny_model))
+    assert load_head(own).trained_for == head_metadata(tiny_model)
+    assert len(samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=own, **kw).generate(photo))
+    older = save_head(PromptHead(), tmp_path / "older.safetensors", None)
+    assert load_head(older).trained_for is None
+    samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=older)
+    with pytest.raises(InputError, match="for learned prompts"):
+        samkit.MaskGenerator(tiny_model, prompt_head=own)
+
+
+def test_damaged_or_foreign_head_files_get_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    from samkit.errors import CheckpointError
+
+    good = save_head(PromptHead(), tmp_path / "head.safetensors", None)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"image_encoder.weight": torch.zeros(2, 2)}, str(foreign))
+    for path, words in ((cut, "not a readable safetensors file"), (foreign, "is not a prompt head file")):
+        with pytest.raises(CheckpointError, match=words) as err:
+            load_head(path)
+        assert "\n" not in str(err.value)
 
 
 def test_cover_rel_lets_later_points_into_masks_larger_than_the_typical_one(tiny_model, photo):

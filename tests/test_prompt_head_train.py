@@ -13,7 +13,11 @@ import torch
 import yaml
 from PIL import Image
 
-from samkit.everything.learned import grid_cells, load_head
+import samkit
+from samkit.embedding_file import config_id
+from samkit.errors import InputError
+from samkit.everything.learned import grid_cells, head_metadata, load_head
+from samkit.models.build import SamConfig, build_sam
 from samkit.train.prompt_head import (
     add_box_targets,
     box_loss,
@@ -24,10 +28,17 @@ from samkit.train.prompt_head import (
     kept_by_nms,
     point_targets,
     relabel_from_kept,
+    teacher_model,
     teacher_recall,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _other_model():
+    """A tiny random SAM of another architecture than `tiny_ckpt`'s (two heads instead of one)."""
+    cfg = SamConfig("vit", embed_dim=32, depth=1, num_heads=2, global_attn_indexes=(0,), image_size=256)
+    return build_sam(cfg)
 
 
 def _config(tmp_path, folder, model) -> str:
@@ -73,6 +84,15 @@ def test_samkit_train_prompt_head_config_writes_a_loadable_head_and_card(tiny_ck
     assert (d["grid_iou"] == 1.0).sum() >= min(len(d["points"]), 1)
     assert d["grid_box"].shape == (16, 4)
     head = load_head(out / "prompt_head.safetensors")
+    # the file records the model it reads: accepted for that model, refused for another architecture
+    assert head.trained_for is not None and head.trained_for["model_config"] == config_id(
+        samkit.load(tiny_ckpt)
+    )
+    samkit.MaskGenerator(
+        samkit.load(tiny_ckpt), prompts="learned", prompt_head=out / "prompt_head.safetensors"
+    )
+    with pytest.raises(InputError, match="trained on"):
+        samkit.MaskGenerator(_other_model(), prompts="learned", prompt_head=out / "prompt_head.safetensors")
     x = torch.randn(1, 256, 16, 16)
     logits = head(x)
     assert logits.shape == (1, 1, 16, 16) and torch.isfinite(logits).all()
@@ -91,6 +111,17 @@ def test_samkit_train_prompt_head_config_writes_a_loadable_head_and_card(tiny_ck
     used = sorted(info["files"] + [f"{n}.npz" for n in info["heldout_images"]])
     assert used == [f.name for f in teacher[:3]] and len(info["files"]) == 2
     assert "2 training-split images" in (out / "MODEL_CARD.md").read_text()
+    assert teacher_model(teacher) == head_metadata(samkit.load(tiny_ckpt))
+
+    # another model must not learn from these embeddings: refused in one line, nothing changed
+    other = tmp_path / "other.safetensors"
+    samkit.save(_other_model(), other)
+    head_bytes = (out / "prompt_head.safetensors").read_bytes()
+    clash = _train(config, "--set", f"model={other}")
+    assert clash.returncode == 2 and "holds teacher files of" in clash.stderr
+    assert len(clash.stderr.strip().splitlines()) == 1
+    assert [f.stat().st_mtime_ns for f in teacher] == stamps
+    assert (out / "prompt_head.safetensors").read_bytes() == head_bytes
 
 
 def test_teacher_folders_take_listed_images_once_each_and_refuse_bad_lists(tmp_path):
@@ -339,3 +370,22 @@ def test_relabel_from_kept_fills_targets_of_old_teacher_files_and_keeps_their_or
     iou, match = containment_targets([r["segmentation"] for r in kept], grid)
     np.testing.assert_array_equal(new["grid_match"], match)
     np.testing.assert_array_equal(new["grid_iou"], iou)
+
+
+def test_teacher_files_record_their_model_and_fit_writes_it_into_the_head(tiny_ckpt, photo, tmp_path):
+    from samkit.train.prompt_head import fit
+
+    f, _ = _one_teacher_file(tiny_ckpt, photo, tmp_path)
+    made = teacher_model([f])
+    assert made == head_metadata(samkit.load(tiny_ckpt))
+    d = dict(np.load(f))
+    for i in range(3):
+        np.savez(f.parent / f"copy{i}.npz", **d)
+    fit(f.parent, tmp_path / "head.safetensors", steps=1, holdout=1)  # as `python -m ... fit` runs it
+    assert load_head(tmp_path / "head.safetensors").trained_for == made
+    np.savez(tmp_path / "older.npz", **{k: v for k, v in d.items() if k not in ("model", "model_config")})
+    assert teacher_model([tmp_path / "older.npz"]) is None  # a file that records none says nothing
+    assert teacher_model([f, tmp_path / "older.npz"]) == made
+    np.savez(tmp_path / "other.npz", **{**d, "model": np.array("vit_b"), "model_config": np.array("0" * 16)})
+    with pytest.raises(ValueError, match="more than one model"):
+        teacher_model([f, tmp_path / "other.npz"])

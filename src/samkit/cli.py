@@ -31,6 +31,7 @@ GENERATOR_HELP = {
     "crop_n_points_downscale_factor": "fewer points per crop layer",
     "min_mask_region_area": "remove holes/islands below this area",
     "prompts": "grid: points_per_side^2 points; learned: a heat-map head's peaks (far fewer)",
+    "prompt_head": "learned: a prompt head file trained for --model (default: the one shipped for vit_t)",
 }
 
 # A photo that ships with samkit (scikit-image's coffee.png, CC0, Rachel Michetti), so examples run anywhere.
@@ -287,6 +288,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         embedding_cache=args.embedding_cache,
         pred_iou_thresh=args.pred_iou_thresh,
         prompts=args.prompts,
+        prompt_head=args.prompt_head,
     )
     print(format_table(report))
     if args.out:
@@ -318,6 +320,11 @@ def _cmd_everything(args: argparse.Namespace) -> None:
 
     images = list_images(args.input)
     options = {name: getattr(args, name) for name in GENERATOR_HELP}
+    if options["prompt_head"]:  # the workers (Ray's too) get it as an absolute path
+        head = Path(options["prompt_head"]).resolve()
+        if not head.is_file():
+            raise SamkitError(f"prompt head file not found: {head}")
+        options["prompt_head"] = str(head)
     if args.engine == "ray":
         from samkit.engine.ray_engine import run_ray
 
@@ -442,8 +449,9 @@ def _build_parser() -> argparse.ArgumentParser:
             "--" + f.name.replace("_", "-"),
             type=type(default),
             default=default,
-            choices=typing.get_args(hints[f.name]) if isinstance(default, str) else None,
-            help=f"{GENERATOR_HELP[f.name]} (default %(default){'s' if isinstance(default, str) else '.3g'})",
+            choices=typing.get_args(hints[f.name]) or None if isinstance(default, str) else None,
+            help=GENERATOR_HELP[f.name]
+            + ("" if default == "" else f" (default %(default){'s' if isinstance(default, str) else '.3g'})"),
         )
     p.add_argument("--overlay", action="store_true", help="also write <name>.overlay.jpg next to each JSON")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a JSON")
@@ -506,6 +514,12 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["grid", "learned"],
         default="grid",
         help="proposals: MaskGenerator's prompts, the point grid or the learned heat-map peaks (default grid)",
+    )
+    p.add_argument(
+        "--prompt-head",
+        default=None,
+        metavar="FILE",
+        help=f"proposals, learned: {GENERATOR_HELP['prompt_head'].split(': ', 1)[1]}",
     )
     p.set_defaults(func=_cmd_eval)
 

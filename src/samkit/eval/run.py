@@ -68,7 +68,11 @@ def _sha256(path: Path) -> str:
 
 
 def _proposer(
-    predictor: Any, points_per_side: int | None, pred_iou_thresh: float | None = None, prompts: str = "grid"
+    predictor: Any,
+    points_per_side: int | None,
+    pred_iou_thresh: float | None = None,
+    prompts: str = "grid",
+    prompt_head: str | Path | None = None,
 ):
     """propose(item) -> (masks, scores): samkit's MaskGenerator for SAM models, else grid prompts + NMS."""
     from samkit.everything import MaskGenerator
@@ -80,7 +84,7 @@ def _proposer(
         kwargs: dict[str, Any] = {} if points_per_side is None else {"points_per_side": points_per_side}
         if pred_iou_thresh is not None:
             kwargs["pred_iou_thresh"] = pred_iou_thresh
-        generator = MaskGenerator(sam, prompts=prompts, **kwargs)
+        generator = MaskGenerator(sam, prompts=prompts, prompt_head=prompt_head, **kwargs)
 
         def propose(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
             image = load_image(item.image)
@@ -120,6 +124,7 @@ def run_eval(
     embedding_cache: str | Path | None = None,
     pred_iou_thresh: float | None = None,
     prompts: str = "grid",
+    prompt_head: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run `protocol` on the first `limit` items of `data` with `model`; return (and write) the report.
 
@@ -133,7 +138,8 @@ def run_eval(
     encode each image once; samkit models only. pred_iou_thresh: proposals only, MaskGenerator's
     predicted-IoU filter (default 0.88); a fine-tuned IoU head may score every mask below it, and 0
     keeps the ranking but drops the filter. prompts: proposals only, MaskGenerator's prompt source
-    ("grid" or "learned"). Returns {"meta", "summary", "items"}.
+    ("grid" or "learned"); prompt_head: with "learned", a head file trained for `model` (default: the one
+    shipped for vit_t). Returns {"meta", "summary", "items"}.
     """
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -160,8 +166,12 @@ def run_eval(
 
     results: list[dict[str, Any]] = []
     counts = []
+    if prompt_head is not None and (protocol != "proposals" or prompts != "learned"):
+        raise ProtocolError("--prompt-head is for the proposals protocol with --prompts learned")
     propose = (
-        _proposer(predictor, points_per_side, pred_iou_thresh, prompts) if protocol == "proposals" else None
+        _proposer(predictor, points_per_side, pred_iou_thresh, prompts, prompt_head)
+        if protocol == "proposals"
+        else None
     )
     current_image = None
     skipped: list[str] = []
@@ -217,6 +227,8 @@ def run_eval(
     if protocol == "proposals":
         settings["pred_iou_thresh"] = pred_iou_thresh
         settings["prompts"] = prompts
+        if prompt_head is not None:
+            settings["prompt_head"] = str(prompt_head)
     if protocol == "edges":
         settings["thresholds"] = thresholds
     if isinstance(predictor, CachedPredictor):

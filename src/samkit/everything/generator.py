@@ -30,6 +30,7 @@ from samkit.everything.learned import (
     PEAK_DEFAULTS,
     PeakSettings,
     between_candidates,
+    check_head,
     grid_candidates,
     head_extents,
     head_logits,
@@ -195,7 +196,8 @@ class MaskGenerator:
     they keep finding new masks, on crowded images up to 64 more between them, then up to 64 of the head's
     own boxes where they agree with the masks found, and up to 40 box prompts from the points' masks; see
     `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
-    safetensors path; None loads the one shipped with samkit (trained on vit_t embeddings). peaks: how
+    safetensors path; "" (or None) loads the one shipped with samkit (trained on vit_t embeddings). A head
+    file that records another architecture than `model`'s is refused (`check_head`). peaks: how
     the heat map's peaks become prompts (`PeakSettings`).
     threads: on a CPU, batches of prompts decoded at once, each in its own Python thread whose torch ops
     run on one thread (the decoder's many small ops keep the cores busier that way than one batch split
@@ -221,7 +223,7 @@ class MaskGenerator:
         min_mask_region_area: int = DEFAULTS.min_mask_region_area,
         output_mode: OutputMode = "binary_mask",
         prompts: PromptSource = DEFAULTS.prompts,
-        prompt_head: PromptHead | str | Path | None = None,
+        prompt_head: PromptHead | str | Path | None = DEFAULTS.prompt_head,
         peaks: PeakSettings = PEAK_DEFAULTS,
         threads: int | None = None,
     ) -> None:
@@ -269,8 +271,13 @@ class MaskGenerator:
         self.peaks = peaks
         self.head: PromptHead | None = None
         if prompts == "learned":
-            head = prompt_head if isinstance(prompt_head, PromptHead) else load_head(prompt_head)
+            head = prompt_head if isinstance(prompt_head, PromptHead) else load_head(prompt_head or None)
+            check_head(head, model)
             self.head = head.eval().to(model.device)
+        elif prompt_head is not None and prompt_head != "":
+            raise InputError(
+                "a prompt head is for learned prompts (prompts='learned'); grid prompts use none"
+            )
 
     @torch.inference_mode()
     def generate(

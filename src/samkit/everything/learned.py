@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samkit.errors import InputError
+from samkit.errors import CheckpointError, InputError
 from samkit.models.prompt_head import PromptHead
 
 CELL = 16  # model-input pixels per embedding cell
@@ -114,17 +115,71 @@ class PeakSettings:
 PEAK_DEFAULTS = PeakSettings()
 
 
+HEAD_FORMAT = "samkit-prompt-head"  # a head file's `format` metadata
+
+
+def head_metadata(model: Any) -> dict[str, str]:
+    """What a head file records of the `Sam` model whose embeddings it was trained on: its name and its
+    architecture's id (`embedding_file.config_id`)."""
+    from samkit.embedding_file import config_id
+
+    return {"format": HEAD_FORMAT, "model": model.arch or "custom", "model_config": config_id(model)}
+
+
+def save_head(head: PromptHead, path: str | Path, trained_for: dict[str, str] | None) -> Path:
+    """Write `head` to `path` (safetensors, atomically) with `trained_for`
+    (`head_metadata` of its model; None: not recorded) in the file's metadata."""
+    from safetensors.torch import save
+
+    from samkit.formats import atomic_write_bytes
+
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    return atomic_write_bytes(path, save(state, metadata=trained_for))
+
+
 def load_head(path: str | Path | None = None, device: torch.device | str = "cpu") -> PromptHead:
-    """The shipped head (trained on vit_t's embeddings) or one saved at `path` (safetensors)."""
-    from safetensors.torch import load_file
+    """The shipped head (trained on vit_t's embeddings) or one saved at `path` (safetensors); its
+    `trained_for` is what the file records of its model (None if nothing)."""
+    from safetensors import safe_open
 
     path = Path(path) if path is not None else HEAD_FILE
     if not path.is_file():
         raise InputError(f"prompt head file not found: {path}")
-    state = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"prompt head file {path} is not a readable safetensors file ({first})"
+        ) from None
     head = PromptHead(boxes="box_out.weight" in state)  # a head trained without the box branch has none
-    head.load_state_dict(state)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path} is not a prompt head file (its tensors are not a PromptHead's); train one with "
+            "`samkit train configs/prompt_head.yaml`"
+        ) from None
+    if meta.get("format") == HEAD_FORMAT:
+        head.trained_for = {k: meta.get(k, "") for k in ("format", "model", "model_config")}
     return head.eval().to(device)
+
+
+def check_head(head: PromptHead, model: Any) -> None:
+    """Raise InputError if `head` records a model of another architecture than `model`'s: its scores on
+    that model's embeddings would mean nothing. A head that records none is taken as it is."""
+    from samkit.embedding_file import config_id
+
+    made = head.trained_for
+    if made is None or made.get("model_config") in ("", None) or made["model_config"] == config_id(model):
+        return
+    raise InputError(
+        f"the prompt head was trained on {made.get('model') or 'another model'}'s embeddings, not this "
+        f"{model.arch or 'custom'} model's: train one for it (samkit train configs/prompt_head.yaml "
+        "--set model=...) and pass it as prompt_head (CLI: --prompt-head), or use grid prompts"
+    )
 
 
 def _input_scale(original_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:

@@ -40,6 +40,9 @@ class PromptHead(nn.Module):
         box_depth: int = 4,
     ) -> None:
         super().__init__()
+        # The model whose embeddings the head was trained on, as its file records it (`head_metadata`:
+        # format, model name, model_config id); None when unknown (a head built in code, or an older file).
+        self.trained_for: dict[str, str] | None = None
         self.body = _dilated_body(in_chans, width, depth)
         self.out = nn.Conv2d(width, 1, 3, padding=1)
         nn.init.constant_(self.out.bias, -math.log((1 - prior) / prior))  # start near the positives' rate

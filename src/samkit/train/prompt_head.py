@@ -50,17 +50,19 @@ def make_teacher(
     """One `<set>_<stem>.npz` per image in `out_dir`: features float16 (256, 64, 64); points float32 (N, 2)
     (x, y original pixels of the kept masks' prompts); grid_iou float32 (n * n,) and grid_match int32
     (n * n,) per point of the teacher's n x n grid (`point_targets`); grid_box float32 (n * n, 4)
-    (`box_targets`); original_size, input_size,
-    grid_seconds. `settings`: MaskGenerator keyword arguments of the grid teacher (default: its defaults;
-    one crop layer only). Files made before grid_iou was recorded are made again."""
+    (`box_targets`); original_size, input_size, grid_seconds; model, model_config (the name and architecture
+    id of the model that made it). `settings`: MaskGenerator keyword arguments of the grid teacher (default:
+    its defaults; one crop layer only). Files made before grid_iou was recorded are made again."""
     import samkit
     from samkit.everything.generator import MaskGenerator
+    from samkit.everything.learned import head_metadata
     from samkit.everything.settings import DEFAULTS
     from samkit.image import load_image
     from samkit.predictor import Predictor
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = samkit.load(model_name, dtype="fp32")
+    made_by = head_metadata(model)
     settings = dict(settings or {})
     nms_thresh = float(settings.pop("box_nms_thresh", DEFAULTS.box_nms_thresh))
     # Every mask that passes the filters, with its prompt: the grid run's NMS is applied here afterwards.
@@ -97,6 +99,8 @@ def make_teacher(
             input_size=np.array(pred.input_size),
             grid_seconds=np.array(seconds),
             targets=np.array("decoded"),
+            model=np.array(made_by["model"]),
+            model_config=np.array(made_by["model_config"]),
         )
         os.replace(tmp, dest)
         print(
@@ -519,6 +523,25 @@ def heldout_report(
     return rows
 
 
+def teacher_model(files: list[Path]) -> dict[str, str] | None:
+    """`head_metadata` of the model that made the teacher `files` (as they record it; files that record
+    none are skipped), None if none records one; ValueError if they name more than one architecture."""
+    from samkit.everything.learned import HEAD_FORMAT
+
+    found: dict[str, str] = {}
+    for f in files:
+        with np.load(f) as d:
+            if "model_config" in d.files:
+                found.setdefault(str(d["model_config"]), str(d["model"]))
+    if len(found) > 1:
+        names = ", ".join(sorted(set(found.values())))
+        raise ValueError(f"teacher files of more than one model ({names}) in {files[0].parent}")
+    if not found:
+        return None
+    ((config, name),) = found.items()
+    return {"format": HEAD_FORMAT, "model": name, "model_config": config}
+
+
 def fit(
     teacher_dir: Path,
     out: Path,
@@ -531,12 +554,14 @@ def fit(
     power: float = 1.0,
     only: list[Path] | None = None,
     box_steps: int = 0,
+    trained_for: dict[str, str] | None = None,
 ) -> dict:
     """Train a PromptHead on the teacher files (those named in `only`, if given) but the last `holdout` made
     (reported on, not trained on), targets `grid_target(..., share, power)`, and with `box_steps` its box
-    branch (`fit_boxes`); writes `out` (safetensors) and `<out>.json` (settings, loss log, held-out report,
-    the files used)."""
-    from safetensors.torch import save_file
+    branch (`fit_boxes`); writes `out` (safetensors, recording `trained_for`, by default `teacher_model`:
+    the model that made the teacher files) and `<out>.json` (settings, loss log, held-out report, the files
+    used)."""
+    from samkit.everything.learned import save_head
 
     torch.manual_seed(seed)
     all_files = sorted(teacher_files(teacher_dir), key=lambda f: f.stat().st_mtime)
@@ -546,6 +571,7 @@ def fit(
     if len(all_files) <= holdout:
         raise FileNotFoundError(f"need more than {holdout} teacher files in {teacher_dir}")
     files, held = all_files[: len(all_files) - holdout], all_files[len(all_files) - holdout :]
+    trained_for = trained_for or teacher_model(all_files)
     x_all, c_all, t_all = _load(files, share, power)
     head = PromptHead()
 
@@ -555,8 +581,7 @@ def fit(
     t0 = time.perf_counter()
     log = _train_steps(list(head.parameters()), loss_at, len(files), steps, lr, batch, "loss")
     boxes = fit_boxes(head, files, held, box_steps, lr, batch, seed) if box_steps else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out))
+    save_head(head, out, trained_for)
     head.eval()
     report = heldout_report(head, held) if held else []
     for row in report:
@@ -790,6 +815,8 @@ def train_from_config(
 
     Writes OUT/prompt_head.safetensors, OUT/prompt_head.json (the fit log) and OUT/MODEL_CARD.md;
     returns the fit's info dict with `head` and `card` (paths) added."""
+    import samkit
+    from samkit.everything.learned import head_metadata
     from samkit.train.config import ConfigError
 
     cfg = load_prompt_head_config(config, overrides, out)
@@ -798,6 +825,16 @@ def train_from_config(
     out_dir = Path(cfg["out"])
     teacher_dir = Path(cfg["teacher"]["dir"] or out_dir / "teacher")
     t = cfg["teacher"]
+    trained_for = head_metadata(samkit.load(cfg["model"], dtype="fp32"))
+    try:  # a head learns one model's embeddings
+        made = teacher_model(sorted(teacher_dir.glob("*.npz")))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if made is not None and made["model_config"] != trained_for["model_config"]:
+        raise ConfigError(
+            f"teacher.dir {teacher_dir} holds teacher files of {made['model']}, not of "
+            f"{trained_for['model']}: give this model a teacher.dir of its own"
+        )
     images = training_images(t["folders"], t["per_folder"])
     relabel_from_kept(sorted(teacher_dir.glob("*.npz")), cfg["model"], t["settings"])  # older teacher files
     make_teacher(images, teacher_dir, cfg["model"], t["budget_s"] or 1e9, t["settings"])
@@ -818,6 +855,7 @@ def train_from_config(
             float(f["power"]),
             only=[teacher_file(teacher_dir, p) for p in images],
             box_steps=int(f["box_steps"]),
+            trained_for=trained_for,
         )
     except FileNotFoundError as exc:
         raise ConfigError(f"{exc} (more teacher.folders images, or a larger teacher.budget_s)") from None
@@ -832,17 +870,14 @@ def add_box_branch(
     """A head file's heat map with a box branch trained by `fit_boxes` on `teacher_dir` (all its files but
     the last `holdout` made, as `fit` splits them; box targets added where missing); writes `out` and
     `<out>.json` (the box log and held-out report)."""
-    from safetensors.torch import save_file
-
-    from samkit.everything.learned import load_head
+    from samkit.everything.learned import load_head, save_head
 
     add_box_targets(sorted(teacher_dir.glob("*.npz")))
     files = sorted(teacher_files(teacher_dir), key=lambda f: f.stat().st_mtime)
     train, held = files[: len(files) - holdout], files[len(files) - holdout :]
     head = load_head(head_file)
     info = fit_boxes(head, train, held, steps)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out))
+    save_head(head, out, head.trained_for)
     info = {**info, "images": len(train), "heldout_images": [f.stem for f in held]}
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return info
