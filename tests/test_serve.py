@@ -188,6 +188,57 @@ def test_everything_returns_sa1b(server) -> None:
         assert rle_to_mask(ann["segmentation"]).shape == (211, 320)
 
 
+def test_everything_with_learned_prompts(server) -> None:
+    """`prompts=learned` runs the shipped head (the server's model is vit_t): fewer prompts, same records."""
+    base, _ = server
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(samkit.load_image(PHOTO)).resize((320, 211)).save(buf, "PNG")
+    files = {"file": ("s.png", buf.getvalue())}
+    r = httpx.post(base + "/everything?prompts=learned", files=files, timeout=300)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["annotations"] and doc["image"]["height"] == 211
+    for ann in doc["annotations"]:
+        assert rle_to_mask(ann["segmentation"]).shape == (211, 320) and ann["predicted_iou"] > 0.88
+    bad = httpx.post(base + "/everything?prompts=boxes", files=files, timeout=300)
+    assert bad.status_code == 422 and "prompts" in bad.json()["error"]
+
+
+def test_learned_prompts_need_a_head_for_the_served_model(tiny_ckpt, photo, tmp_path) -> None:
+    """A model other than vit_t: the shipped head is refused per request (400's InputError), a head file
+    trained for another architecture stops the service at start, and one trained for this model runs."""
+    from PIL import Image
+
+    from samkit.errors import InputError
+    from samkit.everything.learned import HEAD_FILE, head_metadata, save_head
+    from samkit.models.prompt_head import PromptHead
+    from samkit.serve.app import ServeConfig, Service
+
+    buf = io.BytesIO()
+    Image.fromarray(photo).resize((320, 211)).save(buf, "PNG")
+    config = ServeConfig(model=tiny_ckpt, cache_dir=str(tmp_path / "cache"), decode_threads=1)
+    service = Service(config)
+    try:
+        with pytest.raises(InputError, match="trained on vit_t"):
+            service.everything(buf.getvalue(), "s.png", 4, "learned")
+        assert service.everything(buf.getvalue(), "s.png", 4)["image"]["width"] == 320  # grid still runs
+    finally:
+        service.close()
+    from dataclasses import replace
+
+    with pytest.raises(InputError, match="trained on vit_t"):
+        Service(replace(config, prompt_head=str(HEAD_FILE)))
+    own = save_head(PromptHead(), tmp_path / "own.safetensors", head_metadata(samkit.load(tiny_ckpt)))
+    service = Service(replace(config, prompt_head=str(own)))
+    try:
+        doc = service.everything(buf.getvalue(), "s.png", 4, "learned")
+        assert doc["image"]["height"] == 211 and isinstance(doc["annotations"], list)
+    finally:
+        service.close()
+
+
 def test_embedding_cache_evicts_least_recently_used(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path, max_items=2)
     for i, key in enumerate("abc"):

@@ -545,6 +545,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="embedding cache (default $SAMKIT_HOME/serve/MODEL)")
     p.add_argument("--max-embeddings", type=int, default=256, help="LRU bound of the embedding cache")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="larger requests get 413")
+    p.add_argument(
+        "--prompt-head",
+        default=None,
+        metavar="FILE",
+        help=f"/everything?prompts=learned: {GENERATOR_HELP['prompt_head'].split(': ', 1)[1]}",
+    )
     _add_access(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
@@ -66,6 +66,8 @@ class ServeConfig:
     any; `serve` fills it from the address it listens on, see `samkit.web.Access.for_bind`).
     decode_threads: clicks decoded at once (0: one per CPU core). max_encodes: images encoded at once
     (/embed, /everything); max_waiting: more encode requests queued, beyond which the answer is 503.
+    prompt_head: the head file for `/everything?prompts=learned`, trained for `model` (None: the one
+    shipped for vit_t, loaded on the first such request); a given file is loaded and checked at start.
     """
 
     model: str | None = None
@@ -79,6 +81,7 @@ class ServeConfig:
     decode_threads: int = 0
     max_encodes: int = 1
     max_waiting: int = 8
+    prompt_head: str | None = None
 
 
 # Embeddings kept loaded for clicks (each a few MB); the disk cache behind them keeps `max_embeddings`.
@@ -193,6 +196,22 @@ class Service:
         self._pending = 0
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._head: Any = None
+        self._head_lock = threading.Lock()
+        if config.prompt_head:  # a head the operator named: a wrong one stops the server at start
+            self.prompt_head()
+
+    def prompt_head(self) -> Any:
+        """The PromptHead of learned prompts (loaded once, checked against the model: InputError if it
+        was trained for another architecture)."""
+        from samkit.everything.learned import check_head, load_head
+
+        with self._head_lock:
+            if self._head is None:
+                head = load_head(self.config.prompt_head)
+                check_head(head, self.model)
+                self._head = head.to(self.model.device)
+            return self._head
 
     def embedding_id(self, data: bytes) -> str:
         return hashlib.sha256(self.encoder.encode() + b"\0" + data).hexdigest()[:32]
@@ -283,11 +302,20 @@ class Service:
             ],
         }
 
-    def everything(self, data: bytes, file_name: str, points_per_side: int) -> dict[str, Any]:
+    def everything(
+        self, data: bytes, file_name: str, points_per_side: int, prompts: str = "grid"
+    ) -> dict[str, Any]:
         from samkit.everything import MaskGenerator
         from samkit.formats import sa1b_dict
 
-        generator = MaskGenerator(self.model, points_per_side=points_per_side, output_mode="coco_rle")
+        head = self.prompt_head() if prompts == "learned" else None
+        generator = MaskGenerator(
+            self.model,
+            points_per_side=points_per_side,
+            output_mode="coco_rle",
+            prompts=prompts,  # type: ignore[arg-type]
+            prompt_head=head,
+        )
         with self.encodes.running():
             image = decode_upload(data, self.config.max_image_pixels)
             h, w = image.shape[:2]
@@ -378,12 +406,16 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def everything(
         file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
         points_per_side: Annotated[int, Query(ge=1, le=64, description="grid of n x n point prompts")] = 32,
+        prompts: Annotated[
+            Literal["grid", "learned"],
+            Query(description="grid: n x n points; learned: the prompt head's points (far fewer, faster)"),
+        ] = "grid",
     ) -> dict[str, Any]:
         """Segment everything in the image; returns the SA-1B JSON document."""
         with service.encodes.admitted():
             data = await _read_upload(file, limit)
             name = file.filename or "upload"
-            return await run_in_threadpool(service.everything, data, name, points_per_side)
+            return await run_in_threadpool(service.everything, data, name, points_per_side, prompts)
 
     return app
 
