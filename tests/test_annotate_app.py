@@ -232,6 +232,15 @@ def test_auto_mode_prefills_confident_masks(env):
     live = client.get(f"/api/images/{image_id}").json()["objects"]
     assert sorted(o["id"] for o in live if o["source"] == "auto") == sorted(o["id"] for o in again)
     assert manual["id"] in [o["id"] for o in live]
+    # learned prompts (the shipped head, this project's model being vit_t): they replace the grid's
+    learned = client.post(f"/api/images/{image_id}/auto", json={**body, "prompts": "learned"})
+    assert learned.status_code == 200, learned.text
+    objs = learned.json()["objects"]
+    assert objs and all(o["predicted_iou"] >= 0.7 for o in objs)
+    live = client.get(f"/api/images/{image_id}").json()["objects"]
+    assert sorted(o["id"] for o in live if o["source"] == "auto") == sorted(o["id"] for o in objs)
+    bad = client.post(f"/api/images/{image_id}/auto", json={**body, "prompts": "boxes"})
+    assert bad.status_code == 422 and "prompts" in bad.json()["error"]
 
 
 class _FakePredictor:

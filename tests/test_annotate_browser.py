@@ -240,6 +240,21 @@ def test_auto_mode(app, page):
     assert any(m.startswith("auto") for m in metas)
     assert sum(m.startswith("manual") for m in metas) == manual_before  # auto mode keeps manual objects
     assert page.evaluate("canvas.dataset.objects") == str(len(metas))
+    # learned prompts: the grid size no longer applies; the run replaces the grid's auto masks
+    page.select_option("#auto-prompts", "learned")
+    assert page.is_disabled("#auto-pps")
+    with page.expect_response(lambda r: r.url.endswith("/auto")) as answer:
+        page.click("#auto-run")
+    assert answer.value.status == 200 and answer.value.request.post_data_json["prompts"] == "learned"
+    page.wait_for_function(
+        "document.getElementById('status').textContent.startsWith('auto mode:') &&"
+        " !document.getElementById('status').textContent.includes('generating')",
+        timeout=300_000,
+    )
+    metas = page.locator("#object-list li .meta").all_text_contents()
+    assert sum(m.startswith("auto") for m in metas) == len(answer.value.json()["objects"])
+    assert sum(m.startswith("manual") for m in metas) == manual_before
+    page.select_option("#auto-prompts", "grid")
 
 
 def test_export_and_screenshot(app, page, tmp_path):

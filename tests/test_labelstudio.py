@@ -421,6 +421,33 @@ def test_auto_prelabels_a_task_with_segment_everything(client):
         backend.config.auto = True
 
 
+def test_auto_with_learned_prompts_needs_a_head_for_the_model(client, tmp_path):
+    """`prompts="learned"`: the shipped head (vit_t's) stops a nano backend at start in one line; a head
+    file trained for nano pre-labels with exactly MaskGenerator's learned masks."""
+    import dataclasses
+
+    import torch
+
+    import samkit
+    from samkit.everything.learned import head_metadata, save_head
+    from samkit.labelstudio.backend import Backend
+    from samkit.models.prompt_head import PromptHead
+
+    config = dataclasses.replace(client.app.state.backend.config, prompts="learned")
+    with pytest.raises(InputError, match="trained on vit_t"):
+        Backend(config)
+    torch.manual_seed(0)
+    head = save_head(PromptHead(), tmp_path / "nano_head.safetensors", head_metadata(samkit.load("nano")))
+    backend = Backend(dataclasses.replace(config, prompt_head=str(head)))
+    image, _, _ = _object_prompt("banana1")
+    records = samkit.MaskGenerator(samkit.load("nano"), prompts="learned", prompt_head=head).generate(image)
+    body = {"tasks": [_task("banana1", 3)], "label_config": CONFIG, "params": {}}
+    pred = backend.predict(body)["results"][0]
+    assert len(pred["result"]) == len(records)
+    for r, rec in zip(pred["result"], records, strict=True):
+        assert np.array_equal(protocol.decode_brush(r), rec["segmentation"])
+
+
 def test_bad_requests_get_one_line_errors(client):
     outside = {"id": 9, "data": {"image": "/data/local-files/?d=instances/coco_mini/train/images/x.jpg"}}
     r = _predict(client, outside, [keypoint(50, 50, 10, 10)], status=403)
@@ -449,9 +476,14 @@ def test_cli_builds_the_backend_config(monkeypatch):
         "/a",
         "--allow-root",
         "/b",
+        "--prompts",
+        "learned",
+        "--prompt-head",
+        "head.safetensors",
     ]
     assert main([*argv, "--label-studio-url", "http://ls:8080"]) == 0
     c = seen["config"]
+    assert c.prompts == "learned" and c.prompt_head == "head.safetensors"
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9191)
     assert c.model == "nano" and c.auto and c.allow_roots == ["/a", "/b"]
     assert c.label_studio_url == "http://ls:8080" and c.api_key == "from-env"

@@ -602,6 +602,18 @@ def _build_parser() -> argparse.ArgumentParser:
         default=GeneratorSettings.pred_iou_thresh,
         help="--auto: keep masks above this predicted IoU",
     )
+    p.add_argument(
+        "--prompts",
+        choices=["grid", "learned"],
+        default=GeneratorSettings.prompts,
+        help=f"--auto: {GENERATOR_HELP['prompts']} (default {GeneratorSettings.prompts})",
+    )
+    p.add_argument(
+        "--prompt-head",
+        default=GeneratorSettings.prompt_head,
+        metavar="FILE",
+        help=f"--auto, learned: {GENERATOR_HELP['prompt_head'].split(': ', 1)[1]}",
+    )
     p.add_argument("--auto-label", default=None, help="--auto: BrushLabels label (default: the first)")
     p.add_argument(
         "--label-studio-url",

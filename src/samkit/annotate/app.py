@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import FastAPI, Query
@@ -64,6 +64,7 @@ class StatusBody(BaseModel):
 
 class AutoBody(BaseModel):
     points_per_side: int = 16
+    prompts: Literal["grid", "learned"] = "grid"
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     label: str = "object"
@@ -207,6 +208,7 @@ def create_app(project: Project, access: Access | None = None) -> FastAPI:
             body.stability_score_thresh,
             body.label,
             body.annotator,
+            body.prompts,
         )
         return {"objects": [o.as_json() for o in objs], "seconds": time.perf_counter() - started}
 

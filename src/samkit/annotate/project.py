@@ -227,11 +227,13 @@ class Project:
         stability_score_thresh: float = 0.95,
         label: str = "object",
         annotator: str = "",
+        prompts: str = "grid",
     ) -> list[ObjectRecord]:
         """Stage 2 of the data engine: run the automatic generator and pre-fill its confident masks.
 
         Replaces this image's earlier auto objects; skips masks overlapping a manual or imported object
-        (IoU >= 0.5). Returns the new objects.
+        (IoU >= 0.5). prompts: "grid" (points_per_side^2 points) or "learned" (the shipped prompt head's
+        points, for vit_t: a 32 x 32 grid's masks in about a fifth of its time). Returns the new objects.
         """
         if not 1 <= points_per_side <= 64:
             raise InputError(f"points_per_side must be 1..64, got {points_per_side}")
@@ -251,6 +253,7 @@ class Project:
             pred_iou_thresh=pred_iou_thresh,
             stability_score_thresh=stability_score_thresh,
             output_mode="coco_rle",
+            prompts=prompts,
         )
         # The cached embedding of this image (waiting for it if the background queue has not reached
         # it yet) saves the generator from encoding the image again.

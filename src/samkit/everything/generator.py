@@ -271,7 +271,7 @@ class MaskGenerator:
         self.peaks = peaks
         self.head: PromptHead | None = None
         if prompts == "learned":
-            head = prompt_head if isinstance(prompt_head, PromptHead) else load_head(prompt_head or None)
+            head = prompt_head if isinstance(prompt_head, PromptHead) else load_head(prompt_head)
             check_head(head, model)
             self.head = head.eval().to(model.device)
         elif prompt_head is not None and prompt_head != "":

@@ -138,11 +138,12 @@ def save_head(head: PromptHead, path: str | Path, trained_for: dict[str, str] | 
 
 
 def load_head(path: str | Path | None = None, device: torch.device | str = "cpu") -> PromptHead:
-    """The shipped head (trained on vit_t's embeddings) or one saved at `path` (safetensors); its
+    """The shipped head (trained on vit_t's embeddings; `path` None or "") or one saved at `path`
+    (safetensors); its
     `trained_for` is what the file records of its model (None if nothing)."""
     from safetensors import safe_open
 
-    path = Path(path) if path is not None else HEAD_FILE
+    path = Path(path) if path else HEAD_FILE
     if not path.is_file():
         raise InputError(f"prompt head file not found: {path}")
     try:

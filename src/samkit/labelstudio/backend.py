@@ -38,7 +38,8 @@ class BackendConfig:
 
     model: zoo name or checkpoint path (None: the default model). auto: answer `/predict` calls without
     a prompt with segment-everything masks (pre-labelling). points_per_side / pred_iou_thresh /
-    stability_score_thresh / min_mask_region_area: MaskGenerator options for `auto`. auto_label:
+    stability_score_thresh / min_mask_region_area / prompts / prompt_head: MaskGenerator options for
+    `auto` (with prompts "learned", the head is loaded and checked against the model at start). auto_label:
     the BrushLabels label of automatic masks (default: the config's first). label_studio_url / api_key:
     the server uploads are fetched from (else learnt from `/setup`). document_root: Label Studio's
     LOCAL_FILES_DOCUMENT_ROOT; allow_roots: folders whose files may be read from disk. cache_dir: where
@@ -52,6 +53,8 @@ class BackendConfig:
     pred_iou_thresh: float = DEFAULTS.pred_iou_thresh
     stability_score_thresh: float = DEFAULTS.stability_score_thresh
     min_mask_region_area: int = DEFAULTS.min_mask_region_area
+    prompts: str = DEFAULTS.prompts
+    prompt_head: str = DEFAULTS.prompt_head
     auto_label: str | None = None
     label_studio_url: str | None = None
     api_key: str | None = None
@@ -86,6 +89,8 @@ class Backend:
         self._current: Path | None = None
         self._decoded: tuple[str, np.ndarray] | None = None  # (sha1 of the file, its pixels)
         self._lock = threading.Lock()
+        if config.auto and config.prompts == "learned":
+            self._mask_generator()  # a head that does not suit the model stops the backend at start
 
     # --- requests --------------------------------------------------------------------------------------
 
@@ -187,5 +192,7 @@ class Backend:
                 pred_iou_thresh=c.pred_iou_thresh,
                 stability_score_thresh=c.stability_score_thresh,
                 min_mask_region_area=c.min_mask_region_area,
+                prompts=c.prompts,  # type: ignore[arg-type]
+                prompt_head=c.prompt_head,
             )
         return self._generator

@@ -552,6 +552,7 @@ async function runAuto() {
       method: "POST",
       body: {
         points_per_side: Number($("auto-pps").value),
+        prompts: $("auto-prompts").value,
         pred_iou_thresh: Number($("auto-iou").value),
         stability_score_thresh: Number($("auto-stab").value),
         label: $("label").value.trim() || "object",
@@ -641,7 +642,7 @@ canvas.addEventListener(
 );
 
 document.addEventListener("keydown", (e) => {
-  const typing = e.target instanceof HTMLInputElement;
+  const typing = e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement;
   if (typing) {
     if (e.key === "Escape") e.target.blur();
     return;
@@ -699,6 +700,10 @@ $("undo").addEventListener("click", undo);
 $("zoom-fit").addEventListener("click", fit);
 $("mark-done").addEventListener("click", toggleDone);
 $("auto-run").addEventListener("click", runAuto);
+// the grid size only matters for grid prompts
+$("auto-prompts").addEventListener("change", () => {
+  $("auto-pps").disabled = $("auto-prompts").value === "learned";
+});
 $("annotator").value = localStorage.getItem("samkit.annotator") || "annotator";
 $("annotator").addEventListener("change", () => localStorage.setItem("samkit.annotator", annotator()));
 // Buttons keep no focus, so Enter/Space after a click go to the shortcuts, not to the button.
