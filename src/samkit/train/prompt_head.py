@@ -701,7 +701,11 @@ def _model_card(cfg: dict[str, Any], info: dict[str, Any], teacher_dir: Path, he
         seconds.append(float(d["grid_seconds"]))
     rows = [
         ("head file", f"{head_file.name}, {head_file.stat().st_size / 2**20:.2f} MB"),
-        ("encoder", f"the image embedding of `{cfg['model']}`"),
+        (
+            "encoder",
+            f"the image embedding of `{cfg['model']}` (recorded in the head file; refused for another "
+            "architecture)",
+        ),
         ("teacher", f"grid segment everything, settings {cfg['teacher'].get('settings') or 'default'}"),
         (
             "data",
