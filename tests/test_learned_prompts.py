@@ -712,7 +712,7 @@ def test_damaged_or_foreign_head_files_get_one_line_errors(tmp_path):
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     foreign = tmp_path / "foreign.safetensors"
     save_file({"image_encoder.weight": torch.zeros(2, 2)}, str(foreign))
-    for path, words in ((cut, "not a readable safetensors file"), (foreign, "is not a prompt head file")):
+    for path, words in ((cut, "is corrupt or truncated"), (foreign, "is not a prompt head file")):
         with pytest.raises(CheckpointError, match=words) as err:
             load_head(path)
         assert "\n" not in str(err.value)

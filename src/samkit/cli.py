@@ -17,6 +17,7 @@ from pathlib import Path
 from samkit.errors import SamkitError
 from samkit.everything.settings import GeneratorSettings
 
+PROMPT_HEAD_HELP = "a prompt head file trained for --model (default: the one shipped for vit_t)"
 # One help line per MaskGenerator setting; the defaults come from GeneratorSettings.
 GENERATOR_HELP = {
     "points_per_side": "prompt grid is N x N",
@@ -31,7 +32,7 @@ GENERATOR_HELP = {
     "crop_n_points_downscale_factor": "fewer points per crop layer",
     "min_mask_region_area": "remove holes/islands below this area",
     "prompts": "grid: points_per_side^2 points; learned: a heat-map head's peaks (far fewer)",
-    "prompt_head": "learned: a prompt head file trained for --model (default: the one shipped for vit_t)",
+    "prompt_head": f"learned: {PROMPT_HEAD_HELP}",
 }
 
 # A photo that ships with samkit (scikit-image's coffee.png, CC0, Rachel Michetti), so examples run anywhere.
@@ -519,7 +520,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--prompt-head",
         default=None,
         metavar="FILE",
-        help=f"proposals, learned: {GENERATOR_HELP['prompt_head'].split(': ', 1)[1]}",
+        help=f"proposals, learned: {PROMPT_HEAD_HELP}",
     )
     p.set_defaults(func=_cmd_eval)
 
@@ -549,7 +550,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--prompt-head",
         default=None,
         metavar="FILE",
-        help=f"/everything?prompts=learned: {GENERATOR_HELP['prompt_head'].split(': ', 1)[1]}",
+        help=f"/everything?prompts=learned: {PROMPT_HEAD_HELP}",
     )
     _add_access(p)
     p.set_defaults(func=_cmd_serve)
@@ -612,7 +613,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--prompt-head",
         default=GeneratorSettings.prompt_head,
         metavar="FILE",
-        help=f"--auto, learned: {GENERATOR_HELP['prompt_head'].split(': ', 1)[1]}",
+        help=f"--auto, learned: {PROMPT_HEAD_HELP}",
     )
     p.add_argument("--auto-label", default=None, help="--auto: BrushLabels label (default: the first)")
     p.add_argument(

@@ -139,22 +139,13 @@ def save_head(head: PromptHead, path: str | Path, trained_for: dict[str, str] | 
 
 def load_head(path: str | Path | None = None, device: torch.device | str = "cpu") -> PromptHead:
     """The shipped head (trained on vit_t's embeddings; `path` None or "") or one saved at `path`
-    (safetensors); its
-    `trained_for` is what the file records of its model (None if nothing)."""
-    from safetensors import safe_open
+    (safetensors); its `trained_for` is what the file records of its model (None if nothing)."""
+    from samkit.zoo import read_state_dict
 
     path = Path(path) if path else HEAD_FILE
     if not path.is_file():
         raise InputError(f"prompt head file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a damaged or foreign file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"prompt head file {path} is not a readable safetensors file ({first})"
-        ) from None
+    state, meta = read_state_dict(path)  # a damaged file: CheckpointError, one line
     head = PromptHead(boxes="box_out.weight" in state)  # a head trained without the box branch has none
     try:
         head.load_state_dict(state)
@@ -174,7 +165,7 @@ def check_head(head: PromptHead, model: Any) -> None:
     from samkit.embedding_file import config_id
 
     made = head.trained_for
-    if made is None or made.get("model_config") in ("", None) or made["model_config"] == config_id(model):
+    if not made or not made.get("model_config") or made["model_config"] == config_id(model):
         return
     raise InputError(
         f"the prompt head was trained on {made.get('model') or 'another model'}'s embeddings, not this "

@@ -24,9 +24,8 @@ class GeneratorSettings:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     prompts: Literal["grid", "learned"] = "grid"
-    prompt_head: str = (
-        ""  # learned prompts: a head file trained for the model ("": the one shipped for vit_t)
-    )
+    # learned prompts: a head file trained for the model ("": the one shipped for vit_t)
+    prompt_head: str = ""
 
 
 DEFAULTS = GeneratorSettings()
