@@ -64,6 +64,23 @@ def _train(config: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+def test_train_from_config_loads_the_model_once(tiny_ckpt, photo, tmp_path, monkeypatch):
+    """Teacher, relabelling and box targets share the one model `train_from_config` loads."""
+    from samkit.train.prompt_head import train_from_config
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, arr in enumerate([photo, photo[:, ::-1]]):
+        Image.fromarray(np.ascontiguousarray(arr)).save(folder / f"im{i}.png")
+    config = _config(tmp_path, folder, tiny_ckpt)
+    loads = []
+    real_load = samkit.load
+    monkeypatch.setattr(samkit, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    info = train_from_config(config)
+    assert loads == [(tiny_ckpt,)]
+    assert len(list((tmp_path / "run" / "teacher").glob("*.npz"))) == 2 and info["steps"] == 3
+
+
 def test_samkit_train_prompt_head_config_writes_a_loadable_head_and_card(tiny_ckpt, photo, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -40,10 +40,17 @@ from samkit.everything.learned import (
 from samkit.models.prompt_head import PromptHead
 
 
+def _as_model(model: Any) -> Any:
+    """A `Sam` model as given, or loaded (fp32) from a name or checkpoint path."""
+    import samkit
+
+    return samkit.load(model, dtype="fp32") if isinstance(model, (str, os.PathLike)) else model
+
+
 def make_teacher(
     images: list[Path],
     out_dir: Path,
-    model_name: str = "vit_t",
+    model: Any = "vit_t",
     time_budget_s: float = 1e9,
     settings: dict[str, Any] | None = None,
 ) -> None:
@@ -51,9 +58,9 @@ def make_teacher(
     (x, y original pixels of the kept masks' prompts); grid_iou float32 (n * n,) and grid_match int32
     (n * n,) per point of the teacher's n x n grid (`point_targets`); grid_box float32 (n * n, 4)
     (`box_targets`); original_size, input_size, grid_seconds; model, model_config (the name and architecture
-    id of the model that made it). `settings`: MaskGenerator keyword arguments of the grid teacher (default:
-    its defaults; one crop layer only). Files made before grid_iou was recorded are made again."""
-    import samkit
+    id of the model that made it). `model`: a `Sam` model or a name to load. `settings`: MaskGenerator keyword
+    arguments of the grid teacher (default: its defaults; one crop layer only). Files made before grid_iou
+    was recorded are made again."""
     from samkit.everything.generator import MaskGenerator
     from samkit.everything.learned import head_metadata
     from samkit.everything.settings import DEFAULTS
@@ -61,7 +68,7 @@ def make_teacher(
     from samkit.predictor import Predictor
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = samkit.load(model_name, dtype="fp32")
+    model = _as_model(model)
     made_by = head_metadata(model)
     settings = dict(settings or {})
     nms_thresh = float(settings.pop("box_nms_thresh", DEFAULTS.box_nms_thresh))
@@ -172,19 +179,18 @@ def _recover_kept(
 
 
 def _kept_recovery(
-    model_name: str, settings: dict[str, Any] | None
+    model: Any, settings: dict[str, Any] | None
 ) -> Callable[[dict[str, np.ndarray]], tuple[list[dict[str, Any]], np.ndarray]]:
     """A function from a teacher file's arrays to its kept masks (records, recovered by `_recover_kept`)
     and the teacher grid's points ((P, 2) x, y original pixels). `settings`: the grid teacher's
     MaskGenerator settings, as for `make_teacher`."""
-    import samkit
     from samkit.everything.settings import DEFAULTS
     from samkit.predictor import Predictor
 
     settings = dict(settings or {})
     nms_thresh = float(settings.pop("box_nms_thresh", DEFAULTS.box_nms_thresh))
     n = int(settings.pop("points_per_side", DEFAULTS.points_per_side))
-    model = samkit.load(model_name, dtype="fp32")
+    model = _as_model(model)
     pred = Predictor(model)
 
     def recover(d: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], np.ndarray]:
@@ -200,15 +206,13 @@ def _lacking(files: list[Path], key: str) -> list[Path]:
     return [f for f in files if not f.name.endswith(".tmp.npz") and key not in np.load(f).files]
 
 
-def add_box_targets(
-    files: list[Path], model_name: str = "vit_t", settings: dict[str, Any] | None = None
-) -> None:
+def add_box_targets(files: list[Path], model: Any = "vit_t", settings: dict[str, Any] | None = None) -> None:
     """`grid_box` (`box_targets`) for teacher files made without it, from their kept masks recovered by
     `_recover_kept` (no new grid run); the files keep their order (modification times)."""
     todo = _lacking(files, "grid_box")
     if not todo:
         return
-    recover = _kept_recovery(model_name, settings)
+    recover = _kept_recovery(model, settings)
     for f in todo:
         d = dict(np.load(f))
         if "grid_iou" not in d:
@@ -230,7 +234,7 @@ def _rewrite(f: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def relabel_from_kept(
-    files: list[Path], model_name: str = "vit_t", settings: dict[str, Any] | None = None
+    files: list[Path], model: Any = "vit_t", settings: dict[str, Any] | None = None
 ) -> None:
     """Per-point targets for teacher files that hold only the kept masks' prompt points (made before the
     per-point targets were recorded), without a new grid run: each kept point is decoded again from the
@@ -241,7 +245,7 @@ def relabel_from_kept(
     todo = _lacking(files, "grid_iou")
     if not todo:
         return
-    recover = _kept_recovery(model_name, settings)
+    recover = _kept_recovery(model, settings)
     for f in todo:
         d = dict(np.load(f))
         records, grid = recover(d)
@@ -829,7 +833,8 @@ def train_from_config(
     out_dir = Path(cfg["out"])
     teacher_dir = Path(cfg["teacher"]["dir"] or out_dir / "teacher")
     t = cfg["teacher"]
-    trained_for = head_metadata(samkit.load(cfg["model"], dtype="fp32"))
+    model = samkit.load(cfg["model"], dtype="fp32")  # loaded once, for every step below
+    trained_for = head_metadata(model)
     try:  # a head learns one model's embeddings
         made = teacher_model(sorted(teacher_dir.glob("*.npz")))
     except ValueError as exc:
@@ -840,11 +845,11 @@ def train_from_config(
             f"{trained_for['model']}: give this model a teacher.dir of its own"
         )
     images = training_images(t["folders"], t["per_folder"])
-    relabel_from_kept(sorted(teacher_dir.glob("*.npz")), cfg["model"], t["settings"])  # older teacher files
-    make_teacher(images, teacher_dir, cfg["model"], t["budget_s"] or 1e9, t["settings"])
+    relabel_from_kept(sorted(teacher_dir.glob("*.npz")), model, t["settings"])  # older teacher files
+    make_teacher(images, teacher_dir, model, t["budget_s"] or 1e9, t["settings"])
     f = cfg["fit"]
     if f["box_steps"]:  # teacher files made before the box targets were recorded
-        add_box_targets(sorted(teacher_dir.glob("*.npz")), cfg["model"], t["settings"])
+        add_box_targets(sorted(teacher_dir.glob("*.npz")), model, t["settings"])
     head_file = out_dir / "prompt_head.safetensors"
     try:
         info = fit(
