@@ -90,6 +90,32 @@ def test_bf16_copy_is_made_again_when_a_weight_changes():
     assert torch.equal(after, expected)
 
 
+def test_bf16_copy_is_made_again_when_a_submodule_or_parameter_is_replaced():
+    """Not only in-place changes: a submodule swapped for another (as adapters do) or a parameter object
+    replaced is seen too."""
+    dec = _decoder()
+    dec.inference_dtype = torch.bfloat16
+    x = _inputs()
+    with torch.inference_mode():
+        before, _ = _decode(dec, *x)
+    mlp = dec.output_hypernetworks_mlps[1]
+    swapped = copy.deepcopy(mlp)
+    with torch.no_grad():
+        swapped.layers[0].weight.mul_(-2.0)
+    dec.output_hypernetworks_mlps[1] = swapped
+    with torch.inference_mode():
+        after_swap, _ = _decode(dec, *x)
+    assert not torch.equal(before[:, 1], after_swap[:, 1])
+    dec.output_hypernetworks_mlps[1] = mlp
+    mlp.layers[0].weight = torch.nn.Parameter(mlp.layers[0].weight.detach() * -2.0)
+    fresh = copy.deepcopy(dec)
+    fresh._cast_cache = None
+    with torch.inference_mode():
+        after, _ = _decode(dec, *x)
+        expected, _ = _decode(fresh, *x)
+    assert torch.equal(after, expected) and not torch.equal(before[:, 1], after[:, 1])
+
+
 def test_with_autograd_the_stored_weights_run():
     dec = _decoder()
     x = _inputs()

@@ -837,3 +837,28 @@ def test_split_decodes_the_far_grid_point_inside_a_kept_mask(tiny_model, photo):
     assert {tuple(r["point_coords"][0]) for r in run(capped)} == decoded
     two = {tuple(r["point_coords"][0]) for r in run(dataclasses.replace(capped, split_until=10))} - decoded
     assert len(two) == min(2, len(added)) and two <= added
+
+
+def test_cover_min_iou_leaves_low_scored_masks_to_later_points(tiny_model, photo):
+    """With `cover_min_iou`, only kept masks whose predicted IoU reaches it cover: unreachable, every
+    candidate is decoded in order as without `cover`; at the lowest kept score, the plain covering rule; in
+    between, some points the plain rule skips are decoded."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    peaks = PeakSettings(
+        threshold=0.0, min_points=0, max_points=16, round_points=1, boxes=0, refill=0, cover_max_area=0.3
+    )
+    run = _unfiltered(tiny_model, head, photo)  # every decoded mask, with its score
+
+    def points(p: PeakSettings) -> list:
+        return sorted({tuple(r["point_coords"][0]) for r in run(p)})
+
+    plain = run(peaks)
+    covered = sorted({tuple(r["point_coords"][0]) for r in plain})
+    scores = sorted(r["predicted_iou"] for r in plain)
+    assert points(dataclasses.replace(peaks, cover_min_iou=scores[0] - 1e-3)) == covered
+    uncovered = points(dataclasses.replace(peaks, cover=False))
+    assert uncovered != covered
+    assert points(dataclasses.replace(peaks, cover_min_iou=scores[-1] + 1.0)) == uncovered
+    middle = points(dataclasses.replace(peaks, cover_min_iou=scores[len(scores) // 2]))
+    assert middle != covered

@@ -452,7 +452,16 @@ class MaskGenerator:
                     margin = rule.cover_margin * step
                     limit = _relative_area(areas, rule.cover_rel, max_area)
                     large = rule.cover_hits_max_area * h * w  # a larger mask covers at its first point
-                    rest = (points, upscaler, limit, margin, any_mask, large, rule.cover_hits)
+                    rest = (
+                        points,
+                        upscaler,
+                        limit,
+                        margin,
+                        any_mask,
+                        large,
+                        rule.cover_hits,
+                        rule.cover_min_iou,
+                    )
                     for part, part_areas in zip(found, areas[-len(found) :], strict=True):
                         hits += _covered(part, part_areas, *rest)
                     available &= hits < rule.cover_hits
@@ -761,18 +770,19 @@ def _covered(
     any_mask: bool = False,
     large_area: float = float("inf"),
     large_weight: int = 1,
+    min_iou: float = 0.0,
 ) -> np.ndarray:
     """int64 (K,): for each of `points` (K, 2) (x, y), in how many masks of `part` (one decoded batch, masks
     in `upscaler`'s frame; `areas` their `_part_areas`) it lies: the smallest mask each source point kept
     (`any_mask`: every mask of `part`), where that mask has at most `max_area` pixels, and with the points
     `margin` (x, y) pixels left, right, above and below it inside too. A mask over `large_area` pixels
-    counts `large_weight` times."""
+    counts `large_weight` times; a mask whose predicted IoU is under `min_iou` counts not at all."""
     if not len(part) or not len(points):
         return np.zeros(len(points), dtype=np.int64)
     blocks = _part_blocks(part)
     # every mask, or only the smallest of each point
     which = torch.arange(len(areas)) if any_mask else _smallest_per_point(part, areas)
-    which = which[areas[which] <= max_area]
+    which = which[(areas[which] <= max_area) & (part.iou_preds[which] >= min_iou)]
     if not len(which):
         return np.zeros(len(points), dtype=np.int64)
     # Each point and, with a margin, the four points around it: one lookup, all of them must be inside.

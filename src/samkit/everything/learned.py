@@ -63,6 +63,9 @@ class PeakSettings:
     # A kept mask covers only if its area is also at most this many times the median area of the masks kept
     # so far (0: off): on crowded images a clump's mask then leaves its nuclei to later points.
     cover_rel: float = 0.0
+    # A kept mask covers only if its predicted IoU is at least this (0: any): a low-scored mask is often two
+    # objects, and a point inside it may find one of them alone.
+    cover_min_iou: float = 0.0
     # After the points, up to `boxes` box prompts: the boxes of the decoded points' masks (all three of each
     # point with a mask above pred_iou_thresh, whether they pass the filters or not) that cover at least
     # `box_min_area` of the image and that no mask passing the filters already has (box IoU below

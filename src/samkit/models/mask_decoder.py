@@ -272,7 +272,7 @@ class MaskDecoder(nn.Module):
         dtype = self.inference_dtype
         if dtype is None or torch.is_grad_enabled() or torch.jit.is_tracing():
             return None
-        tensors = [*self.parameters(), *self.buffers()]
+        tensors = _tensors(self)
         if all(t.dtype == dtype for t in tensors):
             return None
         key = (dtype, *((t.data_ptr(), _version(t)) for t in tensors))
@@ -284,6 +284,20 @@ class MaskDecoder(nn.Module):
         low.inference_dtype, low._cast_cache = None, None  # (another thread may have set the cache meanwhile)
         self._cast_cache = (key, low)
         return low
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of `module` and its submodules (a shared one more than once): what
+    `parameters()` and `buffers()` give, read straight from the modules' own dicts, several times faster
+    (`_cast_copy` checks them on every decoder call, and a CPU decodes one prompt per call)."""
+    out: list[torch.Tensor] = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        out.extend(t for t in m._parameters.values() if t is not None)
+        out.extend(t for t in m._buffers.values() if t is not None)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
 
 
 def _version(t: torch.Tensor) -> int:
