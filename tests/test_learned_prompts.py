@@ -302,7 +302,8 @@ def _walk_by_hand(model, head, photo, peaks, kw) -> tuple[list, int]:
         ).generate(photo)
         if one:
             smallest = min(one, key=lambda r: r["area"])
-            if smallest["area"] <= peaks.cover_max_area * h * w:
+            ok = smallest["area"] <= peaks.cover_max_area * h * w
+            if ok and smallest["predicted_iou"] >= peaks.cover_min_iou:
                 covering.append(smallest["segmentation"])
     return decoded, skipped
 
@@ -322,6 +323,7 @@ def test_cover_skips_candidates_inside_a_found_mask(tiny_model, photo, max_area,
         round_points=1,
         cover_max_area=max_area,
         cover_margin=margin,
+        cover_min_iou=0.0,  # the random model scores low: any kept mask covers
         boxes=0,
     )
     h, w = photo.shape[:2]
@@ -362,7 +364,8 @@ def test_without_cover_the_best_candidates_are_decoded(tiny_model, photo):
     torch.manual_seed(3)
     head = PromptHead()
     kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
-    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=10, round_points=4)
+    # the random model scores low: cover_min_iou 0 lets any kept mask cover
+    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=10, round_points=4, cover_min_iou=0.0)
 
     def run(p: PeakSettings) -> list:
         gen = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw)
@@ -725,7 +728,9 @@ def test_cover_rel_lets_later_points_into_masks_larger_than_the_typical_one(tiny
     torch.manual_seed(3)
     head = PromptHead()
     kw = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9, output_mode="coco_rle")
-    peaks = PeakSettings(threshold=0.0, min_points=0, max_points=10, round_points=4, boxes=0, refill=0)
+    peaks = PeakSettings(
+        threshold=0.0, min_points=0, max_points=10, round_points=4, boxes=0, refill=0, cover_min_iou=0.0
+    )
 
     def points(p: PeakSettings) -> list:
         gen = samkit.MaskGenerator(tiny_model, prompts="learned", prompt_head=head, peaks=p, **kw)
@@ -782,7 +787,14 @@ def test_cover_hits_lets_a_second_point_into_small_masks(tiny_model, photo):
     torch.manual_seed(3)
     head = PromptHead()
     peaks = PeakSettings(
-        threshold=0.0, min_points=0, max_points=16, round_points=1, boxes=0, refill=0, cover_max_area=0.3
+        threshold=0.0,
+        min_points=0,
+        max_points=16,
+        round_points=1,
+        boxes=0,
+        refill=0,
+        cover_max_area=0.3,
+        cover_min_iou=0.0,  # the random model scores low: any kept mask covers
     )
     run = _unfiltered(tiny_model, head, photo)
 
@@ -846,7 +858,14 @@ def test_cover_min_iou_leaves_low_scored_masks_to_later_points(tiny_model, photo
     torch.manual_seed(3)
     head = PromptHead()
     peaks = PeakSettings(
-        threshold=0.0, min_points=0, max_points=16, round_points=1, boxes=0, refill=0, cover_max_area=0.3
+        threshold=0.0,
+        min_points=0,
+        max_points=16,
+        round_points=1,
+        boxes=0,
+        refill=0,
+        cover_max_area=0.3,
+        cover_min_iou=0.0,  # the random model scores low: any kept mask covers
     )
     run = _unfiltered(tiny_model, head, photo)  # every decoded mask, with its score
 

@@ -33,7 +33,7 @@ class PeakSettings:
     inside a mask already found are skipped as they come up (see `take_round`)."""
 
     # The grid's own 32 x 32 points, no suppression between neighbours (a kept mask's best point is often
-    # next to another's); 144 points decoded, more only while they keep finding new masks (`yield_after`,
+    # next to another's); 136 points decoded, more only while they keep finding new masks (`yield_after`,
     # below) up to 320, on crowded images up to 64 more (`refill`), then at most 40 boxes: under a fifth of
     # the grid's time. These settings and the threshold were chosen on held-out training-split images (never
     # an evaluation split); the threshold stops early on images the head finds little in, at no loss of
@@ -64,8 +64,8 @@ class PeakSettings:
     # so far (0: off): on crowded images a clump's mask then leaves its nuclei to later points.
     cover_rel: float = 0.0
     # A kept mask covers only if its predicted IoU is at least this (0: any): a low-scored mask is often two
-    # objects, and a point inside it may find one of them alone.
-    cover_min_iou: float = 0.0
+    # objects (two touching nuclei), and a point inside it may find one of them alone.
+    cover_min_iou: float = 0.92
     # After the points, up to `boxes` box prompts: the boxes of the decoded points' masks (all three of each
     # point with a mask above pred_iou_thresh, whether they pass the filters or not) that cover at least
     # `box_min_area` of the image and that no mask passing the filters already has (box IoU below
@@ -78,7 +78,7 @@ class PeakSettings:
     # points decoded found at least `min_yield` new masks per point (masks passing the filters whose box
     # overlaps no box found before by box_nms_thresh or more): dense images go on, the rest stop.
     # `max_points` stays the limit.
-    yield_after: int = 144
+    yield_after: int = 136
     yield_window: int = 16
     min_yield: float = 0.125
     # Dense images (at least `refill_after` new masks once the rounds end): up to `refill` more points (0:
