@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import shlex
 import sys
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--model", default="vit_t")
     parser.add_argument("--limit", type=int, default=10)
+    parser.add_argument(
+        "--skip", type=int, default=0, help="start after this many images (split a set over runs)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--threshold", type=float, default=PEAK_DEFAULTS.threshold, help="peak threshold")
     parser.add_argument("--min-points", type=int, default=PEAK_DEFAULTS.min_points)
@@ -92,7 +96,10 @@ def main() -> None:
     print(run_header("fp32"))
     print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; load average {_load()}")
     print(f"command: {shlex.join(['python', *sys.argv])} (nice {os.nice(0)})")
-    print(f"torch threads {args.threads}; data {args.data}; model {args.model} (fp32); limit {args.limit}")
+    print(
+        f"torch threads {args.threads}; data {args.data}; model {args.model} (fp32); "
+        f"skip {args.skip}; limit {args.limit}"
+    )
     peaks = dataclasses.replace(
         PEAK_DEFAULTS,
         threshold=args.threshold,
@@ -118,7 +125,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     dataset = open_dataset(args.data)
     start = time.perf_counter()
-    for n, item in enumerate(dataset.images()):
+    for n, item in enumerate(itertools.islice(dataset.images(), args.skip, None)):
         if n >= args.limit or (args.budget_s is not None and time.perf_counter() - start > args.budget_s):
             break
         image = load_image(item.image)
