@@ -779,6 +779,20 @@ def test_refill_cover_rel_brings_back_grid_points_the_rounds_skipped(tiny_model,
     assert added & skipped
 
 
+# Candidates decoded one per round, plain points only, each kept mask up to 0.3 of the image covering (the
+# random model scores low, so cover_min_iou 0 lets any kept mask cover): for the rules that change covering.
+_ONE_BY_ONE = PeakSettings(
+    threshold=0.0,
+    min_points=0,
+    max_points=16,
+    round_points=1,
+    boxes=0,
+    refill=0,
+    cover_max_area=0.3,
+    cover_min_iou=0.0,
+)
+
+
 def test_cover_hits_lets_a_second_point_into_small_masks(tiny_model, photo):
     """With `cover_hits` 2 a candidate is skipped only once it lies in the kept masks of two decoded points,
     or in one mask over `cover_hits_max_area` of the image: so a share of 0 (every mask counts as large) is
@@ -786,16 +800,7 @@ def test_cover_hits_lets_a_second_point_into_small_masks(tiny_model, photo):
     and 2 with every mask small decodes points the plain rule skips."""
     torch.manual_seed(3)
     head = PromptHead()
-    peaks = PeakSettings(
-        threshold=0.0,
-        min_points=0,
-        max_points=16,
-        round_points=1,
-        boxes=0,
-        refill=0,
-        cover_max_area=0.3,
-        cover_min_iou=0.0,  # the random model scores low: any kept mask covers
-    )
+    peaks = _ONE_BY_ONE
     run = _unfiltered(tiny_model, head, photo)
 
     def points(p: PeakSettings) -> list:
@@ -857,16 +862,7 @@ def test_cover_min_iou_leaves_low_scored_masks_to_later_points(tiny_model, photo
     between, some points the plain rule skips are decoded."""
     torch.manual_seed(3)
     head = PromptHead()
-    peaks = PeakSettings(
-        threshold=0.0,
-        min_points=0,
-        max_points=16,
-        round_points=1,
-        boxes=0,
-        refill=0,
-        cover_max_area=0.3,
-        cover_min_iou=0.0,  # the random model scores low: any kept mask covers
-    )
+    peaks = _ONE_BY_ONE
     run = _unfiltered(tiny_model, head, photo)  # every decoded mask, with its score
 
     def points(p: PeakSettings) -> list:

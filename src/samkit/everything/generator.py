@@ -452,18 +452,19 @@ class MaskGenerator:
                     margin = rule.cover_margin * step
                     limit = _relative_area(areas, rule.cover_rel, max_area)
                     large = rule.cover_hits_max_area * h * w  # a larger mask covers at its first point
-                    rest = (
-                        points,
-                        upscaler,
-                        limit,
-                        margin,
-                        any_mask,
-                        large,
-                        rule.cover_hits,
-                        rule.cover_min_iou,
-                    )
                     for part, part_areas in zip(found, areas[-len(found) :], strict=True):
-                        hits += _covered(part, part_areas, *rest)
+                        hits += _covered(
+                            part,
+                            part_areas,
+                            points,
+                            upscaler,
+                            limit,
+                            margin,
+                            any_mask,
+                            large_area=large,
+                            large_weight=rule.cover_hits,
+                            min_iou=rule.cover_min_iou,
+                        )
                     available &= hits < rule.cover_hits
             return np.concatenate(taken)
 
