@@ -53,3 +53,41 @@ def test_mbconv_bands_equal_the_whole_map():
         with torch.no_grad():
             banded = block(x.bfloat16())
     torch.testing.assert_close(banded.float(), whole.float(), atol=0, rtol=0)
+
+
+def test_attention_stage_chunks_equal_the_whole_map(monkeypatch):
+    """At inference on a CPU an attention stage runs its window attention a few windows at a time and its
+    MLP a chunk of tokens at a time: the same numbers as the whole map (a resolution that pads the windows
+    and leaves short last chunks), in fp32 and under bf16."""
+    from samkit.models import tiny_vit
+
+    torch.manual_seed(0)
+    block = tiny_vit.TinyViTBlock(32, resolution=23, num_heads=2, window=7, mlp_ratio=4.0).eval()
+    x = torch.randn(1, 23 * 23, 32)
+    monkeypatch.setattr(tiny_vit, "_TOKEN_CHUNK", 100)  # 2 windows (49 tokens each) and 100 tokens a chunk
+    monkeypatch.setattr(block.attn, "forward", _counting(block.attn.forward, seen := []))
+    monkeypatch.setattr(block.mlp, "forward", _counting(block.mlp.forward, mlp_seen := [], dim=1))
+    with torch.enable_grad():
+        whole = block(x).detach()  # the autograd path runs the whole map at once
+    assert seen == [16] and mlp_seen == [529]  # all 16 padded windows (28 x 28), all 23 x 23 tokens
+    seen.clear(), mlp_seen.clear()
+    with torch.no_grad():
+        chunked = block(x)
+    assert seen == [2] * 8 and mlp_seen == [100] * 5 + [29]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.enable_grad():
+            whole = block(x).detach()
+        with torch.no_grad():
+            chunked = block(x)
+    torch.testing.assert_close(chunked.float(), whole.float(), atol=1e-2, rtol=1e-2)
+
+
+def _counting(forward, seen: list[int], dim: int = 0):
+    """`forward`, recording the size of dimension `dim` of each input in `seen`."""
+
+    def wrapped(y):
+        seen.append(y.shape[dim])
+        return forward(y)
+
+    return wrapped

@@ -18,6 +18,9 @@ from samkit.models.common import LayerNorm2d, version_key
 
 # Rows of a stage-0 map an MBConv block processes at once at inference (of 256 for a 1024 input).
 _MBCONV_BAND_ROWS = 32
+# Tokens an attention stage's window attention and MLP process at once at inference on a CPU: their
+# intermediates (qkv, scores, the 4x MLP hidden) then stay in cache instead of passing through memory.
+_TOKEN_CHUNK = 1024
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +30,11 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     and a fresh buffer that size costs more in page faults than the GELU itself.
     """
     return torch.ops.aten.gelu_(x) if not torch.is_grad_enabled() else F.gelu(x)
+
+
+def _fast_path(x: torch.Tensor, training: bool) -> bool:
+    """True for CPU inference (eval mode, no autograd): where the banded / chunked forms run."""
+    return not training and not torch.is_grad_enabled() and cpu_tuned(x)
 
 
 class Conv2dBN(nn.Sequential):
@@ -91,7 +99,7 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[-2]
-        if self.training or torch.is_grad_enabled() or h <= _MBCONV_BAND_ROWS or not cpu_tuned(x):
+        if h <= _MBCONV_BAND_ROWS or not _fast_path(x, self.training):
             y = _gelu(self.conv1(x))
             y = _gelu(self.conv2(y))
             return _gelu(self.conv3(y) + x)
@@ -216,7 +224,7 @@ class TinyViTBlock(nn.Module):
         b, n, c = x.shape
         ws = self.window
         if h == ws and w == ws:
-            y = self.attn(x)
+            y = self._windows(x)
         else:
             y = x.view(b, h, w, c)
             pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
@@ -225,12 +233,29 @@ class TinyViTBlock(nn.Module):
             hp, wp = h + pad_b, w + pad_r
             nh, nw = hp // ws, wp // ws
             y = y.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-            y = self.attn(y)
+            y = self._windows(y)
             y = y.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
             y = y[:, :h, :w].reshape(b, n, c)
         x = x + y
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
-        return x + self.mlp(x)
+        if not _fast_path(x, self.training) or n <= _TOKEN_CHUNK:
+            return x + self.mlp(x)
+        # Inference: the MLP (with its residual) a chunk of tokens at a time; same result.
+        out = torch.empty_like(x)
+        for i in range(0, n, _TOKEN_CHUNK):
+            part = x[:, i : i + _TOKEN_CHUNK]
+            torch.add(part, self.mlp(part), out=out[:, i : i + _TOKEN_CHUNK])
+        return out
+
+    def _windows(self, y: torch.Tensor) -> torch.Tensor:
+        """The window attention on (windows, ws * ws, C); at inference a few windows at a time."""
+        step = max(1, _TOKEN_CHUNK // y.shape[1])
+        if not _fast_path(y, self.training) or y.shape[0] <= step:
+            return self.attn(y)
+        out = torch.empty_like(y)
+        for i in range(0, y.shape[0], step):
+            out[i : i + step] = self.attn(y[i : i + step])
+        return out
 
 
 class BasicLayer(nn.Module):
