@@ -150,7 +150,7 @@ def main() -> None:
         t = float(np.mean(seconds[m]))
         masks = float(np.mean([r["n_proposals"] for r in results[m]]))
         print(
-            f"{m:8} {100 * s['AR@100']:7.1f} {100 * s['AR@1000']:8.1f} {masks:9.1f} {t:7.2f} {t / base:10.2f}"
+            f"{m:8} {100 * s['AR@100']:7.1f} {100 * s['AR@1000']:8.1f} {masks:9.1f} {t:7.2f} {t / base:10.3f}"
         )
     print(f"images {len(seconds['grid'])}, objects {P.summarize_proposals(results['grid'])['n_objects']}")
     print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; load average {_load()}")

@@ -8,7 +8,8 @@ for every variant, is left out), with one torch thread. Per image it prints each
 images where each variant trails the grid most (recall is pooled over objects: a few images can hold a gap).
 
 The images are those the shipped head never saw: the split's images less the first --seen (46) in name
-order, which the teacher ran on (`configs/prompt_head.yaml`, teacher.per_folder); --every takes every Nth.
+order, which the teacher ran on (`configs/prompt_head.yaml`, teacher.per_folder); --every takes every Nth,
+from the --offset-th on (two offsets give two disjoint sets: one to choose on, one to check).
 With --trained-on CONFIG, a chosen image that CONFIG's teacher also used (e.g. a listed one) is refused;
 with --drop-trained too, such images are left out before --every and --limit instead (e.g. every 10th of
 dsb2018/train's unseen images, 46: a sample of all densities).
@@ -57,10 +58,12 @@ def unseen_items(
     every: int = 1,
     limit: int | None = None,
     drop: frozenset[Path] = frozenset(),
+    offset: int = 0,
 ) -> tuple[list, int]:
     """The images of the TRAINING split `data` (exits on an evaluation split) less its first `seen` in name
     order (the teacher's) and less those in `drop` (resolved paths), in name order or with `densest` most
-    annotated objects first (a stable sort keeps name order among equals), every `every`th, at most `limit`;
+    annotated objects first (a stable sort keeps name order among equals), every `every`th from the `offset`th,
+    at most `limit`;
     and how many such unseen images there are."""
     from samkit.eval.datasets import open_dataset
     from samkit.train.prompt_head import training_images
@@ -79,7 +82,7 @@ def unseen_items(
     )
     if densest:
         items = sorted(items, key=lambda it: -len(it.masks))
-    return items[::every][:limit], len(items)
+    return items[offset::every][:limit], len(items)
 
 
 def teacher_images(config: str) -> frozenset[Path]:
@@ -132,6 +135,7 @@ def main() -> None:
         "--seen", type=int, default=46, help="the head's teacher ran on the first N in name order"
     )
     parser.add_argument("--every", type=int, default=1, help="every Nth of the unseen images")
+    parser.add_argument("--offset", type=int, default=0, help="with --every: start at this unseen image")
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument(
         "--densest", action="store_true", help="take the unseen images with the most objects (before --every)"
@@ -151,7 +155,9 @@ def main() -> None:
     # a head trained on more than the first --seen images must not be scored on those
     used = teacher_images(args.trained_on) if args.trained_on else frozenset()
     drop = used if args.drop_trained else frozenset()
-    items, n_unseen = unseen_items(args.data, args.seen, args.densest, args.every, args.limit, drop)
+    items, n_unseen = unseen_items(
+        args.data, args.seen, args.densest, args.every, args.limit, drop, args.offset
+    )
     torch.set_num_threads(1)
     variants = _variants(args.variant)
 

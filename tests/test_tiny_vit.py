@@ -91,3 +91,19 @@ def _counting(forward, seen: list[int], dim: int = 0):
         return forward(y)
 
     return wrapped
+
+
+def test_traced_graph_keeps_whole_map_ops(monkeypatch):
+    """While torch.export traces the encoder (the ONNX export's exporter) the chunked forms stay off: the
+    graph holds one window attention and one MLP per block, not a loop unrolled over chunks."""
+    from samkit.models import tiny_vit
+
+    torch.manual_seed(0)
+    block = tiny_vit.TinyViTBlock(32, resolution=23, num_heads=2, window=7, mlp_ratio=4.0).eval()
+    monkeypatch.setattr(tiny_vit, "_TOKEN_CHUNK", 100)
+    monkeypatch.setattr(block.attn, "forward", _counting(block.attn.forward, seen := []))
+    x = torch.randn(1, 23 * 23, 32)
+    with torch.no_grad():
+        program = torch.export.export(block, (x,))
+    assert seen == [16]
+    torch.testing.assert_close(program.module()(x), block(x), atol=1e-5, rtol=1e-5)

@@ -33,8 +33,12 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_path(x: torch.Tensor, training: bool) -> bool:
-    """True for CPU inference (eval mode, no autograd): where the banded / chunked forms run."""
-    return not training and not torch.is_grad_enabled() and cpu_tuned(x)
+    """True for CPU inference (eval mode, no autograd), not while an exporter or compiler traces the
+    model: where the banded / chunked forms run (a traced graph keeps whole-map ops, which its runtime
+    schedules its own way)."""
+    if training or torch.is_grad_enabled() or not cpu_tuned(x):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 class Conv2dBN(nn.Sequential):
