@@ -57,8 +57,9 @@ def test_mbconv_bands_equal_the_whole_map():
 
 def test_attention_stage_chunks_equal_the_whole_map(monkeypatch):
     """At inference on a CPU an attention stage runs its window attention a few windows at a time and its
-    MLP a chunk of tokens at a time: the same numbers as the whole map (a resolution that pads the windows
-    and leaves short last chunks), in fp32 and under bf16."""
+    MLP a chunk of tokens at a time in fp32: the same numbers as the whole map (a resolution that pads the
+    windows and leaves short last chunks). Under bf16 autocast (where chunks are no faster) the whole map
+    runs at once."""
     from samkit.models import tiny_vit
 
     torch.manual_seed(0)
@@ -75,12 +76,10 @@ def test_attention_stage_chunks_equal_the_whole_map(monkeypatch):
         chunked = block(x)
     assert seen == [2] * 8 and mlp_seen == [100] * 5 + [29]
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.enable_grad():
-            whole = block(x).detach()
-        with torch.no_grad():
-            chunked = block(x)
-    torch.testing.assert_close(chunked.float(), whole.float(), atol=1e-2, rtol=1e-2)
+    seen.clear(), mlp_seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        block(x)
+    assert seen == [16] and mlp_seen == [529]
 
 
 def _counting(forward, seen: list[int], dim: int = 0):
