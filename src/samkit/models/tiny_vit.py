@@ -49,6 +49,29 @@ def _chunked(x: torch.Tensor, training: bool) -> bool:
     return fp32 and _fast_path(x, training)
 
 
+def _in_chunks(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    dim: int,
+    size: int,
+    chunked: bool,
+    residual: bool = False,
+) -> torch.Tensor:
+    """`fn(x)` (plus `x` with `residual`) for a shape-keeping `fn` that treats the entries along `dim`
+    independently; with `chunked`, `size` entries at a time into one output (the same numbers; the residual
+    is added straight into it)."""
+    if not chunked or x.shape[dim] <= size:
+        return x + fn(x) if residual else fn(x)
+    out = torch.empty_like(x)
+    for i in range(0, x.shape[dim], size):
+        part = (slice(None),) * dim + (slice(i, i + size),)
+        if residual:
+            torch.add(x[part], fn(x[part]), out=out[part])
+        else:
+            out[part] = fn(x[part])
+    return out
+
+
 class Conv2dBN(nn.Sequential):
     """Conv (no bias) followed by BatchNorm; child names `c` and `bn` as in the official checkpoints.
 
@@ -250,24 +273,13 @@ class TinyViTBlock(nn.Module):
             y = y[:, :h, :w].reshape(b, n, c)
         x = x + y
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
-        if n <= _TOKEN_CHUNK or not _chunked(x, self.training):
-            return x + self.mlp(x)
-        # Inference: the MLP (with its residual) a chunk of tokens at a time; same result.
-        out = torch.empty_like(x)
-        for i in range(0, n, _TOKEN_CHUNK):
-            part = x[:, i : i + _TOKEN_CHUNK]
-            torch.add(part, self.mlp(part), out=out[:, i : i + _TOKEN_CHUNK])
-        return out
+        # The MLP with its residual; at inference a chunk of tokens at a time (same result).
+        return _in_chunks(self.mlp, x, 1, _TOKEN_CHUNK, _chunked(x, self.training), residual=True)
 
     def _windows(self, y: torch.Tensor) -> torch.Tensor:
         """The window attention on (windows, ws * ws, C); at inference a few windows at a time."""
         step = max(1, _TOKEN_CHUNK // y.shape[1])
-        if y.shape[0] <= step or not _chunked(y, self.training):
-            return self.attn(y)
-        out = torch.empty_like(y)
-        for i in range(0, y.shape[0], step):
-            out[i : i + step] = self.attn(y[i : i + step])
-        return out
+        return _in_chunks(self.attn, y, 0, step, _chunked(y, self.training))
 
 
 class BasicLayer(nn.Module):
