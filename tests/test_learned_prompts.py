@@ -26,6 +26,7 @@ from samkit.everything.learned import (
     learned_candidates,
     learned_points,
     load_head,
+    parse_peaks,
     pick_grid_points,
     pick_peaks,
     point_boxes,
@@ -608,6 +609,23 @@ def test_learned_mode_rejects_unknown_prompt_source(tiny_model):
         samkit.MaskGenerator(tiny_model, prompts="boxes")
 
 
+def test_peaks_text_sets_fields_by_their_types():
+    """`parse_peaks` (`--peaks`, or `MaskGenerator(peaks="...")`): each value takes its field's type; an unknown
+    key, a missing value or a value of the wrong type is refused with the field named."""
+    assert parse_peaks("") == PeakSettings()
+    peaks = parse_peaks("cover_max_area=0.1, yield_after=128,cover=off")
+    assert peaks == dataclasses.replace(PeakSettings(), cover_max_area=0.1, yield_after=128, cover=False)
+    assert isinstance(peaks.yield_after, int) and isinstance(peaks.cover_max_area, float)
+    for text, match in [
+        ("max_point=4", "KEY=VALUE pairs of threshold"),
+        ("cover_max_area", "'cover_max_area'"),
+        ("yield_after=1.5", "yield_after needs int"),
+        ("cover=maybe", "cover needs bool"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            parse_peaks(text)
+
+
 def test_shipped_head_loads_and_is_small():
     assert HEAD_FILE.stat().st_size <= 5 * 2**20
     head = load_head()
@@ -652,6 +670,14 @@ def test_cli_everything_with_learned_prompts(tiny_ckpt, photo, tmp_path):
     data = read_sa1b(next(out.glob("*.json")))
     # far fewer prompts than the 32 x 32 grid: at most max_points peaks x 3 masks each
     assert 0 < len(data["annotations"]) <= 3 * PeakSettings().max_points
+    # --peaks sets PeakSettings fields: at most 4 points and no boxes give at most 4 x 3 masks
+    few = [*learned, "--peaks", "min_points=4,max_points=4,boxes=0,head_boxes=0", "--overwrite"]
+    run = subprocess.run(few, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert 0 < len(read_sa1b(next(out.glob("*.json")))["annotations"]) <= 12
+    bad = subprocess.run([*learned, "--peaks", "max_point=4"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "KEY=VALUE pairs of" in bad.stderr and "'max_point=4'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
     bad = subprocess.run([*cmd, "--prompts", "boxes"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
     missing = [*cmd, "--prompts", "learned", "--prompt-head", str(tmp_path / "none.safetensors")]

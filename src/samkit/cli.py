@@ -33,6 +33,8 @@ GENERATOR_HELP = {
     "min_mask_region_area": "remove holes/islands below this area",
     "prompts": "grid: points_per_side^2 points; learned: a heat-map head's peaks (far fewer)",
     "prompt_head": f"learned: {PROMPT_HEAD_HELP}",
+    "peaks": "learned: which peaks are decoded, PeakSettings fields as KEY=VALUE,... "
+    "(e.g. cover_max_area=0.1,yield_after=128 for labels of parts)",
 }
 
 # A photo that ships with samkit (scikit-image's coffee.png, CC0, Rachel Michetti), so examples run anywhere.
@@ -321,6 +323,9 @@ def _cmd_everything(args: argparse.Namespace) -> None:
 
     images = list_images(args.input)
     options = {name: getattr(args, name) for name in GENERATOR_HELP}
+    from samkit.everything.learned import parse_peaks
+
+    parse_peaks(options["peaks"])  # a bad --peaks stops here, before any model loads or worker starts
     if options["prompt_head"]:  # the workers (Ray's too) get it as an absolute path
         head = Path(options["prompt_head"]).resolve()
         if not head.is_file():

@@ -27,7 +27,6 @@ from samkit.everything.cleanup import clean_mask
 from samkit.everything.grids import Crop, crop_boxes, layer_point_grids
 from samkit.everything.learned import (
     CELL,
-    PEAK_DEFAULTS,
     PeakSettings,
     between_candidates,
     check_head,
@@ -35,6 +34,7 @@ from samkit.everything.learned import (
     head_extents,
     head_logits,
     load_head,
+    parse_peaks,
     point_boxes,
     take_round,
 )
@@ -192,13 +192,14 @@ class MaskGenerator:
     than this many pixels are removed and duplicates re-suppressed. output_mode: "binary_mask" (bool
     (H, W) arrays), "uncompressed_rle" or "coco_rle" (pycocotools, JSON-ready).
     prompts: "grid" (the point grids above) or "learned": the points a `PromptHead` scores highest on each
-    crop's embedding (by default 64-144 of the grid's own points instead of all n * n, up to 320 while
+    crop's embedding (by default 64-136 of the grid's own points instead of all n * n, up to 320 while
     they keep finding new masks, on crowded images up to 64 more between them, then up to 64 of the head's
     own boxes where they agree with the masks found, and up to 40 box prompts from the points' masks; see
     `PeakSettings`). prompt_head: the head for "learned", a `PromptHead` or a
     safetensors path; "" (or None) loads the one shipped with samkit (trained on vit_t embeddings). A head
     file that records another architecture than `model`'s is refused (`check_head`). peaks: how
-    the heat map's peaks become prompts (`PeakSettings`).
+    the heat map's peaks become prompts (`PeakSettings`, or its fields as "KEY=VALUE,..." text, read by
+    `parse_peaks`).
     threads: on a CPU, batches of prompts decoded at once, each in its own Python thread whose torch ops
     run on one thread (the decoder's many small ops keep the cores busier that way than one batch split
     over the cores op by op); None: as many as the calling thread's torch thread count; 1: one batch
@@ -224,7 +225,7 @@ class MaskGenerator:
         output_mode: OutputMode = "binary_mask",
         prompts: PromptSource = DEFAULTS.prompts,
         prompt_head: PromptHead | str | Path | None = DEFAULTS.prompt_head,
-        peaks: PeakSettings = PEAK_DEFAULTS,
+        peaks: PeakSettings | str = DEFAULTS.peaks,
         threads: int | None = None,
     ) -> None:
         if prompts not in ("grid", "learned"):
@@ -268,7 +269,7 @@ class MaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.prompts = prompts
-        self.peaks = peaks
+        self.peaks = parse_peaks(peaks) if isinstance(peaks, str) else peaks
         self.head: PromptHead | None = None
         if prompts == "learned":
             head = prompt_head if isinstance(prompt_head, PromptHead) else load_head(prompt_head)

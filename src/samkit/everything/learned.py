@@ -7,6 +7,7 @@ Points are returned as (x, y) in original-image pixels, the frame MaskGenerator'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,28 @@ class PeakSettings:
 
 
 PEAK_DEFAULTS = PeakSettings()
+
+
+def parse_peaks(text: str) -> PeakSettings:
+    """`PeakSettings` from "KEY=VALUE,KEY=VALUE" (the CLI's `--peaks`; "" gives the defaults), each value
+    converted to its field's type; an unknown key or a bad value raises InputError in one line."""
+    fields = {f.name: type(getattr(PEAK_DEFAULTS, f.name)) for f in dataclasses.fields(PeakSettings)}
+    changes: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = (t.strip() for t in pair.partition("="))
+        if not sep or key not in fields:
+            raise InputError(f"peaks takes KEY=VALUE pairs of {', '.join(fields)}; got {pair!r}")
+        kind = fields[key]
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "on", "off"):
+                    raise ValueError(value)
+                changes[key] = value.lower() in ("true", "1", "on")
+            else:
+                changes[key] = kind(value)
+        except ValueError:
+            raise InputError(f"peaks: {key} needs {kind.__name__}, got {value!r}") from None
+    return dataclasses.replace(PEAK_DEFAULTS, **changes)
 
 
 HEAD_FORMAT = "samkit-prompt-head"  # a head file's `format` metadata

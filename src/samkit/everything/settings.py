@@ -26,6 +26,8 @@ class GeneratorSettings:
     prompts: Literal["grid", "learned"] = "grid"
     # learned prompts: a head file trained for the model ("": the one shipped for vit_t)
     prompt_head: str = ""
+    # learned prompts: PeakSettings fields as "KEY=VALUE,KEY=VALUE" ("": the defaults)
+    peaks: str = ""
 
 
 DEFAULTS = GeneratorSettings()
