@@ -699,6 +699,13 @@ def test_eval_proposals_with_learned_prompts(tmp_path):
     assert report["meta"]["settings"]["prompts"] == "learned"
     assert report["meta"]["settings"]["prompt_head"] == head
     assert report["items"][0]["n_proposals"] > 0
+    few = "min_points=2,max_points=2,boxes=0,head_boxes=0,refill=0"
+    report = run_eval("proposals", data, model, prompt_head=head, peaks=few, **kw)
+    assert report["meta"]["settings"]["peaks"] == few and 0 < report["items"][0]["n_proposals"] <= 6
+    with pytest.raises(InputError, match="max_point=2"):
+        run_eval("proposals", data, model, prompt_head=head, peaks="max_point=2", **kw)
+    with pytest.raises(ProtocolError, match="--peaks is for the proposals protocol"):
+        run_eval("proposals", data, model, progress=False, peaks=few)
     with pytest.raises(InputError, match="trained on vit_t"):  # the shipped head, for another model
         run_eval("proposals", data, model, **kw)
     with pytest.raises(ProtocolError, match="--prompts learned"):

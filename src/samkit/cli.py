@@ -292,6 +292,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         pred_iou_thresh=args.pred_iou_thresh,
         prompts=args.prompts,
         prompt_head=args.prompt_head,
+        peaks=args.peaks,
     )
     print(format_table(report))
     if args.out:
@@ -526,6 +527,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help=f"proposals, learned: {PROMPT_HEAD_HELP}",
+    )
+    p.add_argument(
+        "--peaks", default="", metavar="KEY=VALUE,...", help=f"proposals, {GENERATOR_HELP['peaks']}"
     )
     p.set_defaults(func=_cmd_eval)
 

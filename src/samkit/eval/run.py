@@ -73,6 +73,7 @@ def _proposer(
     pred_iou_thresh: float | None = None,
     prompts: str = "grid",
     prompt_head: str | Path | None = None,
+    peaks: str = "",
 ):
     """propose(item) -> (masks, scores): samkit's MaskGenerator for SAM models, else grid prompts + NMS."""
     from samkit.everything import MaskGenerator
@@ -84,7 +85,7 @@ def _proposer(
         kwargs: dict[str, Any] = {} if points_per_side is None else {"points_per_side": points_per_side}
         if pred_iou_thresh is not None:
             kwargs["pred_iou_thresh"] = pred_iou_thresh
-        generator = MaskGenerator(sam, prompts=prompts, prompt_head=prompt_head, **kwargs)
+        generator = MaskGenerator(sam, prompts=prompts, prompt_head=prompt_head, peaks=peaks, **kwargs)
 
         def propose(item: ImageItem) -> tuple[list[np.ndarray], np.ndarray]:
             image = load_image(item.image)
@@ -125,6 +126,7 @@ def run_eval(
     pred_iou_thresh: float | None = None,
     prompts: str = "grid",
     prompt_head: str | Path | None = None,
+    peaks: str = "",
 ) -> dict[str, Any]:
     """Run `protocol` on the first `limit` items of `data` with `model`; return (and write) the report.
 
@@ -139,7 +141,8 @@ def run_eval(
     predicted-IoU filter (default 0.88); a fine-tuned IoU head may score every mask below it, and 0
     keeps the ranking but drops the filter. prompts: proposals only, MaskGenerator's prompt source
     ("grid" or "learned"); prompt_head: with "learned", a head file trained for `model` (default: the one
-    shipped for vit_t). Returns {"meta", "summary", "items"}.
+    shipped for vit_t); peaks: with "learned", `PeakSettings` fields as "KEY=VALUE,..." (`parse_peaks`).
+    Returns {"meta", "summary", "items"}.
     """
     if protocol not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -168,8 +171,10 @@ def run_eval(
     counts = []
     if prompt_head is not None and (protocol != "proposals" or prompts != "learned"):
         raise ProtocolError("--prompt-head is for the proposals protocol with --prompts learned")
+    if peaks and (protocol != "proposals" or prompts != "learned"):
+        raise ProtocolError("--peaks is for the proposals protocol with --prompts learned")
     propose = (
-        _proposer(predictor, points_per_side, pred_iou_thresh, prompts, prompt_head)
+        _proposer(predictor, points_per_side, pred_iou_thresh, prompts, prompt_head, peaks)
         if protocol == "proposals"
         else None
     )
@@ -229,6 +234,8 @@ def run_eval(
         settings["prompts"] = prompts
         if prompt_head is not None:
             settings["prompt_head"] = str(prompt_head)
+        if peaks:
+            settings["peaks"] = peaks
     if protocol == "edges":
         settings["thresholds"] = thresholds
     if isinstance(predictor, CachedPredictor):
