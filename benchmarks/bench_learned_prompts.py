@@ -7,6 +7,10 @@ here, never tuned on), both modes run `MaskGenerator.generate()` on the same ima
 
     OMP_NUM_THREADS=1 python benchmarks/bench_learned_prompts.py --limit 10 --threads 1
     OMP_NUM_THREADS=1 python benchmarks/bench_learned_prompts.py --limit 10 --threads 1 --threshold 0.05 --min-points 64
+    OMP_NUM_THREADS=1 python benchmarks/bench_learned_prompts.py --limit 10 --threads 1 --also parts:cover_max_area=0.1
+
+`--also NAME:KEY=VALUE,...` adds a learned run with other settings on every image of the same run (the learned
+runs take turns going first), so two settings' times compare without the host's drift between runs.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def main() -> None:
     import samkit
     from samkit.eval import protocols as P
     from samkit.eval.datasets import open_dataset
-    from samkit.everything.learned import PEAK_DEFAULTS
+    from samkit.everything.learned import PEAK_DEFAULTS, parse_peaks
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.train.config import parse_override
@@ -91,6 +95,14 @@ def main() -> None:
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new image after this long")
     parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="one more learned run per image with these PeakSettings changes (e.g. parts:cover_max_area=0.1), "
+        "timed in the same run (repeatable)",
+    )
+    parser.add_argument(
         "--modes",
         default="grid,learned",
         help="comma-separated modes to run (time ratios need grid in the same run)",
@@ -128,6 +140,16 @@ def main() -> None:
     if not modes or set(modes) - {"grid", "learned"}:
         parser.error("--modes takes grid, learned or both")
     gens = {m: samkit.MaskGenerator(model, prompts=m, peaks=peaks, prompt_head=args.head) for m in modes}
+    for spec in args.also:
+        name, _, changes = spec.partition(":")
+        if not name or name in gens:
+            parser.error(f"--also needs a new NAME:KEY=VALUE,..., got {spec!r}")
+        parsed = parse_peaks(changes)  # the named fields, read by type, applied over this run's peaks
+        keys = [pair.partition("=")[0].strip() for pair in changes.split(",") if pair.strip()]
+        extra = dataclasses.replace(peaks, **{k: getattr(parsed, k) for k in keys})
+        print(f"{name} peaks: {extra}")
+        gens[name] = samkit.MaskGenerator(model, prompts="learned", peaks=extra, prompt_head=args.head)
+    modes = tuple(gens)
     results: dict[str, list] = {m: [] for m in modes}
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     dataset = open_dataset(args.data)
@@ -136,7 +158,9 @@ def main() -> None:
         if n >= args.limit or (args.budget_s is not None and time.perf_counter() - start > args.budget_s):
             break
         image = load_image(item.image)
-        for m in modes:
+        learned_runs = [m for m in modes if m != "grid"]
+        order = [m for m in modes if m == "grid"] + (learned_runs if n % 2 == 0 else learned_runs[::-1])
+        for m in order:  # the learned runs take turns going first
             t0 = time.perf_counter()
             records = gens[m].generate(image)
             seconds[m].append(time.perf_counter() - t0)
