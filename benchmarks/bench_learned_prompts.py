@@ -144,12 +144,11 @@ def main() -> None:
         name, _, changes = spec.partition(":")
         if not name or name in gens:
             parser.error(f"--also needs a new NAME:KEY=VALUE,..., got {spec!r}")
-        parsed = parse_peaks(changes)  # the named fields, read by type, applied over this run's peaks
-        keys = [pair.partition("=")[0].strip() for pair in changes.split(",") if pair.strip()]
-        extra = dataclasses.replace(peaks, **{k: getattr(parsed, k) for k in keys})
+        extra = parse_peaks(changes, peaks)  # the named fields over this run's peaks
         print(f"{name} peaks: {extra}")
         gens[name] = samkit.MaskGenerator(model, prompts="learned", peaks=extra, prompt_head=args.head)
     modes = tuple(gens)
+    learned_runs = [m for m in modes if m != "grid"]
     results: dict[str, list] = {m: [] for m in modes}
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     dataset = open_dataset(args.data)
@@ -158,7 +157,6 @@ def main() -> None:
         if n >= args.limit or (args.budget_s is not None and time.perf_counter() - start > args.budget_s):
             break
         image = load_image(item.image)
-        learned_runs = [m for m in modes if m != "grid"]
         order = [m for m in modes if m == "grid"] + (learned_runs if n % 2 == 0 else learned_runs[::-1])
         for m in order:  # the learned runs take turns going first
             t0 = time.perf_counter()

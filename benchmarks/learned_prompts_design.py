@@ -186,14 +186,12 @@ def main() -> None:
         size = (image.shape[0], image.shape[1])
         cached = grid_cache_file(args.cache, args.data, it)
         pred = Predictor(model)
-        grid = None
         if cached.exists():
             grid = pickle.loads(cached.read_bytes())
             pred.set_embedding(grid["features"], size)
-        elif args.no_grid:
-            pred.set_image(image)
         else:
             pred.set_image(image)
+        if not cached.exists() and not args.no_grid:
             t0 = time.perf_counter()
             records = grid_gen.generate(image, embedded=pred)
             grid = {

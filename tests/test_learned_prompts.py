@@ -616,6 +616,7 @@ def test_peaks_text_sets_fields_by_their_types():
     peaks = parse_peaks("cover_max_area=0.1, yield_after=128,cover=off")
     assert peaks == dataclasses.replace(PeakSettings(), cover_max_area=0.1, yield_after=128, cover=False)
     assert isinstance(peaks.yield_after, int) and isinstance(peaks.cover_max_area, float)
+    assert parse_peaks("boxes=8", peaks) == dataclasses.replace(peaks, boxes=8)  # over other settings
     for text, match in [
         ("max_point=4", "KEY=VALUE pairs of threshold"),
         ("cover_max_area", "'cover_max_area'"),

@@ -321,11 +321,10 @@ def _cmd_everything(args: argparse.Namespace) -> None:
     from samkit.devices import resolve_device
     from samkit.engine.inputs import list_images
     from samkit.engine.local import run_local
+    from samkit.everything.learned import parse_peaks
 
     images = list_images(args.input)
     options = {name: getattr(args, name) for name in GENERATOR_HELP}
-    from samkit.everything.learned import parse_peaks
-
     parse_peaks(options["peaks"])  # a bad --peaks stops here, before any model loads or worker starts
     if options["prompt_head"]:  # the workers (Ray's too) get it as an absolute path
         head = Path(options["prompt_head"]).resolve()

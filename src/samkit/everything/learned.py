@@ -119,9 +119,9 @@ class PeakSettings:
 PEAK_DEFAULTS = PeakSettings()
 
 
-def parse_peaks(text: str) -> PeakSettings:
-    """`PeakSettings` from "KEY=VALUE,KEY=VALUE" (the CLI's `--peaks`; "" gives the defaults), each value
-    converted to its field's type; an unknown key or a bad value raises InputError in one line."""
+def parse_peaks(text: str, base: PeakSettings = PEAK_DEFAULTS) -> PeakSettings:
+    """`base` with the fields given as "KEY=VALUE,KEY=VALUE" (the CLI's `--peaks`; "" gives `base`), each
+    value converted to its field's type; an unknown key or a bad value raises InputError in one line."""
     fields = {f.name: type(getattr(PEAK_DEFAULTS, f.name)) for f in dataclasses.fields(PeakSettings)}
     changes: dict[str, Any] = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):
@@ -138,7 +138,7 @@ def parse_peaks(text: str) -> PeakSettings:
                 changes[key] = kind(value)
         except ValueError:
             raise InputError(f"peaks: {key} needs {kind.__name__}, got {value!r}") from None
-    return dataclasses.replace(PEAK_DEFAULTS, **changes)
+    return dataclasses.replace(base, **changes)
 
 
 HEAD_FORMAT = "samkit-prompt-head"  # a head file's `format` metadata
