@@ -34,7 +34,7 @@ def main() -> None:
 
     import samkit
     from samkit.everything.generator import MaskGenerator
-    from samkit.everything.learned import load_head
+    from samkit.everything.learned import PEAK_DEFAULTS, grid_candidates, head_logits, load_head
     from samkit.hardware import run_header
     from samkit.image import load_image
     from samkit.predictor import Predictor
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a TRAINING split with annotations.json")
     parser.add_argument("--seen", type=int, default=46, help="the teacher ran on the first N in name order")
     parser.add_argument("--every", type=int, default=1, help="every Nth of the unseen images")
+    parser.add_argument("--offset", type=int, default=0, help="with --every: start at this unseen image")
     parser.add_argument("--limit", type=int, default=25)
     parser.add_argument("--densest", action="store_true", help="the unseen images with the most objects")
     parser.add_argument(
@@ -60,17 +61,59 @@ def main() -> None:
     )
     parser.add_argument("--head", default=None, help="prompt head file (default: the shipped one)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "learned_design")
+    parser.add_argument("--detail", action="store_true", help="one line per object only the grid finds")
+    parser.add_argument(
+        "--filters",
+        action="store_true",
+        help="with --detail: decode every grid point inside each such object and count the masks that match "
+        "it (IoU >= 0.5), pass pred_iou_thresh, pass stability, and the head's ranks of the points whose "
+        "matching mask passes both",
+    )
     args = parser.parse_args()
     drop = teacher_images(args.trained_on) if args.trained_on else frozenset()
-    items, _ = unseen_items(args.data, args.seen, args.densest, args.every, args.limit, drop)
+    items, _ = unseen_items(args.data, args.seen, args.densest, args.every, args.limit, drop, args.offset)
     torch.set_num_threads(1)
     print(run_header("fp32"))
     print(f"date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
 
     model = samkit.load("vit_t", dtype="fp32")
-    gen = RecordingGenerator(
-        model, output_mode="coco_rle", prompts="learned", prompt_head=load_head(args.head), threads=1
-    )
+    head = load_head(args.head)
+    gen = RecordingGenerator(model, output_mode="coco_rle", prompts="learned", prompt_head=head, threads=1)
+
+    def filter_counts(pred: Predictor, head, gen: MaskGenerator, obj: np.ndarray) -> str:
+        """How the grid points inside `obj` fare: their masks matching it, and those passing the filters."""
+        logits = head_logits(head, pred.embedded_image.features)
+        pts, _ = grid_candidates(logits, pred.original_size, pred.input_size, PEAK_DEFAULTS)  # best first
+        h, w = obj.shape
+        px = np.minimum(pts.astype(int), [w - 1, h - 1])
+        idx = np.flatnonzero(obj[px[:, 1], px[:, 0]])
+        if not len(idx):
+            return "no grid point inside"
+        masks, scores, _ = pred.predict_batch(
+            pts[idx][:, None, :], np.ones((len(idx), 1)), return_logits=True
+        )
+        t, off = model.mask_threshold, gen.stability_score_offset
+        match = good_iou = stable = 0
+        ranks = []
+        for i, rank in enumerate(idx):
+            for c in range(masks.shape[1]):
+                lg = masks[i, c]
+                mk = lg > t
+                if (mk & obj).sum() < 0.5 * (mk | obj).sum():
+                    continue
+                match += 1
+                ok_iou = scores[i, c] > gen.pred_iou_thresh
+                ok_stab = (lg > t + off).sum() / max((lg > t - off).sum(), 1) >= gen.stability_score_thresh
+                good_iou += int(ok_iou)
+                stable += int(ok_stab)
+                if ok_iou and ok_stab:
+                    ranks.append(int(rank))
+        return (
+            f"grid points inside {len(idx)}: masks matching it {match}, of those over pred_iou_thresh "
+            f"{good_iou}, stable {stable}, both {len(ranks)}; the head's ranks (of {len(pts)}) of the points "
+            f"with such a mask: {sorted(set(ranks))[:10]}"
+        )
+
     grid_best, learned_best, under, missed_area, tried = [], [], [], [], []
     for it in items:
         cached = grid_cache_file(args.cache, args.data, it)
@@ -107,6 +150,14 @@ def main() -> None:
             px = np.clip(pts.astype(int), 0, [w - 1, h - 1])
             in_dec = int(m[px[:, 1], px[:, 0]].sum()) if len(px) else 0
             tried.append((in_grid, in_dec))
+            if args.detail:
+                print(
+                    f"  {it.id}: object {k}, {100 * m.sum() / (h * w):.1f}% of the image, best IoU grid "
+                    f"{g[k]:.2f} learned {lv[k]:.2f}, {100 * under[-1]:.0f}% under learned masks, grid points "
+                    f"inside {in_grid}, decoded points inside {in_dec}"
+                )
+                if args.filters:
+                    print("    " + filter_counts(pred, head, gen, m))
     g, lv = np.array(grid_best), np.array(learned_best)
     print(f"images {len(items)} of {args.data}{' (densest)' if args.densest else ''}; objects {len(g)}")
     for t in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
