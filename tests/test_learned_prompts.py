@@ -849,6 +849,50 @@ def test_cover_hits_lets_a_second_point_into_small_masks(tiny_model, photo):
     assert second != covered and second != uncovered
 
 
+def test_fill_decodes_the_best_free_grid_point_of_each_part_of_the_image_nothing_was_found_in(
+    tiny_model, photo
+):
+    """With `fill`, after the rounds each of the fill_grid x fill_grid parts of the image where at least
+    `fill_share` of the grid points lie in no kept mask gets one more point: its best-scored grid point in no
+    kept mask, not decoded before; at most `fill` of them, best first. An unreachable share adds none."""
+    torch.manual_seed(3)
+    head = PromptHead()
+    peaks = dataclasses.replace(_ONE_BY_ONE, max_points=4, head_boxes=0)
+    run = _unfiltered(tiny_model, head, photo)  # every decoded mask is kept
+
+    def points(records: list) -> set:
+        return {tuple(r["point_coords"][0]) for r in records}
+
+    plain = run(peaks)
+    decoded = points(plain)
+    assert points(run(dataclasses.replace(peaks, fill=16, fill_share=1.01))) == decoded
+    added = points(run(dataclasses.replace(peaks, fill=16, fill_share=0.0))) - decoded
+    assert len(added) >= 2
+    pred = samkit.Predictor(tiny_model)
+    pred.set_image(photo)
+    with torch.no_grad():
+        logits = head(pred.embedding.clone())[0, 0]
+    grid, probs = grid_candidates(logits, pred.original_size, pred.input_size, peaks)
+    h, w = photo.shape[:2]
+
+    def part(x: float, y: float) -> tuple[int, int]:
+        return min(int(x * 4 / w), 3), min(int(y * 4 / h), 3)
+
+    free = {
+        (x, y): p
+        for (x, y), p in zip(map(tuple, grid.tolist()), probs.tolist(), strict=True)
+        if (x, y) not in decoded and not any(r["segmentation"][int(y), int(x)] for r in plain)
+    }
+    assert len({part(x, y) for x, y in added}) == len(added)  # one per part
+    for x, y in added:
+        assert (x, y) in free  # a grid point in no kept mask, not decoded before
+        best = max(p for q, p in free.items() if part(*q) == part(x, y))
+        assert free[(x, y)] == best
+    # at most `fill`, the best-scored first
+    two = points(run(dataclasses.replace(peaks, fill=2, fill_share=0.0))) - decoded
+    assert two == set(sorted(added, key=lambda q: -free[q])[:2])
+
+
 def test_split_decodes_the_far_grid_point_inside_a_kept_mask(tiny_model, photo):
     """With `split`, after the rounds each decoded point's smallest kept mask gets one more point: a grid point
     not decoded before, inside that mask, at least `split_min_dist` * sqrt(area) from the point. An

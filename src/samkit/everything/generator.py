@@ -496,6 +496,14 @@ class MaskGenerator:
             done = decode_rounds(refill, refill_probs, free, rule, any_mask=True, max_area=refill_area)
             n_points += len(done)
             decoded[refill_grid[done][refill_grid[done] >= 0]] = True
+        if peaks.fill and peaks.grid and parts:
+            extra = _fill_points(parts, areas, points, probs, decoded, upscaler, peaks)
+            parts += _map_batches(
+                partial(one_batch, candidates=candidates),
+                self._batches(extra, threads),
+                self.model.device,
+                self.threads,
+            )
         if peaks.split and parts:
             extra = _split_points(parts, areas, points, probs, decoded, upscaler, peaks)
             if peaks.split_until:
@@ -778,13 +786,16 @@ def _covered(
     in `upscaler`'s frame; `areas` their `_part_areas`) it lies: the smallest mask each source point kept
     (`any_mask`: every mask of `part`), where that mask has at most `max_area` pixels, and with the points
     `margin` (x, y) pixels left, right, above and below it inside too. A mask over `large_area` pixels
-    counts `large_weight` times; a mask whose predicted IoU is under `min_iou` counts not at all."""
+    counts `large_weight` times; a mask whose predicted IoU is under `min_iou` counts not at all (`min_iou` 0: every mask counts, whatever its score)."""
     if not len(part) or not len(points):
         return np.zeros(len(points), dtype=np.int64)
     blocks = _part_blocks(part)
     # every mask, or only the smallest of each point
     which = torch.arange(len(areas)) if any_mask else _smallest_per_point(part, areas)
-    which = which[(areas[which] <= max_area) & (part.iou_preds[which] >= min_iou)]
+    ok = areas[which] <= max_area
+    if min_iou > 0.0:  # 0: any mask, whatever its score (a model's predicted IoU can be negative)
+        ok &= part.iou_preds[which] >= min_iou
+    which = which[ok]
     if not len(which):
         return np.zeros(len(points), dtype=np.int64)
     # Each point and, with a margin, the four points around it: one lookup, all of them must be inside.
@@ -804,6 +815,41 @@ def _smallest_per_point(part: _Masks, areas: torch.Tensor) -> torch.Tensor:
     for i in torch.argsort(areas, descending=True, stable=True).tolist():  # the smallest is written last
         which[source[i]] = i
     return which
+
+
+def _fill_points(
+    parts: list[_Masks],
+    areas: list[torch.Tensor],
+    points: np.ndarray,
+    probs: np.ndarray,
+    decoded: np.ndarray,
+    upscaler: Upscaler,
+    peaks: PeakSettings,
+) -> np.ndarray:
+    """(F, 2) the fill points (`PeakSettings.fill`): in each of fill_grid x fill_grid parts of the image where
+    at least `fill_share` of the grid points lie in no kept mask of `parts`, the best-scored such point not
+    `decoded`; best first, at most `fill`."""
+    h, w = upscaler.original_size
+    if len(areas) != len(parts):  # computed only for the rules that use them
+        areas = [_part_areas(part, upscaler) for part in parts]
+    held = np.zeros(len(points), dtype=np.int64)
+    for part, part_areas in zip(parts, areas, strict=True):
+        held += _covered(part, part_areas, points, upscaler, float("inf"), np.zeros(2), any_mask=True)
+    free = held == 0
+    n = peaks.fill_grid
+    cx = np.minimum((points[:, 0] * n / w).astype(np.int64), n - 1)
+    cy = np.minimum((points[:, 1] * n / h).astype(np.int64), n - 1)
+    cell = cy * n + cx
+    chosen = []
+    for c in range(n * n):
+        here = cell == c
+        if not here.any() or free[here].mean() < peaks.fill_share:
+            continue
+        options = np.flatnonzero(here & free & ~decoded)
+        if len(options):
+            chosen.append(int(options[np.argmax(probs[options])]))
+    chosen.sort(key=lambda i: -probs[i])
+    return points[chosen[: peaks.fill]].reshape(-1, 2)
 
 
 def _split_points(

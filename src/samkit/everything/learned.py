@@ -100,6 +100,14 @@ class PeakSettings:
     # the rounds end early on get them, crowded ones and most photos none. Off by default: split=64 gained 0.1
     # point on the evaluation splits, for 3% (photos) to 12% (nuclei) more prompts on held-out training
     # images.
+    # After the rounds and the refill, up to `fill` points (0: none), one in each of the `fill_grid` x
+    # `fill_grid` parts of the image where at least `fill_share` of the grid's points lie in no kept mask:
+    # its best-scored such point not yet decoded, best first. Large uniform regions (road, sky), whose points
+    # the head ranks alike and low, then get a point. Off by default: on held-out street scenes fill=16
+    # recovered a third of the gap to the grid for 1.4% more prompts, but photos decode 1.3% more for no recall.
+    fill: int = 0
+    fill_grid: int = 4
+    fill_share: float = 0.75
     split: int = 0
     split_max_area: float = 0.1
     split_min_dist: float = 0.8
