@@ -444,7 +444,7 @@ class MaskGenerator:
                     self.threads,
                 )
                 parts.extend(found)
-                if rule.cover or peaks.refill or peaks.split:
+                if rule.cover or peaks.refill or peaks.split or peaks.fill:
                     areas.extend(_part_areas(part, upscaler) for part in found)
                 if rule.yield_after or peaks.refill:
                     new, seen = _new_boxes([p.boxes for p in found], seen, self.box_nms_thresh)
@@ -487,11 +487,7 @@ class MaskGenerator:
             order = np.argsort(-refill_probs, kind="stable")
             refill, refill_probs, refill_grid = refill[order], refill_probs[order], refill_grid[order]
             refill_area = _relative_area(areas, peaks.refill_cover_rel, max_area)
-            free = np.ones(len(refill), dtype=bool)
-            for part, part_areas in zip(parts, areas, strict=True):
-                free &= (
-                    _covered(part, part_areas, refill, upscaler, refill_area, np.zeros(2), any_mask=True) == 0
-                )
+            free = _in_no_mask(parts, areas, refill, upscaler, refill_area)
             rule = replace(peaks, min_points=0, max_points=peaks.refill, yield_after=peaks.yield_window)
             done = decode_rounds(refill, refill_probs, free, rule, any_mask=True, max_area=refill_area)
             n_points += len(done)
@@ -786,7 +782,8 @@ def _covered(
     in `upscaler`'s frame; `areas` their `_part_areas`) it lies: the smallest mask each source point kept
     (`any_mask`: every mask of `part`), where that mask has at most `max_area` pixels, and with the points
     `margin` (x, y) pixels left, right, above and below it inside too. A mask over `large_area` pixels
-    counts `large_weight` times; a mask whose predicted IoU is under `min_iou` counts not at all (`min_iou` 0: every mask counts, whatever its score)."""
+    counts `large_weight` times; a mask whose predicted IoU is under `min_iou` counts not at all (`min_iou`
+    0: every mask counts, whatever its score)."""
     if not len(part) or not len(points):
         return np.zeros(len(points), dtype=np.int64)
     blocks = _part_blocks(part)
@@ -805,6 +802,17 @@ def _covered(
     inside = inside.view(len(which), len(shifts), len(points)).all(1).cpu()
     weight = torch.where(areas[which] > large_area, large_weight, 1).to(torch.int64)
     return (inside.to(torch.int64) * weight[:, None]).sum(0).numpy()
+
+
+def _in_no_mask(
+    parts: list[_Masks], areas: list[torch.Tensor], points: np.ndarray, upscaler: Upscaler, max_area: float
+) -> np.ndarray:
+    """bool (K,): which of `points` (K, 2) (x, y) lie in no mask of `parts` (`areas`: each part's
+    `_part_areas`) of at most `max_area` pixels, whatever its score."""
+    free = np.ones(len(points), dtype=bool)
+    for part, part_areas in zip(parts, areas, strict=True):
+        free &= _covered(part, part_areas, points, upscaler, max_area, np.zeros(2), any_mask=True) == 0
+    return free
 
 
 def _smallest_per_point(part: _Masks, areas: torch.Tensor) -> torch.Tensor:
@@ -830,12 +838,7 @@ def _fill_points(
     at least `fill_share` of the grid points lie in no kept mask of `parts`, the best-scored such point not
     `decoded`; best first, at most `fill`."""
     h, w = upscaler.original_size
-    if len(areas) != len(parts):  # computed only for the rules that use them
-        areas = [_part_areas(part, upscaler) for part in parts]
-    held = np.zeros(len(points), dtype=np.int64)
-    for part, part_areas in zip(parts, areas, strict=True):
-        held += _covered(part, part_areas, points, upscaler, float("inf"), np.zeros(2), any_mask=True)
-    free = held == 0
+    free = _in_no_mask(parts, areas, points, upscaler, float("inf"))
     n = peaks.fill_grid
     cx = np.minimum((points[:, 0] * n / w).astype(np.int64), n - 1)
     cy = np.minimum((points[:, 1] * n / h).astype(np.int64), n - 1)
