@@ -410,8 +410,16 @@ class MaskGenerator:
         # Each point batch adds the boxes of its masks; the box prompts' own masks add none.
         candidates: list[tuple[torch.Tensor, ...]] | None = [] if peaks.boxes > 0 else None
         parts: list[_Masks] = []
-        areas: list[torch.Tensor] = []  # each part's mask areas (with cover, refill or split), computed once
+        areas: list[
+            torch.Tensor
+        ] = []  # each part's mask areas (with cover, refill, fill or split), computed once
         seen = torch.zeros(0, 4)  # the boxes of the masks found so far
+
+        def decode(prompts: np.ndarray, box_candidates: bool = False) -> list[_Masks]:
+            """The masks of `prompts` (points, or points with boxes); with `box_candidates` their masks'
+            boxes are added to the box prompts' candidates."""
+            batch = partial(one_batch, candidates=candidates) if box_candidates else one_batch
+            return _map_batches(batch, self._batches(prompts, threads), self.model.device, self.threads)
 
         def decode_rounds(
             points: np.ndarray,
@@ -437,12 +445,7 @@ class MaskGenerator:
                 available[take] = False
                 taken.append(take)
                 decoded += len(take)
-                found = _map_batches(
-                    partial(one_batch, candidates=candidates),
-                    self._batches(points[take], threads),
-                    self.model.device,
-                    self.threads,
-                )
+                found = decode(points[take], box_candidates=True)
                 parts.extend(found)
                 if rule.cover or peaks.refill or peaks.split or peaks.fill:
                     areas.extend(_part_areas(part, upscaler) for part in found)
@@ -494,23 +497,16 @@ class MaskGenerator:
             decoded[refill_grid[done][refill_grid[done] >= 0]] = True
         if peaks.fill and peaks.grid and parts:
             extra = _fill_points(parts, areas, points, probs, decoded, upscaler, peaks)
-            parts += _map_batches(
-                partial(one_batch, candidates=candidates),
-                self._batches(extra, threads),
-                self.model.device,
-                self.threads,
-            )
+            parts += decode(extra, box_candidates=True)
         if peaks.split and parts:
             extra = _split_points(parts, areas, points, probs, decoded, upscaler, peaks)
             if peaks.split_until:
                 extra = extra[: max(0, peaks.split_until - n_points)]
-            parts += _map_batches(one_batch, self._batches(extra, threads), self.model.device, self.threads)
+            parts += decode(extra)
         if peaks.head_boxes and self.head.has_boxes:
-            extra = self._head_box_prompts(embedded_image, points, probs, parts)
-            parts += _map_batches(one_batch, self._batches(extra, threads), self.model.device, self.threads)
+            parts += decode(self._head_box_prompts(embedded_image, points, probs, parts))
         if candidates:
-            boxes = self._box_prompts(candidates, parts, embedded_image)
-            parts += _map_batches(one_batch, self._batches(boxes, threads), self.model.device, self.threads)
+            parts += decode(self._box_prompts(candidates, parts, embedded_image))
         return parts
 
     def _head_box_prompts(
