@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -891,6 +892,27 @@ def test_fill_decodes_the_best_free_grid_point_of_each_part_of_the_image_nothing
     # at most `fill`, the best-scored first
     two = points(run(dataclasses.replace(peaks, fill=2, fill_share=0.0))) - decoded
     assert two == set(sorted(added, key=lambda q: -free[q])[:2])
+
+
+def test_fill_and_split_together_decode_each_point_once(tiny_model, photo):
+    """`fill` and `split` on together: the split also reads the fill points' masks and never decodes a fill
+    point again (each point gives at most its three masks), and `split_until` counts the fill points."""
+    torch.manual_seed(3)
+    peaks = dataclasses.replace(_ONE_BY_ONE, max_points=4, head_boxes=0, fill=16, fill_share=0.0)
+    run = _unfiltered(tiny_model, PromptHead(), photo)
+
+    def counts(records: list) -> Counter:
+        return Counter(tuple(r["point_coords"][0]) for r in records)
+
+    filled = counts(run(peaks))
+    split = dataclasses.replace(peaks, split=64, split_min_dist=0.0, split_max_area=1.0, split_until=0)
+    both = counts(run(split))
+    assert set(filled) < set(both)  # the split added points
+    assert max(both.values()) <= 3
+    # a cap of the points decoded so far (rounds and fill) leaves the split none, one more leaves it one
+    capped = dataclasses.replace(split, split_until=len(filled))
+    assert counts(run(capped)) == filled
+    assert len(counts(run(dataclasses.replace(capped, split_until=len(filled) + 1)))) == len(filled) + 1
 
 
 def test_split_decodes_the_far_grid_point_inside_a_kept_mask(tiny_model, photo):

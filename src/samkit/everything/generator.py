@@ -496,8 +496,12 @@ class MaskGenerator:
             n_points += len(done)
             decoded[refill_grid[done][refill_grid[done] >= 0]] = True
         if peaks.fill and peaks.grid and parts:
-            extra = _fill_points(parts, areas, points, probs, decoded, upscaler, peaks)
-            parts += decode(extra, box_candidates=True)
+            fill = _fill_points(parts, areas, points, probs, decoded, upscaler, peaks)
+            decoded[fill] = True
+            n_points += len(fill)
+            found = decode(points[fill], box_candidates=True)
+            parts += found
+            areas.extend(_part_areas(part, upscaler) for part in found)  # the split reads them
         if peaks.split and parts:
             extra = _split_points(parts, areas, points, probs, decoded, upscaler, peaks)
             if peaks.split_until:
@@ -830,7 +834,7 @@ def _fill_points(
     upscaler: Upscaler,
     peaks: PeakSettings,
 ) -> np.ndarray:
-    """(F, 2) the fill points (`PeakSettings.fill`): in each of fill_grid x fill_grid parts of the image where
+    """(F,) int64 indices into `points` of the fill points (`PeakSettings.fill`): in each of fill_grid x fill_grid parts of the image where
     at least `fill_share` of the grid points lie in no kept mask of `parts`, the best-scored such point not
     `decoded`; best first, at most `fill`."""
     h, w = upscaler.original_size
@@ -848,7 +852,7 @@ def _fill_points(
         if len(options):
             chosen.append(int(options[np.argmax(probs[options])]))
     chosen.sort(key=lambda i: -probs[i])
-    return points[chosen[: peaks.fill]].reshape(-1, 2)
+    return np.array(chosen[: peaks.fill], dtype=np.int64)
 
 
 def _split_points(

@@ -96,7 +96,7 @@ class PeakSettings:
     # of the image, the grid point not yet decoded that lies farthest from the point inside it, where that is
     # at least `split_min_dist` times the square root of the mask's area away (a mask two objects share, or
     # found from its edge); best-scored first. A clump's mask then gets a point in its other object. Only as
-    # many as keep the points decoded (rounds, refill and split) at most `split_until` (0: no limit): images
+    # many as keep the points decoded (rounds, refill, fill and split) at most `split_until` (0: no limit): images
     # the rounds end early on get them, crowded ones and most photos none. Off by default: split=64 gained 0.1
     # point on the evaluation splits, for 3% (photos) to 12% (nuclei) more prompts on held-out training
     # images.
